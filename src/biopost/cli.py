@@ -1,0 +1,106 @@
+"""`biopost ...` commands: parse arguments, call the library, print. Errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from biopost.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="biopost", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a pipeline config (stages in order) into a run directory")
+    p.add_argument("config", type=Path)
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default runs/<name>-<run id>)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. model.lora.rank=64")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a task's splits with the shared evaluator")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--task", required=True)
+    p.add_argument("--splits", nargs="+", default=["val", "id_test", "ood_test"])
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--task", required=True)
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--output", type=Path, default=None, help="JSONL out (default: stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("tasks", help="list registered tasks with their split sizes")
+    p.set_defaults(func=cmd_tasks)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"biopost {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    from biopost.config import load_config
+    from biopost.pipeline import run
+
+    config = load_config(args.config, args.overrides)
+    out = args.output_dir or Path("runs") / f"{config.name}-{config.run_id()}"
+    run_dir = run(config, out)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from biopost.inference import evaluate_checkpoint
+
+    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples)
+    lines = [json.dumps(r) for r in rows]
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(rows)} rows to {args.output}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from biopost.inference import predict_file
+
+    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens)
+    lines = [json.dumps(r) for r in records]
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(records)} predictions to {args.output}")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from biopost.config import RunConfig
+    from biopost.pipeline import load_task_and_splits
+    from biopost.registry import TASKS, task_names
+
+    for name in task_names():
+        cls = TASKS[name]
+        required = [k for k, f in cls.Options.model_fields.items() if f.is_required()]
+        if required:
+            print(f"{name:24s} [{cls.domain}] needs task.options: {', '.join(required)}")
+            continue
+        config = RunConfig.model_validate({"task": {"name": name}, "stages": [{"kind": "sft"}]})
+        _, splits = load_task_and_splits(config)
+        sizes = " ".join(f"{k}={v}" for k, v in splits.sizes().items())
+        print(f"{name:24s} [{cls.domain}] {sizes}  (OOD {splits.ood_test_groups})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""Typed run configuration: one place that documents every field.
+
+A YAML file plus dotted ``KEY=VALUE`` overrides becomes a validated :class:`RunConfig` before any model
+or dataset loads. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
+names the key and what would have been valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to users in one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- data and task
+class SplitConfig(Strict):
+    """How examples are cut into train / val / id_test / ood_test (and optionally ood_val)."""
+
+    ood_field: str | None = Field(None, description="metadata field whose groups are held out for OOD; None = task default")
+    ood_test_groups: list[str] | float | None = Field(
+        None, description="explicit groups, or a fraction of groups drawn with `seed`; None = task default"
+    )
+    ood_val_groups: list[str] | float | None = Field(
+        None, description="groups for an OOD validation split, disjoint from ood_test_groups"
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    id_test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    allow_overlap: bool = Field(False, description="permit identical inputs in train and a test split")
+
+
+class TaskConfig(Strict):
+    name: str = Field(..., description="registered task name; see `biopost tasks`")
+    options: dict[str, Any] = Field(default_factory=dict, description="task-specific options, validated by the task")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+# ---------------------------------------------------------------- model
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(Strict):
+    backbone: str = Field(
+        "tiny-s", description="hub id, local path, or a built-in tiny model: " "tiny-s, tiny-m"
+    )
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tuning")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+
+
+# ---------------------------------------------------------------- evaluation
+class EvalConfig(Strict):
+    """One evaluator for every stage: these settings are shared by SFT, RL and `biopost eval`."""
+
+    splits: list[Literal["val", "id_test", "ood_test", "ood_val"]] = ["val", "id_test", "ood_test", "ood_val"]
+    max_examples: int | None = Field(None, ge=1, description="cap per split (seeded subset); None = all")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    num_samples: int = Field(1, ge=1, description="1 = greedy; k > 1 = k samples, mean score and pass@k")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% intervals")
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- stages
+class Schedule(Strict):
+    name: Literal["cosine", "constant", "warmup_stable_decay", "linear"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    decay_ratio: float = Field(0.1, ge=0, le=1, description="warmup_stable_decay only: share of steps decaying")
+
+
+class StageBase(Strict):
+    name: str | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
+    init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', or a stage name")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Schedule = Field(default_factory=Schedule)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: float | None = Field(1.0, gt=0, description="set epochs or max_steps")
+    max_steps: int | None = Field(None, ge=1)
+    data_fraction: float = Field(1.0, gt=0, le=1, description="seeded fraction of the training split")
+    eval_every_steps: int | None = Field(None, ge=1)
+    eval_every_epochs: float | None = Field(None, gt=0)
+    eval_at_start: bool = True
+    save_every_steps: int | None = Field(None, ge=1, description="resumable checkpoints; default = eval points")
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+class SFTStage(StageBase):
+    kind: Literal["sft"] = "sft"
+    max_length: int = Field(512, ge=8)
+
+
+Stage = Annotated[Union[SFTStage], Field(discriminator="kind")]
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    task: TaskConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    stages: list[Stage] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "RunConfig":
+        names = [s.name or s.kind for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique, repeated: {dupes}; set `name:` on the stages")
+        return self
+
+    def stage_name(self, index: int) -> str:
+        stage = self.stages[index]
+        return stage.name or stage.kind
+
+    def run_id(self) -> str:
+        """Hash of the resolved config: the run's identity."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply ``a.b.c=value`` overrides, validate. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+    for item in overrides:
+        raw = apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_error(err, raw)) from None
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (for example model.lora.rank=64)")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: depth + 1]))
+    last = parts[-1]
+    parsed = yaml.safe_load(value) if value != "" else None
+    if isinstance(node, list):
+        node[_index(node, last, key)] = parsed
+    else:
+        node[last] = parsed
+    return raw
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override key {where!r}: parent is a value, not a section")
+    return node.setdefault(part, {})
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override key {where!r}: {part!r} is not an index below {len(node)}")
+    return int(part)
+
+
+def describe_error(err: ValidationError, raw: dict) -> str:
+    """First validation error as one line naming the dotted key and the valid choices."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not _is_union_tag(p)]
+    key = ".".join(loc) or "<root>"
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys(first["loc"][:-1], raw)
+        return f"config error: unknown key '{key}'; valid keys here: {', '.join(valid)}"
+    if first["type"] == "missing":
+        return f"config error: missing required key '{key}'"
+    got = first.get("input")
+    shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+    return f"config error: '{key}': {first['msg']} (got {shown})"
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and part in {"sft", "rl", "cpt"} or part in {"list[str]", "float"}
+
+
+def _valid_keys(loc: tuple, raw: dict) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part]
+            if isinstance(node, dict) and "kind" in node:
+                model = STAGE_KINDS.get(node["kind"], model)
+            continue
+        if _is_union_tag(part):
+            continue
+        field = model.model_fields.get(part)
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        model = _model_of(field.annotation) if field else model
+    return sorted(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None  # type: ignore[return-value]
+
+
+STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage}
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,48 @@
+"""The unit of data every task, stage and evaluator passes around."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MODALITIES = ("dna", "protein", "cell")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One biological question.
+
+    ``fields`` fill the task's prompt; ``answer`` and ``reasoning`` form the SFT target; modality payloads
+    (``dna``, ``protein``, ``cell``) travel to encoders when a fused model is used; ``meta`` holds the
+    fields splits are defined over (tissue, phase, species, date, network...).
+    """
+
+    id: str
+    fields: dict[str, Any]
+    answer: str
+    reasoning: str = ""
+    dna: str | None = None
+    protein: str | None = None
+    cell: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def payloads(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MODALITIES if getattr(self, name) is not None}
+
+    def input_hash(self) -> str:
+        """Hash of everything the model sees (prompt fields and payloads), used for leakage checks."""
+        blob = json.dumps({"fields": self.fields, **self.payloads()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def format_target(answer: str, reasoning: str = "") -> str:
+    """The assistant turn every task trains on.
+
+    >>> format_target("CD19+ B", "B-cell markers MS4A1 and CD79A are high.")
+    '<think>\\nB-cell markers MS4A1 and CD79A are high.\\n</think>\\n\\nAnswer: CD19+ B'
+    >>> format_target("yes")
+    '<think>\\n\\n</think>\\n\\nAnswer: yes'
+    """
+    return f"<think>\n{reasoning}\n</think>\n\nAnswer: {answer}"

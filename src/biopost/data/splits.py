@@ -1,0 +1,135 @@
+"""Deterministic, fingerprinted train / val / id_test / ood_test (/ ood_val) splits with a leakage check.
+
+OOD examples are whole groups of a metadata field held out (explicit list or a seeded fraction of the
+groups); ``ood_val`` comes from other groups than ``ood_test`` so OOD-aware selection never sees test groups.
+The in-domain rest is split at random with a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from biopost.data.example import Example
+
+SPLIT_NAMES = ("train", "val", "id_test", "ood_val", "ood_test")
+TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")
+
+
+class LeakageError(ValueError):
+    """Identical inputs in train and a held-out split."""
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    ood_field: str
+    ood_test_groups: tuple[str, ...] | float
+    ood_val_groups: tuple[str, ...] | float | None = None
+    val_fraction: float = 0.1
+    id_test_fraction: float = 0.2
+    seed: int = 0
+    allow_overlap: bool = False
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: tuple[Example, ...]
+    val: tuple[Example, ...]
+    id_test: tuple[Example, ...]
+    ood_test: tuple[Example, ...]
+    ood_val: tuple[Example, ...]
+    ood_test_groups: tuple[str, ...]
+    ood_val_groups: tuple[str, ...]
+
+    def __getitem__(self, name: str) -> tuple[Example, ...]:
+        if name not in SPLIT_NAMES:
+            raise KeyError(f"unknown split {name!r}; valid: {', '.join(SPLIT_NAMES)}")
+        return getattr(self, name)
+
+    def fingerprint(self, name: str) -> str:
+        return fingerprint(self[name])
+
+    def fingerprints(self) -> dict[str, str]:
+        return {name: self.fingerprint(name) for name in SPLIT_NAMES}
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(self[name]) for name in SPLIT_NAMES}
+
+
+def fingerprint(examples: tuple[Example, ...] | list[Example]) -> str:
+    """Order-free hash of a split's example ids.
+
+    >>> a, b = Example("a", {}, "x"), Example("b", {}, "y")
+    >>> fingerprint([a, b]) == fingerprint([b, a]) != fingerprint([a])
+    True
+    """
+    digest = hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
+    return digest[:16]
+
+
+def make_splits(examples: list[Example], rule: SplitRule) -> Splits:
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("example ids are not unique; a task must give every example its own id")
+    missing = [e.id for e in examples if rule.ood_field not in e.meta]
+    if missing:
+        raise ValueError(f"ood_field {rule.ood_field!r} missing from meta of {len(missing)} examples, e.g. {missing[:3]}")
+    groups = sorted({str(e.meta[rule.ood_field]) for e in examples})
+    rng = np.random.default_rng(rule.seed)
+    test_groups = _pick_groups(groups, rule.ood_test_groups, rng, "ood_test_groups", rule.ood_field)
+    val_groups: tuple[str, ...] = ()
+    if rule.ood_val_groups is not None:
+        rest = [g for g in groups if g not in test_groups]
+        val_groups = _pick_groups(rest, rule.ood_val_groups, rng, "ood_val_groups", rule.ood_field)
+        clash = set(val_groups) & set(test_groups)
+        if clash:
+            raise ValueError(f"ood_val_groups and ood_test_groups share {sorted(clash)}; they must be disjoint")
+    by_group = lambda names: tuple(e for e in examples if str(e.meta[rule.ood_field]) in names)  # noqa: E731
+    in_domain = sorted((e for e in examples if str(e.meta[rule.ood_field]) not in set(test_groups) | set(val_groups)),
+                       key=lambda e: e.id)
+    order = np.random.default_rng(rule.seed).permutation(len(in_domain))
+    shuffled = [in_domain[i] for i in order]
+    n_val = int(round(rule.val_fraction * len(shuffled)))
+    n_test = int(round(rule.id_test_fraction * len(shuffled)))
+    splits = Splits(
+        val=tuple(shuffled[:n_val]),
+        id_test=tuple(shuffled[n_val : n_val + n_test]),
+        train=tuple(shuffled[n_val + n_test :]),
+        ood_test=by_group(set(test_groups)),
+        ood_val=by_group(set(val_groups)),
+        ood_test_groups=test_groups,
+        ood_val_groups=val_groups,
+    )
+    if not rule.allow_overlap:
+        check_leakage(splits)
+    return splits
+
+
+def _pick_groups(groups: list[str], wanted, rng, key: str, field: str) -> tuple[str, ...]:
+    if isinstance(wanted, float):
+        if not 0 < wanted < 1:
+            raise ValueError(f"{key} as a fraction must be in (0, 1), got {wanted}")
+        n = max(1, math.floor(wanted * len(groups)))
+        return tuple(sorted(rng.choice(groups, size=n, replace=False).tolist()))
+    unknown = sorted(set(wanted) - set(groups))
+    if unknown:
+        raise ValueError(f"{key}: {unknown} are not groups of {field!r}; groups present: {groups}")
+    return tuple(sorted(wanted))
+
+
+def check_leakage(splits: Splits) -> None:
+    """Raise if any held-out split holds an input identical to a training input."""
+    train = {}
+    for e in splits.train:
+        train.setdefault(e.input_hash(), e.id)
+    for name in TEST_SPLITS:
+        hits = [(train[h], e.id) for e in splits[name] if (h := e.input_hash()) in train]
+        if hits:
+            shown = ", ".join(f"{a} ~ {b}" for a, b in hits[:5])
+            raise LeakageError(
+                f"{len(hits)} {name} examples have inputs identical to training examples ({shown}); "
+                "deduplicate the data or set task.split.allow_overlap: true"
+            )

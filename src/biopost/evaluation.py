@@ -1,0 +1,119 @@
+"""The one evaluator: every stage and `biopost eval` call :func:`evaluate` with the same settings.
+
+Batched generation (left padding, KV cache), greedy or k samples, the task's parser and scorer,
+per-example records and summary rows with n and a bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from biopost.config import EvalConfig
+from biopost.data import Example
+from biopost.data.splits import fingerprint
+
+
+def subset(examples, max_examples: int | None, seed: int) -> list[Example]:
+    """A seeded, order-stable subset so every checkpoint is scored on the same examples."""
+    examples = list(examples)
+    if max_examples is None or len(examples) <= max_examples:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
+    return [examples[i] for i in keep]
+
+
+def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig, desc: str = "generate") -> list[list[str]]:
+    """``cfg.num_samples`` completions per example (greedy when 1)."""
+    tokenizer = policy.tokenizer
+    sampling = cfg.num_samples > 1
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sampling, use_cache=True)
+    if sampling:
+        gen_kwargs.update(num_return_sequences=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    was_training = policy.model.training
+    policy.model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[list[str]] = []
+    try:
+        torch.manual_seed(cfg.seed)
+        for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False, disable=len(examples) == 0):
+            batch = examples[start : start + cfg.batch_size]
+            prompts = [policy.render_prompt(task.messages(e)) for e in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+            payloads = collate_payloads(batch, policy.modalities)
+            new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
+            texts = [policy.decode(row) for row in new]
+            out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
+    finally:
+        tokenizer.padding_side = side
+        policy.model.train(was_training)
+    return out
+
+
+def collate_payloads(batch: list[Example], modalities: tuple[str, ...]) -> dict[str, list]:
+    """The batch's payloads for the modalities the model reads through an encoder (none for text-only)."""
+    return {name: [getattr(e, name) for e in batch] for name in modalities}
+
+
+def score_split(task, examples: list[Example], completions: list[list[str]]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per-example records and per-example score arrays (mean over samples; ``pass@k`` for k > 1)."""
+    records, per_metric = [], {}
+    for example, samples in zip(examples, completions):
+        scores = [task.score(c, example) for c in samples]
+        mean = {m: float(np.mean([s[m] for s in scores])) for m in scores[0]}
+        if len(samples) > 1:
+            mean[f"{task.primary_metric}_pass@{len(samples)}"] = float(max(s[task.primary_metric] for s in scores))
+        for metric, value in mean.items():
+            per_metric.setdefault(metric, []).append(value)
+        records.append({
+            "id": example.id,
+            "answer": example.answer,
+            "completions": samples,
+            "parsed": [{"strict": task.parse(c, "strict"), "lenient": task.parse(c, "lenient")} for c in samples],
+            "scores": scores,
+            "mean": mean,
+        })
+    return records, {m: np.asarray(v) for m, v in per_metric.items()}
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of the mean.
+
+    >>> lo, hi = bootstrap_ci(np.array([0.0, 1.0] * 50), 2000, 0)
+    >>> 0.38 < lo < 0.5 < hi < 0.62
+    True
+    """
+    if resamples == 0 or len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Evaluate on each split; returns summary rows and per-example records by split."""
+    rows, records = [], {}
+    for name, examples in splits.items():
+        chosen = subset(examples, cfg.max_examples, cfg.seed)
+        if not chosen:
+            continue
+        completions = generate_completions(policy, task, chosen, cfg, desc=f"eval {name}")
+        recs, per_metric = score_split(task, chosen, completions)
+        records[name] = recs
+        for metric, values in per_metric.items():
+            lo, hi = bootstrap_ci(values, cfg.bootstrap, cfg.seed)
+            rows.append({
+                "split": name, "metric": metric, "value": float(values.mean()), "n": int(len(values)),
+                "ci_low": lo, "ci_high": hi, "fingerprint": fingerprint(chosen),
+                "num_samples": cfg.num_samples,
+            })
+        rows.append({"split": name, "metric": "completion_tokens", "n": len(chosen), "fingerprint": fingerprint(chosen),
+                     "value": float(np.mean([len(policy.tokenizer(c, add_special_tokens=False)["input_ids"])
+                                             for r in recs for c in r["completions"]])),
+                     "ci_low": None, "ci_high": None, "num_samples": cfg.num_samples})
+    return rows, records

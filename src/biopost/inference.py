@@ -1,0 +1,63 @@
+"""Evaluate or predict with a saved checkpoint, rebuilding the task exactly as it was trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from biopost.config import ConfigError, EvalConfig, RunConfig
+from biopost.evaluation import evaluate, generate_completions
+from biopost.models.policy import load_policy, task_state_of
+
+
+def task_for_checkpoint(checkpoint: Path, name: str):
+    """The task with the options, label set and split settings saved in the checkpoint."""
+    from biopost.registry import get_task
+
+    state = task_state_of(checkpoint)
+    if state is None:
+        raise FileNotFoundError(f"{checkpoint} is not a biopost checkpoint (no biopost_checkpoint.json)")
+    if state["name"] != name:
+        raise ConfigError(f"checkpoint was trained on task {state['name']!r}, not {name!r}; pass --task {state['name']}")
+    task = get_task(name, state["options"])
+    task.labels = state.get("labels") or []
+    task.markers = state.get("markers") or {}
+    return task, state
+
+
+def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None) -> list[dict]:
+    from biopost.pipeline import load_task_and_splits
+
+    task, state = task_for_checkpoint(checkpoint, name)
+    config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
+    _, data = load_task_and_splits(config)
+    if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
+        raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
+    cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
+    policy = load_policy(checkpoint)
+    rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
+    return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
+
+
+def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int) -> list[dict]:
+    task, _ = task_for_checkpoint(checkpoint, name)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file not found: {input_path}")
+    examples = []
+    for number, line in enumerate(input_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg})") from None
+        examples.append(task.example_from_input(record, f"{input_path.name}:{number}"))
+    policy = load_policy(checkpoint)
+    cfg = EvalConfig(max_new_tokens=max_new_tokens)
+    completions = generate_completions(policy, task, examples, cfg, desc="predict")
+    out = []
+    for example, (completion,) in zip(examples, completions):
+        think = completion.split("</think>")[0].replace("<think>", "").strip() if "</think>" in completion else None
+        out.append({"id": example.id, "answer": task.prediction(completion)["lenient"],
+                    "answer_strict": task.prediction(completion)["strict"], "reasoning": think, "completion": completion})
+    return out

@@ -1,0 +1,1 @@
+"""Backbones, adapters and the one model class every stage trains and evaluates."""

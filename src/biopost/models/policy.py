@@ -1,0 +1,145 @@
+"""The one model class used identically by CPT, SFT, RL, evaluation and prediction.
+
+A :class:`Policy` is a causal LM (optionally wrapped by a peft adapter) and its tokenizer. Stages and the
+evaluator only call :meth:`Policy.embed`, :meth:`Policy.logits` and :meth:`Policy.generate`, which take
+the batch's modality payloads too: a fused model (frozen encoder + projector) overrides ``embed`` and every
+stage works with it unchanged.
+
+Checkpoints are Hugging Face directories plus ``biopost_checkpoint.json``: ``kind`` is ``full`` (weights
+saved) or ``adapter`` (a peft adapter on top of the full model at ``base``), and ``task`` holds what
+prediction needs (task name, options, label set).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "biopost_checkpoint.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Policy:
+    model: Any  # transformers PreTrainedModel or peft PeftModel
+    tokenizer: Any
+    base_path: Path | None = None  # full-weights directory an adapter applies to
+    info: dict[str, Any] = field(default_factory=dict)
+    modalities: tuple[str, ...] = ()  # payloads read through encoders; text-only models read none
+
+    @property
+    def is_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: a training target so models learn to stop."""
+        return self.tokenizer.eos_token_id
+
+    # ---- the three calls every stage uses
+    def embed(self, input_ids: torch.Tensor, payloads: dict | None = None) -> torch.Tensor:
+        """Input embeddings; fused models splice projected encoder features in here."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def logits(self, input_ids, attention_mask, payloads=None) -> torch.Tensor:
+        if payloads:
+            out = self.model(inputs_embeds=self.embed(input_ids, payloads), attention_mask=attention_mask)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, payloads=None, **kwargs) -> torch.Tensor:
+        """New tokens only (prompt stripped), padded with the pad token after end-of-turn."""
+        common = dict(
+            attention_mask=attention_mask,
+            eos_token_id=self.end_of_turn_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs,
+        )
+        if payloads:
+            out = self.model.generate(inputs_embeds=self.embed(input_ids, payloads), **common)
+            return out  # with inputs_embeds, generate returns only new tokens
+        out = self.model.generate(input_ids=input_ids, **common)
+        return out[:, input_ids.shape[1]:]
+
+    # ---- chat rendering
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """Decode generated ids, stopping at end-of-turn and dropping padding."""
+        ids = ids.tolist()
+        if self.end_of_turn_id in ids:
+            ids = ids[: ids.index(self.end_of_turn_id)]
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.decode([i for i in ids if i != pad], skip_special_tokens=False)
+
+    # ---- persistence
+    def save(self, path: Path, task_state: dict | None = None) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        info = {"kind": "adapter" if self.is_adapter else "full", **self.info}
+        if self.is_adapter:
+            base = Path(self.base_path)
+            info["base"] = str(base.resolve()) if base.exists() else str(self.base_path)
+        if task_state is not None:
+            info["task"] = task_state
+        (path / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+        return path
+
+
+def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False, revision: str | None = None) -> Policy:
+    """Load a biopost checkpoint, a local Hugging Face directory, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    marker = path / CHECKPOINT_FILE
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info["kind"] == "adapter":
+            from peft import PeftModel
+
+            base = load_policy(info["base"], dtype)
+            model = PeftModel.from_pretrained(base.model, path, is_trainable=trainable_adapter)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            return Policy(model, tokenizer, base_path=Path(info["base"]), info=_kept(info))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        return Policy(model, AutoTokenizer.from_pretrained(path), info=_kept(info))
+    looks_local = str(source).startswith(("/", ".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {path}: expected a Hugging Face model directory (config.json) or a biopost checkpoint"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load backbone {source!r} ({err.__class__.__name__}): give a local model directory, a "
+            "reachable hub id, or a built-in backbone (see `biopost backbones`)"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model, tokenizer, info={"backbone": str(source)})
+
+
+def _kept(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in {"kind", "base"}}
+
+
+def task_state_of(path: Path) -> dict | None:
+    marker = Path(path) / CHECKPOINT_FILE
+    return json.loads(marker.read_text()).get("task") if marker.is_file() else None

@@ -1,0 +1,154 @@
+"""One run: config -> task -> splits -> stages in order -> run directory.
+
+Run directory: ``config.yaml`` (resolved), ``env.json``, ``splits.json``, ``metrics.jsonl``,
+``predictions/``, and per stage ``stages/<i>-<name>/`` with ``checkpoints/``, ``final/`` and
+``selection.json``. Rerunning a finished run is a no-op; finished stages of an interrupted run are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+from biopost.config import ConfigError, RunConfig, dump_config, load_config
+from biopost.data import SplitRule, make_splits
+from biopost.models.tiny import TINY_SIZES, build_tiny_backbone
+from biopost.registry import get_task
+from biopost.runlog import RunLog
+from biopost.stages.context import StageContext
+
+DONE = "DONE"
+
+
+def stage_runners():
+    from biopost.stages.sft import run_sft
+
+    return {"sft": run_sft}
+
+
+def split_rule(config: RunConfig, task) -> SplitRule:
+    s = config.task.split
+    tuple_or = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    return SplitRule(
+        ood_field=s.ood_field or task.default_ood_field,
+        ood_test_groups=tuple_or(s.ood_test_groups if s.ood_test_groups is not None else task.default_ood_test_groups),
+        ood_val_groups=tuple_or(s.ood_val_groups if s.ood_val_groups is not None else task.default_ood_val_groups),
+        val_fraction=s.val_fraction,
+        id_test_fraction=s.id_test_fraction,
+        seed=s.seed,
+        allow_overlap=s.allow_overlap,
+    )
+
+
+def load_task_and_splits(config: RunConfig):
+    task = get_task(config.task.name, config.task.options)
+    examples = task.load()
+    try:
+        splits = make_splits(examples, split_rule(config, task))
+    except ValueError as err:
+        raise ConfigError(f"task.split: {err}") from None
+    task.fit(splits.train)
+    return task, splits
+
+
+def task_state(config: RunConfig, task, splits) -> dict:
+    """Saved in every checkpoint: what `eval` and `predict` need to rebuild the task and its splits."""
+    return {"name": task.name, "version": task.version, "options": config.task.options,
+            "config_task": config.task.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
+            "split_fingerprints": splits.fingerprints(),
+            "labels": getattr(task, "labels", None), "markers": getattr(task, "markers", None)}
+
+
+def run(config: RunConfig, run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    check_run_dir(config, run_dir)
+    if (run_dir / DONE).is_file():
+        print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
+
+    task, splits = load_task_and_splits(config)
+    (run_dir / "splits.json").write_text(json.dumps({
+        "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
+        "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
+    }, indent=2))
+    common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
+              "split_fingerprints": splits.fingerprints()}
+    log = RunLog(run_dir, common)
+    state = task_state(config, task, splits)
+    base = resolve_backbone(config, task, splits, run_dir)
+
+    finals: dict[str, Path] = {}
+    previous = base
+    for index, stage in enumerate(config.stages):
+        name = config.stage_name(index)
+        stage_dir = run_dir / "stages" / f"{index}-{name}"
+        init = resolve_init(stage.init, previous, base, finals, name)
+        if (stage_dir / DONE).is_file():
+            print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
+        else:
+            print(f"stage {name} ({stage.kind}) from {init}")
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state))
+            stage_runners()[stage.kind](ctx)
+            (stage_dir / DONE).write_text("")
+        finals[name] = stage_dir / "final"
+        previous = finals[name]
+    (run_dir / DONE).write_text("")
+    return run_dir
+
+
+def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], name: str) -> Path:
+    """'previous', 'base', '<stage>' (its final checkpoint) or '<stage>:best' (its val-selected one)."""
+    if init == "previous":
+        return previous
+    if init == "base":
+        return base
+    stage, _, which = init.partition(":")
+    if stage not in finals:
+        raise ConfigError(f"stage {name}: init {init!r} names no earlier stage; earlier: {sorted(finals)} or previous/base")
+    if which == "best":
+        selection = finals[stage].parent / "selection.json"
+        if not selection.is_file():
+            raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
+        return Path(json.loads(selection.read_text())["checkpoint"])
+    if which:
+        raise ConfigError(f"stage {name}: init {init!r}: only ':best' may follow a stage name")
+    return finals[stage]
+
+
+def resolve_backbone(config: RunConfig, task, splits, run_dir: Path) -> Path | str:
+    """A built-in tiny backbone is built into the run directory; anything else loads as given."""
+    spec = config.model.backbone
+    if spec in TINY_SIZES:
+        path = run_dir / "backbone"
+        if not (path / "config.json").is_file():
+            build_tiny_backbone(spec, task.training_texts(splits.train), path, seed=config.seed)
+        return path
+    return spec
+
+
+def check_run_dir(config: RunConfig, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        other = load_config(saved)
+        if other.run_id() != config.run_id():
+            raise ConfigError(
+                f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}); "
+                "choose another --output-dir"
+            )
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    import biopost
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "biopost": biopost.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.cuda.is_available(), "argv": sys.argv}

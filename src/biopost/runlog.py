@@ -1,0 +1,48 @@
+"""The run directory's data files: ``metrics.jsonl`` (one JSON object per line) and ``predictions/``.
+
+Every number a report compares is written here as data, never scraped from logs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, common: dict[str, Any] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.common = dict(common or {})
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        with self.metrics_path.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps({**self.common, **row}) + "\n")
+
+    def drop_rows(self, stage: str, after_step: int = -1) -> list[dict[str, Any]]:
+        """Forget a stage's rows past ``after_step`` (an interrupted attempt is redone from there)."""
+        rows = read_metrics(self.run_dir)
+        kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= after_step]
+        with self.metrics_path.open("w") as fh:
+            for row in kept:
+                fh.write(json.dumps(row) + "\n")
+        return [r for r in kept if r.get("stage") == stage]
+
+    def write_predictions(self, name: str, records: list[dict[str, Any]]) -> Path:
+        path = self.run_dir / "predictions" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as fh:
+            for record in records:
+                fh.write(json.dumps(record) + "\n")
+        return path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+

@@ -1,0 +1,1 @@
+"""Training stages: each takes a checkpoint and data and returns a checkpoint."""

@@ -1,0 +1,86 @@
+"""What every stage receives, and the evaluate-and-checkpoint step they all share."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from biopost.config import EvalConfig, RunConfig
+from biopost.data import Splits
+from biopost.evaluation import evaluate
+from biopost.models.policy import Policy
+from biopost.runlog import RunLog
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    index: int
+    name: str
+    task: object
+    splits: Splits
+    log: RunLog
+    stage_dir: Path
+    init_path: Path
+    task_state: dict
+    history: list[dict] = field(default_factory=list)  # val primary metric per evaluated step
+
+    @property
+    def stage(self):
+        return self.config.stages[self.index]
+
+    @property
+    def eval_cfg(self) -> EvalConfig:
+        return self.config.eval
+
+    def eval_splits(self) -> dict[str, list]:
+        return {name: list(self.splits[name]) for name in self.eval_cfg.splits if self.splits[name]}
+
+    def evaluate_and_save(self, policy: Policy, step: int, epoch: float | None) -> None:
+        """Score every eval split with the shared evaluator, log rows, keep a loadable checkpoint."""
+        rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg)
+        where = {"stage": self.name, "stage_index": self.index, "step": step, "epoch": epoch}
+        self.log.write([{**where, **row} for row in rows])
+        for split, recs in records.items():
+            self.log.write_predictions(f"{self.name}-step{step:06d}-{split}", recs)
+        policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
+        val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric]
+        if val:
+            self.history.append({"step": step, "value": val[0]["value"]})
+            self.write_selection()
+
+    def resume_from(self, step: int) -> None:
+        """Drop rows logged after ``step`` by an interrupted attempt; restore the val history before it."""
+        kept = self.log.drop_rows(self.name, after_step=step)
+        metric = self.task.primary_metric
+        self.history = [{"step": r["step"], "value": r["value"]} for r in kept
+                        if r["split"] == "val" and r["metric"] == metric]
+
+    def write_selection(self) -> None:
+        """Best checkpoint on ``val`` only (ties go to the earlier step)."""
+        best = max(self.history, key=lambda h: (h["value"], -h["step"]))
+        (self.stage_dir / "selection.json").write_text(json.dumps({
+            "metric": self.task.primary_metric, "split": "val", "best_step": best["step"],
+            "best_value": best["value"], "checkpoint": str(self.stage_dir / "checkpoints" / f"step-{best['step']:06d}"),
+        }, indent=2))
+
+
+def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, eval interval in steps)."""
+    per_step = stage.batch_size * stage.grad_accum
+    per_epoch = max(1, math.ceil(n_examples / per_step))
+    if stage.max_steps is not None:
+        total = stage.max_steps
+    elif stage.epochs is not None:
+        total = max(1, round(stage.epochs * per_epoch))
+    else:
+        raise ValueError("set epochs or max_steps for the stage")
+    if stage.eval_every_steps:
+        every = stage.eval_every_steps
+    elif stage.eval_every_epochs:
+        every = max(1, round(stage.eval_every_epochs * per_epoch))
+    else:
+        every = per_epoch
+    return total, per_epoch, every

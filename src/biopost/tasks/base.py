@@ -1,0 +1,100 @@
+"""What a task is: data loading, the default split, prompts, targets, parsing, scoring and its reward.
+
+The reward calls the scorer, so the training signal and the reported metric cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from biopost.data import Example, format_target
+from biopost.tasks.parsing import match_label, parse_answer
+
+
+class TaskOptions(BaseModel):
+    """Task-specific options (``task.options`` in a config); subclasses add fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task:
+    """A named, versioned biological task. Subclasses set the class attributes and implement ``load``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    domain: ClassVar[str]
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    default_ood_field: ClassVar[str]
+    default_ood_test_groups: ClassVar[list[str] | float]
+    default_ood_val_groups: ClassVar[list[str] | float | None] = None
+    primary_metric: ClassVar[str] = "accuracy"
+    reward_metric: ClassVar[str] = "accuracy"
+    system_prompt: ClassVar[str] = "You are a careful biologist. Think step by step, then give one answer."
+
+    def __init__(self, options: TaskOptions | None = None):
+        self.options = options or self.Options()
+
+    # ---- data
+    def load(self) -> list[Example]:
+        raise NotImplementedError
+
+    def fit(self, train: list[Example] | tuple[Example, ...]) -> None:
+        """Learn train-only statistics (e.g. marker genes for rationales). Default: nothing."""
+
+    # ---- prompting
+    def user_prompt(self, example: Example) -> str:
+        raise NotImplementedError
+
+    def messages(self, example: Example) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": self.user_prompt(example)},
+        ]
+
+    def reasoning(self, example: Example) -> str:
+        return example.reasoning
+
+    def target(self, example: Example) -> str:
+        return format_target(example.answer, self.reasoning(example))
+
+    def training_texts(self, examples) -> list[str]:
+        """Prompt and target text, e.g. for training a built-in tokenizer."""
+        return [self.system_prompt + "\n" + self.user_prompt(e) + "\n" + self.target(e) for e in examples]
+
+    # ---- scoring
+    def parse(self, completion: str, mode: str = "strict") -> str | None:
+        return parse_answer(completion, mode)
+
+    def score(self, completion: str, example: Example) -> dict[str, float]:
+        raise NotImplementedError
+
+    def reward(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """Correctness reward in [0, 1]: the scorer's ``reward_metric``."""
+        return [self.score(c, e)[self.reward_metric] for c, e in zip(completions, examples)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "version": self.version, "domain": self.domain}
+
+
+class LabelTask(Task):
+    """A task whose answer is one label out of a fixed set (cell type, disease, pathogenicity...)."""
+
+    labels: list[str]
+
+    def score(self, completion: str, example: Example) -> dict[str, float]:
+        """``accuracy`` (lenient parse), ``accuracy_strict`` and ``format`` (strict parse found an answer)."""
+        strict = self.parse(completion, "strict")
+        lenient = match_label(self.parse(completion, "lenient"), self.labels, "lenient")
+        return {
+            "accuracy": float(lenient == example.answer),
+            "accuracy_strict": float(match_label(strict, self.labels, "strict") == example.answer),
+            "format": float(strict is not None),
+        }
+
+    def prediction(self, completion: str) -> dict[str, str | None]:
+        return {
+            "strict": match_label(self.parse(completion, "strict"), self.labels, "strict"),
+            "lenient": match_label(self.parse(completion, "lenient"), self.labels, "lenient"),
+        }
