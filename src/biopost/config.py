@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -93,8 +94,6 @@ class StageBase(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Schedule = Field(default_factory=Schedule)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
     epochs: float | None = Field(1.0, gt=0, description="set epochs or max_steps")
     max_steps: int | None = Field(None, ge=1)
     data_fraction: float = Field(1.0, gt=0, le=1, description="seeded fraction of the training split")
@@ -104,14 +103,63 @@ class StageBase(Strict):
     save_every_steps: int | None = Field(None, ge=1, description="resumable checkpoints; default = eval points")
     max_grad_norm: float = 1.0
     seed: int = 0
+    lora: LoraConfig | Literal["inherit", "full"] = Field(
+        "inherit", description="adapter for this stage: 'inherit' model.lora, 'full' fine-tuning, or its own LoRA"
+    )
+
+    def resolved_lora(self, model: "ModelConfig") -> LoraConfig | None:
+        if self.lora == "inherit":
+            return model.lora
+        return None if self.lora == "full" else self.lora
 
 
 class SFTStage(StageBase):
     kind: Literal["sft"] = "sft"
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=8)
 
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
 
-Stage = Annotated[Union[SFTStage], Field(discriminator="kind")]
+
+class RewardWeights(Strict):
+    correctness: float = Field(1.0, description="the task's scorer (its reward_metric)")
+    format: float = Field(0.5, description="<think> ... </think> then one Answer: line")
+    length: float = Field(0.0, description="length penalty weight (0 = off)")
+    length_target_tokens: int = Field(64, ge=1, description="no penalty up to this many completion tokens")
+
+
+class RLStage(StageBase):
+    """GRPO. One step = one batch of rollouts (prompts_per_step x num_generations), optimised mu times."""
+
+    kind: Literal["rl"] = "rl"
+    lr: float = Field(1e-5, gt=0)
+    adapter: Literal["new", "continue"] = Field(
+        "new", description="'continue' the init checkpoint's adapter, or merge it and attach a 'new' one"
+    )
+    num_generations: int = Field(4, ge=2, description="G completions per prompt")
+    prompts_per_step: int = Field(4, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per backward pass; None = whole batch")
+    mu: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon_low: float = Field(0.2, ge=0)
+    epsilon_high: float = Field(0.28, ge=0)
+    beta: float = Field(1e-4, ge=0, description="KL penalty to the frozen starting policy")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    max_completion_length: int = Field(64, ge=1)
+    rewards: RewardWeights = Field(default_factory=RewardWeights)
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.prompts_per_step
+
+
+Stage = Annotated[Union[SFTStage, RLStage], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -141,13 +189,22 @@ class RunConfig(Strict):
 
 
 # ---------------------------------------------------------------- loading
+class YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-4`` as a float, as YAML 1.2 does (PyYAML's 1.1 rule needs a dot)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply ``a.b.c=value`` overrides, validate. Raises :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=YamlLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
     for item in overrides:
@@ -172,11 +229,16 @@ def apply_override(raw: dict, item: str) -> dict:
     for depth, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: depth + 1]))
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = yaml.load(value, Loader=YamlLoader) if value != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(node, list):
         node[_index(node, last, key)] = parsed
-    else:
+    elif isinstance(node, dict):
         node[last] = parsed
+    else:
+        raise ConfigError(f"override key {key!r}: parent is a value, not a section")
     return raw
 
 
@@ -242,7 +304,7 @@ def _model_of(annotation: Any) -> type[BaseModel]:
     return None  # type: ignore[return-value]
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage}
+STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "rl": RLStage}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

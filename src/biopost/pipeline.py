@@ -23,9 +23,10 @@ DONE = "DONE"
 
 
 def stage_runners():
+    from biopost.stages.rl import run_rl
     from biopost.stages.sft import run_sft
 
-    return {"sft": run_sft}
+    return {"sft": run_sft, "rl": run_rl}
 
 
 def split_rule(config: RunConfig, task) -> SplitRule:

@@ -89,7 +89,10 @@ class Policy:
     def save(self, path: Path, task_state: dict | None = None) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if self.is_adapter:  # only the trained adapter, not a frozen reference copy
+            self.model.save_pretrained(path, selected_adapters=["default"])
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         info = {"kind": "adapter" if self.is_adapter else "full", **self.info}
         if self.is_adapter:

@@ -69,8 +69,7 @@ class StageContext:
 
 def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:
     """(total optimizer steps, steps per epoch, eval interval in steps)."""
-    per_step = stage.batch_size * stage.grad_accum
-    per_epoch = max(1, math.ceil(n_examples / per_step))
+    per_epoch = max(1, math.ceil(n_examples / stage.examples_per_step))
     if stage.max_steps is not None:
         total = stage.max_steps
     elif stage.epochs is not None:

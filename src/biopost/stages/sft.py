@@ -25,7 +25,7 @@ def run_sft(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: model, data, schedule
     policy = load_policy(ctx.init_path, ctx.config.model.dtype)
-    policy = prepare_for_training(policy, ctx.config.model.lora, ctx.stage_dir, mode="new")
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new")
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     ctx.task_state["sft_train_examples"] = len(train)
     dataset = [tokenize_example(policy, ctx.task, e, stage.max_length) for e in train]

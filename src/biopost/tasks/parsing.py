@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-STRICT = re.compile(r"\A\s*<think>(?P<think>.*?)</think>\s*Answer:[ \t]*(?P<answer>[^\n]*?)\s*\Z", re.DOTALL)
+# Possessive quantifiers (*+) keep matching linear: a lazy answer before \s*\Z was quadratic on long blank runs.
+STRICT = re.compile(r"\A\s*<think>(?P<think>.*?)</think>\s*Answer:[ \t]*+(?P<answer>[^\n]*+)\s*+\Z", re.DOTALL)
 ANSWER = re.compile(r"answer:", re.IGNORECASE)
 PARSE_MODES = ("strict", "lenient")
 

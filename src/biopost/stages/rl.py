@@ -1,0 +1,273 @@
+"""Reinforcement learning with GRPO on the same Policy every other stage uses.
+
+We own this loop (about a page) instead of TRL's GRPOTrainer because the rollouts and log-probabilities
+must go through ``Policy.generate`` / ``Policy.logits``: fused encoder models plug in there, and TRL's
+trainer only knows text and vision processors. The loss math lives in ``grpo.py`` and is checked against
+TRL's on identical rollouts (tests/test_grpo_vs_trl.py).
+
+Recipe per step: draw prompts -> sample G completions each -> score with the task's rewards -> group
+advantages -> old and reference log-probs (no grad) -> ``mu`` clipped updates -> log -> evaluate on schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from biopost.evaluation import collate_payloads
+from biopost.models.adapters import prepare_for_training
+from biopost.models.policy import load_policy
+from biopost.rewards import correctness_reward, format_reward, length_penalty
+from biopost.stages.context import StageContext, plan_steps
+from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
+from biopost.stages.sft import sample_fraction
+
+
+def run_rl(ctx: StageContext):
+    stage = ctx.stage
+    # ---- setup: policy, frozen reference, rewards, optimiser, schedule
+    policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue")
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter)
+    reference = Reference.of(policy, ctx.init_path, stage.adapter)
+    policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
+    rewards = reward_functions(ctx.task, stage)
+    train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
+    total, per_epoch, every = plan_steps(stage, len(train))
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = make_scheduler(stage, optimizer, total * stage.mu)
+    state = ResumeState.load(ctx, policy, optimizer, scheduler)
+    ctx.resume_from(state.step if state.step > 0 else -1)
+    if state.step == 0 and stage.eval_at_start:
+        ctx.evaluate_and_save(policy, 0, epoch=0.0)
+
+    # ---- loop
+    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}")
+    for step in bar:
+        examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)
+        batch = rollout(policy, ctx.task, examples, stage)
+        scores = score_rollouts(batch, rewards, stage)
+        advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
+        with torch.no_grad():
+            batch.old_logps, _ = sequence_logps(policy, batch, stage.temperature)
+            batch.ref_logps = reference.logps(policy, batch, stage.temperature)
+        stats = optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
+        row = {**{k: float(v.mean()) for k, v in scores.items()}, **stats,
+               "completion_length": float(batch.mask.sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
+        log_train_row(ctx, step + 1, per_epoch, row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
+        if (step + 1) % every == 0 or step + 1 == total:
+            ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
+            ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
+
+    # ---- save
+    return policy.save(ctx.stage_dir / "final", ctx.task_state)
+
+
+@dataclass
+class Rollouts:
+    examples: list  # one per sequence (each prompt repeated G times)
+    prompt_ids: torch.Tensor  # left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # right-padded after end-of-turn
+    mask: torch.Tensor  # completion tokens that count (through the first end-of-turn)
+    completions: list[str]
+    payloads: dict
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
+    """Prompts of a step: epochs walk a fresh seeded permutation, so the data position is a function of step."""
+    out, per_epoch = [], len(train)
+    for k in range(step * n, step * n + n):
+        epoch, pos = divmod(k, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(per_epoch)
+        out.append(train[order[pos]])
+    return out
+
+
+@torch.no_grad()
+def rollout(policy, task, examples: list, stage) -> Rollouts:
+    """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
+    tok = policy.tokenizer
+    repeated = [e for e in examples for _ in range(stage.num_generations)]
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok([policy.render_prompt(task.messages(e)) for e in repeated], return_tensors="pt", padding=True,
+              add_special_tokens=False).to(policy.device)
+    tok.padding_side = side
+    payloads = collate_payloads(repeated, policy.modalities)
+    completion_ids = policy.generate(
+        enc["input_ids"], enc["attention_mask"], payloads, do_sample=True, max_new_tokens=stage.max_completion_length,
+        temperature=stage.temperature, top_p=stage.top_p, top_k=stage.top_k, use_cache=True,
+    )
+    mask = completion_mask(completion_ids, policy.end_of_turn_id)
+    return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
+                    [policy.decode(row) for row in completion_ids], payloads)
+
+
+def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = slice(None)):
+    """Log-probs and entropies of the completion tokens of ``batch[rows]`` under the current policy."""
+    ids = torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], dim=1)
+    attention = torch.cat([batch.prompt_mask[rows], batch.mask[rows]], dim=1)
+    payloads = {k: v[rows] for k, v in batch.payloads.items()}
+    logits = policy.logits(ids, attention, payloads)
+    width = batch.completion_ids.shape[1]
+    logits = logits[:, -width - 1 : -1]  # position t predicts token t + 1
+    return token_logps(logits, batch.completion_ids[rows], temperature)
+
+
+def reward_functions(task, stage) -> dict:
+    weights = stage.rewards
+    funcs = {"correctness": (weights.correctness, correctness_reward(task)), "format": (weights.format, format_reward)}
+    if weights.length:
+        funcs["length"] = (weights.length, length_penalty(weights.length_target_tokens, stage.max_completion_length))
+    return funcs
+
+
+def score_rollouts(batch: Rollouts, rewards: dict, stage) -> dict[str, torch.Tensor]:
+    """Each reward component per completion, and their weighted sum ``reward``."""
+    columns = {"examples": batch.examples, "completion_lengths": batch.mask.sum(1).tolist()}
+    out, total = {}, torch.zeros(len(batch.completions))
+    for name, (weight, func) in rewards.items():
+        values = torch.tensor([0.0 if v is None else v for v in func(None, batch.completions, **columns)])
+        out[f"reward_{name}"] = values
+        total += weight * values
+    out["reward"] = total
+    return out
+
+
+def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, stage) -> dict[str, float]:
+    """``mu`` passes over the rollouts; micro-batches accumulate into one optimiser step per pass."""
+    n = len(batch.examples)
+    micro = stage.micro_batch_size or n
+    advantages = advantages.to(policy.device)
+    stats: dict[str, list[float]] = {}
+    for _ in range(stage.mu):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, n, micro):
+            rows = slice(start, start + micro)
+            logps, entropy = sequence_logps(policy, batch, stage.temperature, rows)
+            loss, s = grpo_loss(
+                logps, batch.old_logps[rows], batch.ref_logps[rows], advantages[rows], batch.mask[rows],
+                loss_type=stage.loss_type, epsilon_low=stage.epsilon_low, epsilon_high=stage.epsilon_high,
+                beta=stage.beta, max_completion_length=stage.max_completion_length,
+            )
+            (loss * (min(start + micro, n) - start) / n).backward()
+            mask = batch.mask[rows].float()
+            s.update(loss=float(loss), entropy=float((entropy * mask).sum() / mask.sum().clamp(min=1)))
+            for k, v in s.items():
+                stats.setdefault(k, []).append(v)
+        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+class Reference:
+    """Log-probs under the frozen starting policy, for the KL penalty.
+
+    new adapter: the starting policy is the model with the adapter switched off (no copy needed).
+    continued adapter: the init adapter is loaded a second time, frozen, and selected per forward.
+    full fine-tuning: a frozen copy of the starting weights.
+    """
+
+    def __init__(self, kind: str, frozen=None):
+        self.kind, self.frozen = kind, frozen
+
+    @classmethod
+    def of(cls, policy, init_path, adapter_mode: str) -> "Reference":
+        if not policy.is_adapter:
+            import copy
+
+            frozen = copy.deepcopy(policy)
+            frozen.model.requires_grad_(False).eval()
+            return cls("copy", frozen)
+        if adapter_mode == "continue":
+            policy.model.load_adapter(str(init_path), adapter_name="reference", is_trainable=False)
+            return cls("named")
+        return cls("disabled")
+
+    @torch.no_grad()
+    def logps(self, policy, batch: Rollouts, temperature: float) -> torch.Tensor:
+        if self.kind == "copy":
+            return sequence_logps(self.frozen, batch, temperature)[0]
+        with self._reference_weights(policy):
+            return sequence_logps(policy, batch, temperature)[0]
+
+    @contextmanager
+    def _reference_weights(self, policy):
+        if self.kind == "disabled":
+            with policy.model.disable_adapter():
+                yield
+            return
+        policy.model.base_model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            policy.model.base_model.set_adapter("default")
+            for name, param in policy.model.named_parameters():  # set_adapter may change trainability
+                param.requires_grad = "lora_" in name and ".reference." not in name
+
+
+def make_scheduler(stage, optimizer, total_updates: int):
+    sched = stage.schedule
+    name = {"constant": "constant_with_warmup"}.get(sched.name, sched.name)
+    kwargs = {"num_decay_steps": max(1, round(sched.decay_ratio * total_updates))} if name == "warmup_stable_decay" else {}
+    return get_scheduler(name, optimizer, num_warmup_steps=round(sched.warmup_ratio * total_updates),
+                         num_training_steps=total_updates, scheduler_specific_kwargs=kwargs)
+
+
+def log_train_row(ctx: StageContext, step: int, per_epoch: int, row: dict) -> None:
+    where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": round(step / per_epoch, 4),
+             "split": "train", "n": None}
+    ctx.log.write([{**where, "metric": k, "value": v} for k, v in row.items()])
+
+
+class ResumeState:
+    """Model, optimiser, scheduler and RNG at the last evaluation point; the data position is the step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @staticmethod
+    def path(ctx):
+        return ctx.stage_dir / "resume"
+
+    @classmethod
+    def save(cls, ctx, policy, optimizer, scheduler, step: int) -> None:
+        path = cls.path(ctx)
+        policy.save(path / "policy")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, path / "state.pt")
+        (path / "step.json").write_text(json.dumps({"step": step}))
+
+    @classmethod
+    def load(cls, ctx, policy, optimizer, scheduler) -> "ResumeState":
+        path = cls.path(ctx)
+        if not (path / "step.json").is_file():
+            return cls(0)
+        from safetensors.torch import load_file
+
+        step = json.loads((path / "step.json").read_text())["step"]
+        weights = path / "policy" / ("adapter_model.safetensors" if policy.is_adapter else "model.safetensors")
+        if policy.is_adapter:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(policy.model, load_file(weights))
+        else:
+            policy.model.load_state_dict(load_file(weights), strict=False)
+        state = torch.load(path / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        print(f"rl {ctx.name}: resuming at step {step}")
+        return cls(step)
