@@ -39,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tasks", help="list registered tasks with their split sizes")
     p.set_defaults(func=cmd_tasks)
 
-    args = parser.parse_args(argv)
+    # argparse leaves KEY=VALUE overrides given after an option (train CFG --output-dir D k=v) unmatched.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as err:

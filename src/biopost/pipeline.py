@@ -14,7 +14,7 @@ from pathlib import Path
 
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
-from biopost.models.tiny import TINY_SIZES, build_tiny_backbone
+from biopost.models.backbones import resolve_backbone
 from biopost.registry import get_task
 from biopost.runlog import RunLog
 from biopost.stages.context import StageContext
@@ -23,10 +23,11 @@ DONE = "DONE"
 
 
 def stage_runners():
+    from biopost.stages.cpt import run_cpt
     from biopost.stages.rl import run_rl
     from biopost.stages.sft import run_sft
 
-    return {"sft": run_sft, "rl": run_rl}
+    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl}
 
 
 def split_rule(config: RunConfig, task) -> SplitRule:
@@ -81,7 +82,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
               "split_fingerprints": splits.fingerprints()}
     log = RunLog(run_dir, common)
     state = task_state(config, task, splits)
-    base = resolve_backbone(config, task, splits, run_dir)
+    base = resolve_backbone(config.model.backbone, run_dir, lambda: tokenizer_texts(config, task, splits), config.seed)
 
     finals: dict[str, Path] = {}
     previous = base
@@ -122,15 +123,15 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
     return finals[stage]
 
 
-def resolve_backbone(config: RunConfig, task, splits, run_dir: Path) -> Path | str:
-    """A built-in tiny backbone is built into the run directory; anything else loads as given."""
-    spec = config.model.backbone
-    if spec in TINY_SIZES:
-        path = run_dir / "backbone"
-        if not (path / "config.json").is_file():
-            build_tiny_backbone(spec, task.training_texts(splits.train), path, seed=config.seed)
-        return path
-    return spec
+def tokenizer_texts(config: RunConfig, task, splits) -> list[str]:
+    """What a built-in tiny tokenizer is trained on: the task's training texts and any CPT corpus."""
+    texts = task.training_texts(splits.train)
+    for stage in config.stages:
+        if stage.kind == "cpt":
+            from biopost.data.corpus import load_corpus
+
+            texts += load_corpus(stage.corpus, task, splits).train
+    return texts
 
 
 def check_run_dir(config: RunConfig, run_dir: Path) -> None:

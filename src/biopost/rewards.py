@@ -42,6 +42,6 @@ def length_penalty(target_tokens: int, max_tokens: int):
 
     def length(prompts, completions, completion_lengths, **_):
         span = max(1, max_tokens - target_tokens)
-        return [-min(1.0, max(0, n - target_tokens) / span) for n in completion_lengths]
+        return [0.0 - min(1.0, max(0, n - target_tokens) / span) for n in completion_lengths]
 
     return length

@@ -83,7 +83,8 @@ def make_splits(examples: list[Example], rule: SplitRule) -> Splits:
     val_groups: tuple[str, ...] = ()
     if rule.ood_val_groups is not None:
         rest = [g for g in groups if g not in test_groups]
-        val_groups = _pick_groups(rest, rule.ood_val_groups, rng, "ood_val_groups", rule.ood_field)
+        pool = rest if isinstance(rule.ood_val_groups, float) else groups  # named groups: report a clash below
+        val_groups = _pick_groups(pool, rule.ood_val_groups, rng, "ood_val_groups", rule.ood_field)
         clash = set(val_groups) & set(test_groups)
         if clash:
             raise ValueError(f"ood_val_groups and ood_test_groups share {sorted(clash)}; they must be disjoint")

@@ -14,7 +14,7 @@ SCALINGS = ("group", "batch", "none")
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
     """Reward minus its group's mean, divided by the group's (or batch's) std, or not scaled.
 
-    >>> group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2).round(decimals=3).tolist()
+    >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2).tolist()]
     [0.707, -0.707, 0.0, 0.0]
     """
     if scale not in SCALINGS:

@@ -63,6 +63,10 @@ class Task:
         """Prompt and target text, e.g. for training a built-in tokenizer."""
         return [self.system_prompt + "\n" + self.user_prompt(e) + "\n" + self.target(e) for e in examples]
 
+    def leak_keys(self, example: Example) -> list[str]:
+        """Text that identifies an example's input; a CPT corpus containing it would leak the test set."""
+        return [self.user_prompt(example)]
+
     # ---- scoring
     def parse(self, completion: str, mode: str = "strict") -> str | None:
         return parse_answer(completion, mode)

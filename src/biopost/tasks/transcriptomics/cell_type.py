@@ -147,6 +147,9 @@ class CellTypeTask(LabelTask):
             answer=str(record.get("cell_type", "")),
         )
 
+    def leak_keys(self, example: Example) -> list[str]:
+        return [" ".join(example.fields["genes"])]
+
     # ---- prompt
     def user_prompt(self, example: Example) -> str:
         genes = example.fields["genes"]

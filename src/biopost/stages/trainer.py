@@ -1,0 +1,111 @@
+"""transformers ``Trainer`` plumbing shared by the SFT and CPT stages.
+
+The Trainer owns gradient accumulation, schedules, mixed precision, multi-GPU through accelerate, and exact
+resume (model, optimizer, scheduler, RNG, data position); we add evaluation on our schedule and log rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+from biopost.stages.context import StageContext
+
+IGNORE = -100
+
+
+def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: int, every: int, per_epoch: int,
+                       evaluate) -> None:
+    """Run the Trainer over ``dataset`` calling ``evaluate(step, epoch)`` at 0, every ``every`` steps and the end."""
+    args = training_arguments(ctx, total, every)
+    callback = EvalCallback(ctx, evaluate, every, total, per_epoch)
+    trainer = Trainer(model=policy.model, args=args, train_dataset=dataset,
+                      data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=[callback])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
+    resume = last_checkpoint(ctx.stage_dir / "trainer")
+    ctx.resume_from(int(resume.name.split("-")[1]) if resume else -1)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def last_checkpoint(trainer_dir):
+    found = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArguments:
+    stage = ctx.stage
+    sched = stage.schedule
+    kwargs = {}
+    if sched.name == "warmup_stable_decay":
+        kwargs = {"num_decay_steps": max(1, round(sched.decay_ratio * total))}
+    return TrainingArguments(
+        output_dir=str(ctx.stage_dir / "trainer"),
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        learning_rate=stage.lr,
+        weight_decay=stage.weight_decay,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(sched.name, sched.name),
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=round(sched.warmup_ratio * total),
+        max_steps=total,
+        max_grad_norm=stage.max_grad_norm,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=stage.save_every_steps or every,
+        save_total_limit=1,
+        report_to="none",
+        seed=stage.seed,
+        data_seed=stage.seed,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=ctx.config.model.dtype == "bfloat16",
+        fp16=ctx.config.model.dtype == "float16",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluate at step 0, every ``every`` steps and at the end; log training loss as data."""
+
+    def __init__(self, ctx: StageContext, evaluate, every: int, total: int, per_epoch: int):
+        self.ctx, self.evaluate, self.every, self.total, self.per_epoch = ctx, evaluate, every, total, per_epoch
+
+    def _evaluate(self, step: int) -> None:
+        self.evaluate(step, round(step / self.per_epoch, 4))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self.ctx.stage.eval_at_start:
+            self._evaluate(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == self.total:
+            self._evaluate(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.ctx.log.write([{"stage": self.ctx.name, "stage_index": self.ctx.index, "step": state.global_step,
+                                 "epoch": round(state.global_step / self.per_epoch, 4), "split": "train",
+                                 "metric": "loss", "value": float(logs["loss"]), "n": None}])
+
+
+class QuietProgress(ProgressCallback):
+    """The usual progress bar; the loss goes to metrics.jsonl instead of the terminal."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded PBMC task loaded once, a tiny backbone built once, one short SFT run."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from biopost.config import validate_config
+from biopost.models.tiny import build_tiny_backbone
+from biopost.pipeline import load_task_and_splits, run
+
+PBMC = "cell_type/pbmc68k"
+
+
+def fast_config_dict(backbone: str | Path = "tiny-s") -> dict:
+    """A run config that trains for a few steps and evaluates 8 examples per split with short generations."""
+    return copy.deepcopy({
+        "name": "fast",
+        "task": {"name": PBMC, "options": {"top_k_genes": 16}},
+        "model": {"backbone": str(backbone), "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0}},
+        "eval": {"splits": ["val", "id_test", "ood_test"], "max_examples": 8, "batch_size": 8,
+                 "max_new_tokens": 16, "bootstrap": 20},
+        "stages": [{"kind": "sft", "max_steps": 6, "eval_every_steps": 3, "batch_size": 8, "lr": 1e-2,
+                    "schedule": {"name": "constant", "warmup_ratio": 0.0}}],
+    })
+
+
+def digest_dir(path: Path) -> str:
+    """Hash of every file in a directory (names and bytes), to prove it was not modified."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """The embedded task with its default split: (task, splits)."""
+    config = validate_config({"task": {"name": PBMC}, "stages": [{"kind": "sft"}]})
+    return load_task_and_splits(config)
+
+
+@pytest.fixture(scope="session")
+def pbmc_task(pbmc):
+    return pbmc[0]
+
+
+@pytest.fixture(scope="session")
+def pbmc_splits(pbmc):
+    return pbmc[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory, pbmc) -> Path:
+    task, splits = pbmc
+    return build_tiny_backbone("tiny-s", task.training_texts(splits.train), tmp_path_factory.mktemp("backbone") / "tiny-s")
+
+
+@pytest.fixture(scope="session")
+def fast_config(tiny_backbone):
+    """``fast_config()`` -> a fresh config dict on the shared tiny backbone, safe to modify."""
+    return lambda: fast_config_dict(tiny_backbone)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, tiny_backbone, fast_config):
+    """One short LoRA SFT run shared by the SFT and CLI tests."""
+    base_digest = digest_dir(tiny_backbone)
+    config = validate_config(fast_config())
+    run_dir = run(config, tmp_path_factory.mktemp("runs") / "sft")
+    return SimpleNamespace(config=config, dir=run_dir, final=run_dir / "stages" / "0-sft" / "final",
+                           backbone=tiny_backbone, backbone_digest_before=base_digest,
+                           backbone_digest=lambda: digest_dir(tiny_backbone))

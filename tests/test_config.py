@@ -1,0 +1,115 @@
+"""Typed config: unknown keys and wrong types are one-line errors naming the key; dotted overrides; run ids."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import biopost.models.policy
+import biopost.pipeline
+from biopost.cli import main
+from biopost.config import ConfigError, apply_override, dump_config, load_config, validate_config
+
+
+def minimal() -> dict:
+    return {"task": {"name": "cell_type/pbmc68k"}, "stages": [{"kind": "sft"}]}
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    return path
+
+
+def error_of(path, *overrides) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path, list(overrides))
+    message = str(err.value)
+    assert "\n" not in message, f"error is not one line: {message!r}"
+    return message
+
+
+@pytest.mark.parametrize("override, key, some_valid", [
+    ("foo=1", "'foo'", ["model", "stages", "task"]),
+    ("model.lora.rnk=3", "'model.lora.rnk'", ["rank", "alpha"]),
+    ("stages.0.epoch=2", "'stages.0.epoch'", ["epochs", "max_steps", "lr"]),
+])
+def test_unknown_key_names_dotted_key_and_lists_valid_keys(config_file, override, key, some_valid):
+    message = error_of(config_file, override)
+    assert "unknown key" in message and key in message
+    listed = message.split("valid keys here:")[1]
+    for valid in some_valid:
+        assert valid in listed
+
+
+def test_wrong_type_names_the_key(config_file):
+    message = error_of(config_file, "stages.0.lr=abc")
+    assert "'stages.0.lr'" in message and "abc" in message
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match="'task'"):
+        validate_config({"stages": [{"kind": "sft"}]})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_set_list_items_and_parse_values_as_yaml(config_file):
+    config = load_config(config_file, [
+        "stages.0.epochs=2", "stages.0.lr=1e-4", "model.lora=null", "eval.splits=[val, ood_test]", "seed=7",
+    ])
+    assert config.stages[0].epochs == 2
+    assert config.stages[0].lr == pytest.approx(1e-4)
+    assert config.model.lora is None
+    assert config.eval.splits == ["val", "ood_test"]
+    assert config.seed == 7
+
+
+def test_override_values_are_typed_before_validation():
+    raw = apply_override(minimal(), "task.options.scale=1e-4")
+    raw = apply_override(raw, "task.options.flag=true")
+    raw = apply_override(raw, "task.options.none=null")
+    assert raw["task"]["options"] == {"scale": 1e-4, "flag": True, "none": None}
+    assert isinstance(raw["task"]["options"]["scale"], float)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.lora.rank", "KEY=VALUE"),
+    ("stages.3.lr=1", "index below 1"),
+    ("stages.x.lr=1", "index below 1"),
+    ("task.name.x=1", "not a section"),
+    ("model.lora.rank=[1,", "not valid YAML"),
+])
+def test_bad_override_syntax_is_a_config_error(config_file, override, fragment):
+    assert fragment in error_of(config_file, override)
+
+
+def test_run_id_is_stable_and_changes_with_any_field(tmp_path):
+    a = validate_config(minimal())
+    assert a.run_id() == validate_config(minimal()).run_id()
+    reordered = {"stages": [{"kind": "sft"}], "task": {"name": "cell_type/pbmc68k"}}
+    assert validate_config(reordered).run_id() == a.run_id()
+    dump_config(a, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").run_id() == a.run_id()
+    changed = apply_override(minimal(), "stages.0.lr=0.5")
+    assert validate_config(changed).run_id() != a.run_id()
+    assert validate_config(apply_override(minimal(), "eval.seed=1")).run_id() != a.run_id()
+
+
+def test_cli_train_reports_bad_key_in_one_line_before_loading_anything(config_file, tmp_path, capsys, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model or run was started before the config was validated")
+
+    monkeypatch.setattr(biopost.pipeline, "run", forbidden)
+    monkeypatch.setattr(biopost.models.policy, "load_policy", forbidden)
+    out_dir = tmp_path / "out"
+    code = main(["train", str(config_file), "--output-dir", str(out_dir), "model.lora.rnk=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "'model.lora.rnk'" in err and "rank" in err
+    assert not out_dir.exists()

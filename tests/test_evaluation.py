@@ -1,0 +1,67 @@
+"""The shared evaluator's scoring on hand-written completions, seeded subsets and bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from biopost.data import Example
+from biopost.evaluation import bootstrap_ci, score_split, subset
+
+
+def cell(id_: str, answer: str) -> Example:
+    return Example(id=id_, fields={"organism": "Homo sapiens", "genes": ["X"]}, answer=answer)
+
+
+def think(answer: str) -> str:
+    return f"<think>\nmarkers\n</think>\n\nAnswer: {answer}"
+
+
+EXAMPLES = [cell("b", "CD19+ B"), cell("dc", "Dendritic")]
+
+
+def test_greedy_scores_per_example(pbmc_task):
+    records, per_metric = score_split(pbmc_task, EXAMPLES, [[think("CD19+ B")], ["Answer: CD19+ B"]])
+    assert per_metric["accuracy"].tolist() == [1.0, 0.0]
+    assert per_metric["accuracy_strict"].tolist() == [1.0, 0.0]
+    assert per_metric["format"].tolist() == [1.0, 0.0]
+    assert not any("pass@" in m for m in per_metric)
+    assert [r["id"] for r in records] == ["b", "dc"]
+    assert records[1]["parsed"] == [{"strict": None, "lenient": "CD19+ B"}]
+
+
+def test_k_samples_give_mean_and_pass_at_k(pbmc_task):
+    completions = [
+        [think("CD19+ B"), "Answer: CD19+ B", think("Dendritic")],  # 2 of 3 right, 1 strictly
+        [think("CD19+ B"), think("Dendritic or CD19+ B"), ""],  # none right
+    ]
+    records, per_metric = score_split(pbmc_task, EXAMPLES, completions)
+    assert per_metric["accuracy"] == pytest.approx([2 / 3, 0.0])
+    assert per_metric["accuracy_strict"] == pytest.approx([1 / 3, 0.0])
+    assert per_metric["format"] == pytest.approx([2 / 3, 2 / 3])
+    assert per_metric["accuracy_pass@3"].tolist() == [1.0, 0.0]
+    assert records[0]["mean"]["accuracy"] == pytest.approx(2 / 3)
+    assert len(records[0]["completions"]) == len(records[0]["scores"]) == 3
+
+
+def test_subset_is_seeded_and_order_stable():
+    items = list(range(100))
+    chosen = subset(items, 10, seed=0)
+    assert chosen == subset(items, 10, seed=0) == sorted(chosen)
+    assert len(chosen) == 10 and chosen != subset(items, 10, seed=1)
+    assert subset(items, None, seed=0) == items and subset(items[:5], 10, seed=0) == items[:5]
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
+    values = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0] * 3)
+    lo, hi = bootstrap_ci(values, 500, seed=0)
+    assert lo < values.mean() < hi and 0.0 <= lo and hi <= 1.0
+    assert bootstrap_ci(values, 500, seed=0) == (lo, hi)
+    assert bootstrap_ci(values, 500, seed=1) != (lo, hi)
+
+
+def test_bootstrap_is_undefined_without_resamples_or_data():
+    assert all(math.isnan(x) for x in bootstrap_ci(np.array([0.0, 1.0]), 0, seed=0))
+    assert all(math.isnan(x) for x in bootstrap_ci(np.array([1.0]), 100, seed=0))

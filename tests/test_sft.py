@@ -1,0 +1,90 @@
+"""SFT through the pipeline on the tiny backbone: it learns, trains only LoRA, and leaves a complete run dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from biopost.config import ConfigError, validate_config
+from biopost.models.policy import load_policy
+from biopost.pipeline import run
+from biopost.runlog import read_metrics
+from biopost.stages.sft import tokenize_example
+
+IGNORE = -100  # the label PyTorch's cross-entropy skips
+
+
+def test_training_loss_goes_down(sft_run):
+    losses = [r["value"] for r in sorted(read_metrics(sft_run.dir), key=lambda r: r["step"])
+              if r["split"] == "train" and r["metric"] == "loss"]
+    assert len(losses) == sft_run.config.stages[0].max_steps
+    assert sum(losses[-2:]) < sum(losses[:2])
+
+
+def test_only_lora_weights_are_trained(sft_run):
+    assert sft_run.backbone_digest() == sft_run.backbone_digest_before  # base directory untouched
+    saved = load_file(sft_run.final / "adapter_model.safetensors")
+    assert saved and all("lora_" in name for name in saved)
+    info = json.loads((sft_run.final / "biopost_checkpoint.json").read_text())
+    assert info["kind"] == "adapter" and info["base"] == str(sft_run.backbone.resolve())
+
+    tuned = load_policy(sft_run.final)
+    base = dict(load_policy(sft_run.backbone).model.named_parameters())
+    lora_b = {}
+    for name, param in tuned.model.named_parameters():
+        if "lora_" in name:
+            if "lora_B" in name:
+                lora_b[name] = param
+            continue
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param, base[original]), name
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values())  # lora_B starts at zero
+
+
+def test_labels_mask_the_prompt_and_end_with_end_of_turn(pbmc_task, pbmc_splits, tiny_backbone):
+    policy = load_policy(tiny_backbone)
+    example = pbmc_splits.train[0]
+    row = tokenize_example(policy, pbmc_task, example, max_length=2048)
+    prompt = policy.tokenizer(policy.render_prompt(pbmc_task.messages(example)), add_special_tokens=False)["input_ids"]
+    ids, labels = row["input_ids"], row["labels"]
+    assert len(ids) == len(labels) > len(prompt)
+    assert ids[: len(prompt)] == prompt
+    assert labels[: len(prompt)] == [IGNORE] * len(prompt)
+    assert labels[len(prompt):] == ids[len(prompt):]
+    assert labels[-1] == policy.end_of_turn_id
+    assert policy.tokenizer.decode(labels[len(prompt):-1]) == pbmc_task.target(example)
+    short = tokenize_example(policy, pbmc_task, example, max_length=16)
+    assert len(short["input_ids"]) == len(short["labels"]) == 16
+
+
+def test_run_directory_holds_config_env_splits_metrics_predictions_checkpoints(sft_run, pbmc_splits):
+    d = sft_run.dir
+    for name in ("config.yaml", "env.json", "splits.json", "metrics.jsonl", "stages/0-sft/final/biopost_checkpoint.json"):
+        assert (d / name).is_file(), name
+    assert json.loads((d / "splits.json").read_text())["fingerprints"] == pbmc_splits.fingerprints()
+    rows = read_metrics(d)
+    assert all({"stage", "step", "split", "metric", "value", "n"} <= row.keys() for row in rows)
+    assert all(row["split_fingerprints"] == pbmc_splits.fingerprints() for row in rows)
+    for split in ("id_test", "ood_test"):
+        scored = [r for r in rows if r["split"] == split and r["metric"] == "accuracy"]
+        assert len({r["step"] for r in scored}) >= 3
+        assert all(r["n"] == 8 and 0.0 <= r["value"] <= 1.0 for r in scored)
+    predictions = sorted((d / "predictions").glob("*.jsonl"))
+    assert predictions and all(p.read_text().strip() for p in predictions)
+    selection = json.loads((d / "stages/0-sft/selection.json").read_text())
+    assert selection["split"] == "val"
+    assert selection["best_step"] in {r["step"] for r in rows if r["split"] == "val"}
+
+
+def test_rerun_is_a_no_op_and_another_config_is_refused(sft_run):
+    before = (sft_run.dir / "metrics.jsonl").read_bytes()
+    run(sft_run.config, sft_run.dir)
+    assert (sft_run.dir / "metrics.jsonl").read_bytes() == before
+    other = sft_run.config.model_dump(mode="json")
+    other["eval"]["max_new_tokens"] = 17
+    with pytest.raises(ConfigError, match="another run"):
+        run(validate_config(other), sft_run.dir)
+    assert (sft_run.dir / "metrics.jsonl").read_bytes() == before
