@@ -63,6 +63,10 @@ class ModelConfig(Strict):
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tuning")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = None
+    think_tokens: Literal["text", "add"] = Field(
+        "text", description="text: <think> tags are ordinary text for the tokenizer; add: add them as tokens "
+        "where missing and resize the embeddings (new rows start at the mean embedding)"
+    )
 
 
 # ---------------------------------------------------------------- evaluation

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
-from biopost.models.backbones import resolve_backbone
+from biopost.models.backbones import ensure_think_tokens, resolve_backbone
+from biopost.models.policy import load_policy
 from biopost.registry import get_task
 from biopost.runlog import RunLog
 from biopost.stages.context import StageContext
@@ -83,6 +84,8 @@ def run(config: RunConfig, run_dir: Path) -> Path:
     log = RunLog(run_dir, common)
     state = task_state(config, task, splits)
     base = resolve_backbone(config.model.backbone, run_dir, lambda: tokenizer_texts(config, task, splits), config.seed)
+    if config.model.think_tokens == "add":
+        base = with_think_tokens(base, run_dir, config.model.dtype)
 
     finals: dict[str, Path] = {}
     previous = base
@@ -121,6 +124,20 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
     if which:
         raise ConfigError(f"stage {name}: init {init!r}: only ':best' may follow a stage name")
     return finals[stage]
+
+
+def with_think_tokens(base: str, run_dir: Path, dtype: str) -> str:
+    """The backbone with <think> tokens added (saved once in the run directory when any were missing)."""
+    target = run_dir / "backbone-think"
+    if (target / "config.json").is_file():
+        return str(target)
+    policy = load_policy(base, dtype)
+    added = ensure_think_tokens(policy)
+    if not added:
+        return base
+    policy.save(target)
+    print(f"added tokens {added} to {base}; embeddings resized to {len(policy.tokenizer)}")
+    return str(target)
 
 
 def tokenizer_texts(config: RunConfig, task, splits) -> list[str]:

@@ -22,8 +22,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_backbone(size: str, texts: list[str], path: Path, seed: int = 0) -> Path:
-    """Train a tokenizer on ``texts``, build a random model of ``size``, save both to ``path``."""
+def build_tiny_backbone(size: str, texts: list[str], path: Path, seed: int = 0, think_tokens: bool = True) -> Path:
+    """Train a tokenizer on ``texts``, build a random model of ``size``, save both to ``path``.
+
+    ``think_tokens=False`` leaves ``<think>`` tags as plain text, like backbones without thinking tokens.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AddedToken, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -44,7 +47,8 @@ def build_tiny_backbone(size: str, texts: list[str], path: Path, seed: int = 0) 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
     )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
+    if think_tokens:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK])
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = Qwen3Config(
