@@ -63,3 +63,13 @@ def test_wrong_task_name_exits_2_with_a_clear_message(sft_run, capsys, command):
 def test_eval_of_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--task", PBMC]) == 2
     assert "not a biopost checkpoint" in capsys.readouterr().err
+
+
+def test_summary_prints_id_and_ood_and_writes_a_plot(sft_run, capsys):
+    from biopost.cli import main
+
+    assert main(["summary", str(sft_run.dir)]) == 0
+    out = capsys.readouterr().out
+    assert "id_test" in out and "ood_test" in out
+    assert (sft_run.dir / "curves-accuracy.png").stat().st_size > 1000
+    assert main(["summary", str(sft_run.dir), "--metric", "no_such_metric"]) == 2

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--metric", default="accuracy")
+    p.set_defaults(func=cmd_summary)
+
     p = sub.add_parser("tasks", help="list registered tasks with their split sizes")
     p.set_defaults(func=cmd_tasks)
 
@@ -87,6 +92,14 @@ def cmd_predict(args) -> int:
         print(f"wrote {len(records)} predictions to {args.output}")
     else:
         print("\n".join(lines))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from biopost.report.run_summary import metric_table, plot_curves
+
+    print(metric_table(args.run_dir, args.metric).round(3).to_string())
+    print(f"plot: {plot_curves(args.run_dir, args.metric)}")
     return 0
 
 
