@@ -23,6 +23,15 @@ PROMPTS = ["Which colour word appears: red?", "Which colour word appears in this
 G, MAX_LEN = 2, 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     return build_tiny_backbone("tiny-s", TEXTS, tmp_path_factory.mktemp("vs_trl") / "tiny")

@@ -12,6 +12,8 @@ import platform
 import sys
 from pathlib import Path
 
+from transformers import set_seed
+
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
@@ -99,6 +101,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state))
+            set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             stage_runners()[stage.kind](ctx)
             (stage_dir / DONE).write_text("")
         finals[name] = stage_dir / "final"

@@ -162,7 +162,7 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             )
             (loss * (min(start + micro, n) - start) / n).backward()
             mask = batch.mask[rows].float()
-            s.update(loss=float(loss), entropy=float((entropy * mask).sum() / mask.sum().clamp(min=1)))
+            s.update(loss=float(loss.detach()), entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
