@@ -312,7 +312,10 @@ def describe_error(err: ValidationError, raw: dict) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and part in {"sft", "rl", "cpt"} or part in {"list[str]", "float"}
+    """Pydantic puts the chosen union member in error locations (a stage kind, a class or type name)."""
+    if not isinstance(part, str):
+        return False
+    return part in STAGE_KINDS or part[:1].isupper() or "[" in part or part in {"float", "int", "str", "bool"}
 
 
 def _valid_keys(loc: tuple, raw: dict) -> list[str]:

@@ -56,7 +56,8 @@ def run_rl(ctx: StageContext):
         scores = score_rollouts(batch, rewards, stage)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
         with torch.no_grad():
-            batch.old_logps, _ = sequence_logps(policy, batch, stage.temperature)
+            # one pass (mu = 1): the old log-probs are the current ones, taken detached in `optimise` (as TRL)
+            batch.old_logps = sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         stats = optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
         row = {**{k: float(v.mean()) for k, v in scores.items()}, **stats,
@@ -80,7 +81,7 @@ class Rollouts:
     mask: torch.Tensor  # completion tokens that count (through the first end-of-turn)
     completions: list[str]
     payloads: dict
-    old_logps: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None  # None: the policy that sampled is the one optimised (mu = 1)
     ref_logps: torch.Tensor | None = None
 
 
@@ -147,6 +148,8 @@ def score_rollouts(batch: Rollouts, rewards: dict, stage) -> dict[str, torch.Ten
 def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, stage) -> dict[str, float]:
     """``mu`` passes over the rollouts; micro-batches accumulate into one optimiser step per pass."""
     n = len(batch.examples)
+    if batch.old_logps is None and stage.mu > 1:
+        raise ValueError("with mu > 1 the rollouts need old_logps: later passes must compare with the sampling policy")
     micro = stage.micro_batch_size or n
     advantages = advantages.to(policy.device)
     stats: dict[str, list[float]] = {}
@@ -156,7 +159,8 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             rows = slice(start, start + micro)
             logps, entropy = sequence_logps(policy, batch, stage.temperature, rows)
             loss, s = grpo_loss(
-                logps, batch.old_logps[rows], batch.ref_logps[rows], advantages[rows], batch.mask[rows],
+                logps, logps.detach() if batch.old_logps is None else batch.old_logps[rows],
+                None if batch.ref_logps is None else batch.ref_logps[rows], advantages[rows], batch.mask[rows],
                 loss_type=stage.loss_type, epsilon_low=stage.epsilon_low, epsilon_high=stage.epsilon_high,
                 beta=stage.beta, max_completion_length=stage.max_completion_length,
             )
