@@ -87,7 +87,7 @@ def run_ours(args, task, examples, path, device) -> dict:
         scores = rl.score_rollouts(batch, rewards, stage)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
         with torch.no_grad():
-            batch.old_logps, _ = rl.sequence_logps(policy, batch, stage.temperature)
+            batch.old_logps = rl.sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None  # as run_rl
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         rl.optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
         sync(device)

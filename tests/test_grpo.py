@@ -298,3 +298,23 @@ def test_second_pass_with_mu_2_sees_a_moved_policy(tiny_path, monkeypatch):
     assert abs(passes[1]["ratio_mean"] - 1.0) > 1e-3
     assert passes[1]["clip_fraction"] > 0.0
     assert stats["clip_fraction"] == pytest.approx(passes[1]["clip_fraction"] / 2)
+
+
+def test_single_pass_uses_current_logps_as_old(tiny_path):
+    """mu = 1: ``run_rl`` skips the old-log-prob forward; ``optimise`` compares with the detached current ones."""
+    policy = load_policy(tiny_path)
+    policy.model.eval()
+    eos = policy.end_of_turn_id
+    batch = make_rollouts(policy, ["Which colour word appears: red?"] * 2, torch.tensor([[50, eos], [51, 52]]))
+    assert batch.old_logps is None
+    batch.ref_logps = None
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    before = [p.detach().clone() for p in params]
+    one = RLStage(mu=1, beta=0.0, schedule={"name": "constant", "warmup_ratio": 0.0})
+    stats = optimise(policy, optimizer, make_scheduler(one, optimizer, 1), params, batch, t([1.0, -1.0]), one)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))  # it still trains
+    two = one.model_copy(update={"mu": 2})
+    with pytest.raises(ValueError, match="old_logps"):
+        optimise(policy, optimizer, make_scheduler(two, optimizer, 2), params, batch, t([1.0, -1.0]), two)

@@ -23,7 +23,6 @@ from biopost.stages.grpo import group_advantages
 from biopost.tasks.base import LabelTask
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine."""

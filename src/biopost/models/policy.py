@@ -51,12 +51,13 @@ class Policy:
         """Input embeddings; fused models splice projected encoder features in here."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def logits(self, input_ids, attention_mask, payloads=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask, payloads=None, keep_last: int = 0) -> torch.Tensor:
+        """Next-token logits; ``keep_last > 0`` computes only the last positions (saves vocab-sized memory)."""
         if payloads:
-            out = self.model(inputs_embeds=self.embed(input_ids, payloads), attention_mask=attention_mask)
+            inputs = {"inputs_embeds": self.embed(input_ids, payloads)}
         else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits
+            inputs = {"input_ids": input_ids}
+        return self.model(**inputs, attention_mask=attention_mask, logits_to_keep=keep_last).logits
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, payloads=None, **kwargs) -> torch.Tensor:

@@ -39,7 +39,8 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     logits = logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # logged only: no graph over the vocabulary-sized tensors
+        entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
 
 

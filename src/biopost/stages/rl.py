@@ -119,9 +119,8 @@ def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = sl
     ids = torch.cat([batch.prompt_ids[rows], batch.completion_ids[rows]], dim=1)
     attention = torch.cat([batch.prompt_mask[rows], batch.mask[rows]], dim=1)
     payloads = {k: v[rows] for k, v in batch.payloads.items()}
-    logits = policy.logits(ids, attention, payloads)
     width = batch.completion_ids.shape[1]
-    logits = logits[:, -width - 1 : -1]  # position t predicts token t + 1
+    logits = policy.logits(ids, attention, payloads, keep_last=width + 1)[:, :-1]  # position t predicts t + 1
     return token_logps(logits, batch.completion_ids[rows], temperature)
 
 
