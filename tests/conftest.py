@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from biopost.config import validate_config
 from biopost.models.tiny import build_tiny_backbone
@@ -76,3 +77,12 @@ def sft_run(tmp_path_factory, tiny_backbone, fast_config):
     return SimpleNamespace(config=config, dir=run_dir, final=run_dir / "stages" / "0-sft" / "final",
                            backbone=tiny_backbone, backbone_digest_before=base_digest,
                            backbone_digest=lambda: digest_dir(tiny_backbone))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,13 +29,7 @@ ADV = [1.0, -1.0, 0.5, -0.5]
 EPS_LOW, EPS_HIGH, BETA, MAX_LEN = 0.2, 0.28, 0.05, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is as fast, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_per_token(lp: float, old: float, ref: float, adv: float, beta: float) -> float:

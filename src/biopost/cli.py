@@ -73,25 +73,24 @@ def cmd_eval(args) -> int:
     from biopost.inference import evaluate_checkpoint
 
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples)
-    lines = [json.dumps(r) for r in rows]
-    if args.output:
-        args.output.write_text("\n".join(lines) + "\n")
-        print(f"wrote {len(rows)} rows to {args.output}")
-    else:
-        print("\n".join(lines))
-    return 0
+    return write_jsonl(rows, args.output, "rows")
 
 
 def cmd_predict(args) -> int:
     from biopost.inference import predict_file
 
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens)
-    lines = [json.dumps(r) for r in records]
-    if args.output:
-        args.output.write_text("\n".join(lines) + "\n")
-        print(f"wrote {len(records)} predictions to {args.output}")
+    return write_jsonl(records, args.output, "predictions")
+
+
+def write_jsonl(records: list[dict], output: Path | None, what: str) -> int:
+    """JSON lines to ``output``, or to stdout when no file is given."""
+    lines = "\n".join(json.dumps(r) for r in records)
+    if output:
+        output.write_text(lines + "\n")
+        print(f"wrote {len(records)} {what} to {output}")
     else:
-        print("\n".join(lines))
+        print(lines)
     return 0
 
 
