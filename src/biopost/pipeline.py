@@ -85,7 +85,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
               "split_fingerprints": splits.fingerprints()}
     log = RunLog(run_dir, common)
     state = task_state(config, task, splits)
-    base = resolve_backbone(config.model.backbone, run_dir, lambda: tokenizer_texts(config, task, splits), config.seed)
+    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model.dtype)
 
@@ -141,17 +141,6 @@ def with_think_tokens(base: str, run_dir: Path, dtype: str) -> str:
     policy.save(target)
     print(f"added tokens {added} to {base}; embeddings resized to {len(policy.tokenizer)}")
     return str(target)
-
-
-def tokenizer_texts(config: RunConfig, task, splits) -> list[str]:
-    """What a built-in tiny tokenizer is trained on: the task's training texts and any CPT corpus."""
-    texts = task.training_texts(splits.train)
-    for stage in config.stages:
-        if stage.kind == "cpt":
-            from biopost.data.corpus import load_corpus
-
-            texts += load_corpus(stage.corpus, task, splits).train
-    return texts
 
 
 def check_run_dir(config: RunConfig, run_dir: Path) -> None:

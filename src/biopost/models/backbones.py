@@ -26,7 +26,11 @@ def cache_dir() -> Path:
 
 
 def resolve_backbone(spec: str, run_dir: Path, texts_for_tokenizer, seed: int = 0) -> str:
-    """A path or hub id that ``load_policy`` can open. ``texts_for_tokenizer`` is only called for tiny models."""
+    """A path or hub id that ``load_policy`` can open. ``texts_for_tokenizer`` is only called for tiny models.
+
+    Tiny tokenizers are trained on the task's training texts alone, so runs with and without CPT start from
+    the identical backbone (same tokenizer, same seeded weights): the CPT axis stays a controlled comparison.
+    """
     if spec in TINY_SIZES:
         path = run_dir / "backbone"
         if not (path / "config.json").is_file():
