@@ -66,6 +66,15 @@ def test_embedded_go_corpus_has_no_test_overlap(pbmc_task, pbmc_splits):
     assert len(corpus.train) == 450 and "GO:" in corpus.train[0]
 
 
+@pytest.mark.parametrize("source, marker", [("dna_motifs", "binds the DNA motif"), ("peptides", "protein sequence")])
+def test_sequence_corpora_are_annotated_and_windowed(source, marker):
+    cfg = CorpusConfig(source=source, take=100, heldout=10, seed=1)
+    corpus = load_corpus(cfg)
+    assert len(corpus.train) == 90 and all(marker in d for d in corpus.train + corpus.heldout)
+    assert load_corpus(cfg) == corpus
+    assert load_corpus(cfg.model_copy(update={"seed": 2})) != corpus
+
+
 def cpt_then_sft_config(backbone):
     return validate_config({
         "name": "cpt-sft",

