@@ -28,7 +28,6 @@ def subset(examples, max_examples: int | None, seed: int) -> list[Example]:
 
 def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig, desc: str = "generate") -> list[list[str]]:
     """``cfg.num_samples`` completions per example (greedy when 1)."""
-    tokenizer = policy.tokenizer
     sampling = cfg.num_samples > 1
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sampling, use_cache=True)
     if sampling:
@@ -37,22 +36,29 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     was_training = policy.model.training
     policy.model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[list[str]] = []
     try:
         torch.manual_seed(cfg.seed)
         for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False, disable=len(examples) == 0):
             batch = examples[start : start + cfg.batch_size]
-            prompts = [policy.render_prompt(task.messages(e)) for e in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+            enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch])
             payloads = collate_payloads(batch, policy.modalities)
             new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
             texts = [policy.decode(row) for row in new]
             out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
     finally:
-        tokenizer.padding_side = side
         policy.model.train(was_training)
     return out
+
+
+def encode_prompts(policy, prompts: list[str]) -> dict:
+    """Rendered prompts as a left-padded batch on the model's device (generation appends on the right)."""
+    tokenizer = policy.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
+    finally:
+        tokenizer.padding_side = side
 
 
 def collate_payloads(batch: list[Example], modalities: tuple[str, ...]) -> dict[str, list]:

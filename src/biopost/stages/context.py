@@ -83,3 +83,10 @@ def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:
     else:
         every = per_epoch
     return total, per_epoch, every
+
+
+def schedule_settings(schedule, total_updates: int) -> tuple[str, dict, int]:
+    """(transformers scheduler name, its extra kwargs, warmup steps) for a stage's schedule config."""
+    name = {"constant": "constant_with_warmup"}.get(schedule.name, schedule.name)
+    kwargs = {"num_decay_steps": max(1, round(schedule.decay_ratio * total_updates))} if name == "warmup_stable_decay" else {}
+    return name, kwargs, round(schedule.warmup_ratio * total_updates)

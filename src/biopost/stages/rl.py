@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from biopost.evaluation import collate_payloads
+from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import prepare_for_training
 from biopost.models.policy import load_policy
 from biopost.rewards import correctness_reward, format_reward, length_penalty
-from biopost.stages.context import StageContext, plan_steps
+from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
 from biopost.stages.sft import sample_fraction
 
@@ -98,12 +98,9 @@ def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
 @torch.no_grad()
 def rollout(policy, task, examples: list, stage) -> Rollouts:
     """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
-    tok = policy.tokenizer
     repeated = [e for e in examples for _ in range(stage.num_generations)]
-    side, tok.padding_side = tok.padding_side, "left"
-    enc = tok([policy.render_prompt(task.messages(e)) for e in repeated], return_tensors="pt", padding=True,
-              add_special_tokens=False).to(policy.device)
-    tok.padding_side = side
+    prompts = [policy.render_prompt(task.messages(e)) for e in examples]
+    enc = encode_prompts(policy, [p for p in prompts for _ in range(stage.num_generations)])
     payloads = collate_payloads(repeated, policy.modalities)
     completion_ids = policy.generate(
         enc["input_ids"], enc["attention_mask"], payloads, do_sample=True, max_new_tokens=stage.max_completion_length,
@@ -221,11 +218,9 @@ class Reference:
 
 
 def make_scheduler(stage, optimizer, total_updates: int):
-    sched = stage.schedule
-    name = {"constant": "constant_with_warmup"}.get(sched.name, sched.name)
-    kwargs = {"num_decay_steps": max(1, round(sched.decay_ratio * total_updates))} if name == "warmup_stable_decay" else {}
-    return get_scheduler(name, optimizer, num_warmup_steps=round(sched.warmup_ratio * total_updates),
-                         num_training_steps=total_updates, scheduler_specific_kwargs=kwargs)
+    name, kwargs, warmup = schedule_settings(stage.schedule, total_updates)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates,
+                         scheduler_specific_kwargs=kwargs)
 
 
 def log_train_row(ctx: StageContext, step: int, per_epoch: int, row: dict) -> None:

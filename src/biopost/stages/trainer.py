@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from biopost.stages.context import StageContext
+from biopost.stages.context import StageContext, schedule_settings
 
 IGNORE = -100
 
@@ -48,19 +48,16 @@ def collate(rows: list[dict], pad_id: int) -> dict:
 
 def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArguments:
     stage = ctx.stage
-    sched = stage.schedule
-    kwargs = {}
-    if sched.name == "warmup_stable_decay":
-        kwargs = {"num_decay_steps": max(1, round(sched.decay_ratio * total))}
+    scheduler, kwargs, warmup = schedule_settings(stage.schedule, total)
     return TrainingArguments(
         output_dir=str(ctx.stage_dir / "trainer"),
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr,
         weight_decay=stage.weight_decay,
-        lr_scheduler_type={"constant": "constant_with_warmup"}.get(sched.name, sched.name),
+        lr_scheduler_type=scheduler,
         lr_scheduler_kwargs=kwargs,
-        warmup_steps=round(sched.warmup_ratio * total),
+        warmup_steps=warmup,
         max_steps=total,
         max_grad_norm=stage.max_grad_norm,
         logging_steps=1,

@@ -26,7 +26,6 @@ its top genes is a marker, it says so and names the type the profile was annotat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
