@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from biopost.config import validate_config
 from biopost.models.policy import load_policy
