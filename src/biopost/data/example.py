@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODALITIES = ("dna", "protein", "cell")
+# Where a payload read through an encoder sits in the prompt: one placeholder per sequence, in payload order.
+# A fused model expands each placeholder to as many positions as its projector emits for that sequence.
+PLACEHOLDERS = {"dna": "<|dna|>", "protein": "<|protein|>", "cell": "<|cell|>"}
 
 
 @dataclass(frozen=True)
@@ -17,14 +20,18 @@ class Example:
     ``fields`` fill the task's prompt; ``answer`` and ``reasoning`` form the SFT target; modality payloads
     (``dna``, ``protein``, ``cell``) travel to encoders when a fused model is used; ``meta`` holds the
     fields splits are defined over (tissue, phase, species, date, network...).
+
+    A sequence payload is one string or a tuple of strings (e.g. a reference and a variant window), each
+    shown in the prompt through :meth:`Task.sequence_text`. A ``cell`` payload is ``{"genes": [...],
+    "values": [...]}`` ordered by decreasing expression.
     """
 
     id: str
     fields: dict[str, Any]
     answer: str
     reasoning: str = ""
-    dna: str | None = None
-    protein: str | None = None
+    dna: str | tuple[str, ...] | None = None
+    protein: str | tuple[str, ...] | None = None
     cell: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 

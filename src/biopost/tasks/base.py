@@ -10,6 +10,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from biopost.data import Example, format_target
+from biopost.data.example import PLACEHOLDERS
 from biopost.tasks.parsing import match_label, parse_answer
 
 
@@ -35,6 +36,8 @@ class Task:
 
     def __init__(self, options: TaskOptions | None = None):
         self.options = options or self.Options()
+        # Modalities the model reads through an encoder (set from ``model.encoders``); others are text.
+        self.fused_modalities: frozenset[str] = frozenset()
 
     # ---- data
     def load(self) -> list[Example]:
@@ -46,6 +49,19 @@ class Task:
     # ---- prompting
     def user_prompt(self, example: Example) -> str:
         raise NotImplementedError
+
+    def sequence_text(self, modality: str, text: str) -> str:
+        """How one payload appears in the prompt: its text serialization, or the modality's placeholder
+        when the model reads that modality through an encoder (fusion and text are one switch apart).
+
+        >>> task = Task()
+        >>> task.sequence_text("dna", "ACGT")
+        'ACGT'
+        >>> task.fused_modalities = frozenset({"dna"})
+        >>> task.sequence_text("dna", "ACGT")
+        '<|dna|>'
+        """
+        return PLACEHOLDERS[modality] if modality in self.fused_modalities else text
 
     def messages(self, example: Example) -> list[dict[str, str]]:
         return [

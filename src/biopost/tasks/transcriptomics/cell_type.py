@@ -154,7 +154,7 @@ class CellTypeTask(LabelTask):
         genes = example.fields["genes"]
         text = (
             f"Organism: {example.fields['organism']}. The {len(genes)} most highly expressed genes of one cell, "
-            f"in decreasing order: {' '.join(genes)}.\nWhich cell type is this cell?"
+            f"in decreasing order: {self.sequence_text('cell', ' '.join(genes))}.\nWhich cell type is this cell?"
         )
         if self.options.list_choices:
             text += f" Choose one of: {'; '.join(self.labels)}."
