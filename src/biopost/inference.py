@@ -33,6 +33,7 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     _, data = load_task_and_splits(config)
     if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
+    task.fit(data.train)  # train-only statistics some scores use (e.g. IA weights), as in training
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
     policy = load_policy(checkpoint)
     rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)

@@ -90,6 +90,10 @@ class Task:
     def score(self, completion: str, example: Example) -> dict[str, float]:
         raise NotImplementedError
 
+    def split_metrics(self, examples: list[Example], completions: list[list[str]]) -> dict[str, float]:
+        """Metrics defined over a whole split rather than per example (e.g. CAFA's Fmax). Default: none."""
+        return {}
+
     def reward(self, completions: list[str], examples: list[Example]) -> list[float]:
         """Correctness reward in [0, 1]: the scorer's ``reward_metric``."""
         return [self.score(c, e)[self.reward_metric] for c, e in zip(completions, examples)]

@@ -1,0 +1,1 @@
+"""Protein tasks: Gene Ontology term prediction (CAFA scoring) and antimicrobial peptides."""

@@ -1,0 +1,101 @@
+"""CAFA scoring of GO predictions: answer parsing, propagated precision / recall / F1, Fmax over thresholds.
+
+Answer format: the ``Answer:`` line lists GO IDs separated by commas (``Answer: GO:0005515, GO:0005739``).
+Strict parsing accepts only that (commas, semicolons or spaces between IDs, an optional final period);
+lenient parsing takes every ``GO:nnnnnnn`` (or ``GO_nnnnnnn``, any case) on the answer line. Repeats
+count once. Both sets, predicted and gold, are propagated to all ancestors over is_a and part_of before
+comparing, and the three roots are left out, so naming a root or a repeat earns nothing and listing many
+terms costs precision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+STRICT_LIST = re.compile(r"\A\s*GO:\d{7}(?:\s*[,;]?\s*GO:\d{7})*\s*\.?\s*\Z")
+STRICT_ID = re.compile(r"GO:\d{7}")
+LENIENT_ID = re.compile(r"(?<![A-Za-z0-9])GO[:_](\d{7})(?!\d)", re.IGNORECASE)
+THRESHOLDS = np.round(np.arange(0.01, 1.001, 0.01), 2)  # CAFA's threshold grid
+
+
+def parse_go_terms(answer: str | None, mode: str = "strict") -> list[str] | None:
+    """GO IDs of an answer line, in order of first mention, or None when the line is not a GO list.
+
+    >>> parse_go_terms("GO:0005515, GO:0005739; GO:0005515.")
+    ['GO:0005515', 'GO:0005739']
+    >>> parse_go_terms("binds proteins (GO:0005515)") is None
+    True
+    >>> parse_go_terms("binds proteins (go_0005515), in GO:0005739", "lenient")
+    ['GO:0005515', 'GO:0005739']
+    >>> parse_go_terms("no GO term here", "lenient") is None
+    True
+    """
+    if answer is None:
+        return None
+    if mode == "strict":
+        found = STRICT_ID.findall(answer) if STRICT_LIST.match(answer) else []
+    elif mode == "lenient":
+        found = [f"GO:{digits}" for digits in LENIENT_ID.findall(answer)]
+    else:
+        raise ValueError(f"unknown parse mode {mode!r}; valid: strict, lenient")
+    return list(dict.fromkeys(found)) or None
+
+
+def precision_recall_f1(predicted: Iterable[str], gold: Iterable[str],
+                        weights: Mapping[str, float] | None = None) -> tuple[float, float, float]:
+    """Precision, recall and F1 of two (already propagated) term sets, optionally IA-weighted.
+
+    An empty prediction has precision 0; a term missing from ``weights`` weighs 0.
+
+    >>> [round(x, 4) for x in precision_recall_f1({"a", "b", "c", "d"}, {"a", "b", "e"})]
+    [0.5, 0.6667, 0.5714]
+    >>> precision_recall_f1({"a", "x"}, {"a", "b"}, weights={"a": 3.0, "b": 1.0, "x": 1.0})
+    (0.75, 0.75, 0.75)
+    >>> precision_recall_f1(set(), {"a"})
+    (0.0, 0.0, 0.0)
+    """
+    predicted, gold = set(predicted), set(gold)
+    mass = (lambda terms: float(len(terms))) if weights is None else (lambda terms: float(sum(weights.get(t, 0.0) for t in terms)))
+    hit, pred, true = mass(predicted & gold), mass(predicted), mass(gold)
+    precision = hit / pred if pred > 0 else 0.0
+    recall = hit / true if true > 0 else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def fmax(scores: Sequence[Mapping[str, float]], golds: Sequence[Iterable[str]],
+         weights: Mapping[str, float] | None = None, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, float]:
+    """CAFA's protein-centric Fmax: the best F over score thresholds.
+
+    ``scores[i]`` maps terms to a score in [0, 1] for protein i (already propagated: an ancestor scores
+    at least as high as its descendants); ``golds[i]`` is its propagated gold set. Proteins without gold
+    terms are not part of the benchmark. At threshold t, precision is averaged over proteins with at least
+    one term scoring >= t (weighted: positive predicted weight), recall over every benchmark protein.
+
+    >>> fmax([{"a": 1.0, "b": 0.5}, {"c": 0.5}], [{"a", "b"}, {"d"}])  # t <= .5: p = (1 + 0)/2, r = (1 + 0)/2
+    {'fmax': 0.5, 'threshold': 0.01, 'coverage': 1.0, 'n': 2}
+    """
+    pairs = [(s, set(g)) for s, g in zip(scores, golds) if g]
+    best = {"fmax": 0.0, "threshold": float("nan"), "coverage": 0.0, "n": len(pairs)}
+    if not pairs:
+        return best
+    for t in thresholds:
+        precisions, recalls, covered = [], [], 0
+        for score, gold in pairs:
+            predicted = {term for term, s in score.items() if s >= t}
+            p, r, _ = precision_recall_f1(predicted, gold, weights)
+            recalls.append(r)
+            has_prediction = bool(predicted) if weights is None else sum(weights.get(x, 0.0) for x in predicted) > 0
+            if has_prediction:
+                precisions.append(p)
+                covered += 1
+        if not covered:
+            continue
+        p, r = float(np.mean(precisions)), float(np.mean(recalls))
+        f = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        if f > best["fmax"]:
+            best = {"fmax": f, "threshold": float(t), "coverage": covered / len(pairs), "n": len(pairs)}
+    return best

@@ -1,0 +1,316 @@
+"""Gene Ontology task on the shipped go-basic.obo: closure, alt_ids, IA, CAFA scores, splits, reward gaming.
+
+Every expected number is worked out by hand from the OBO text (quoted in comments), not by the code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from biopost.config import ConfigError
+from biopost.data import SplitRule, make_splits
+from biopost.registry import get_task
+from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
+from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology
+
+MITO, CYTO, INTRA, CELL_ENTITY = "GO:0005739", "GO:0005737", "GO:0005622", "GO:0110165"
+MEMBRANE, PROTEIN_BINDING, BINDING = "GO:0016020", "GO:0005515", "GO:0005488"
+# mitochondrion: is_a GO:0043231 (intracellular membrane-bounded organelle), part_of GO:0005737 (cytoplasm);
+# GO:0043231 is_a GO:0043227, GO:0043229; both is_a GO:0043226 (organelle); GO:0043229 part_of GO:0005622;
+# cytoplasm is_a GO:0110165, part_of GO:0005622; GO:0005622 and GO:0043226 is_a GO:0110165, is_a GO:0005575.
+MITO_CLOSURE = {MITO, "GO:0043231", CYTO, "GO:0043227", "GO:0043229", "GO:0043226", INTRA, CELL_ENTITY}
+CC_ROOT, MF_ROOT, BP_ROOT = "GO:0005575", "GO:0003674", "GO:0008150"
+
+
+@pytest.fixture(scope="module")
+def onto():
+    return load_ontology()
+
+
+# ---------------------------------------------------------------- ontology
+def test_closure_of_hand_checked_terms(onto):
+    assert onto.ancestors(MITO) == MITO_CLOSURE | {CC_ROOT}
+    assert onto.propagate([MITO]) == MITO_CLOSURE  # roots left out by default
+    assert onto.propagate([PROTEIN_BINDING], roots=True) == {PROTEIN_BINDING, BINDING, MF_ROOT}
+    # GO:0042981 regulation of apoptotic process: is_a GO:0043067, regulates GO:0006915 (not followed)
+    up = onto.ancestors("GO:0042981")
+    assert "GO:0043067" in up and "GO:0006915" not in up and BP_ROOT in up
+    assert onto.aspects[MITO] == "CC" and onto.aspects[PROTEIN_BINDING] == "MF"
+
+
+def test_alt_ids_map_to_primary_and_obsolete_terms_are_dropped(onto, capsys):
+    # protein binding lists alt_id GO:0001948 and GO:0045308; GO:0000005 is obsolete
+    assert onto.canonical("GO:0001948") == onto.canonical("GO:0045308") == PROTEIN_BINDING
+    assert onto.propagate(["GO:0001948"]) == onto.propagate([PROTEIN_BINDING])
+    assert onto.canonical("GO:0000005") is None and "GO:0000005" in onto.obsolete
+    assert onto.propagate(["GO:0000005", "GO:9999999"]) == frozenset()
+    text = default_obo_path().read_text()
+    assert len(onto.obsolete) == text.count("\nis_obsolete: true")
+    assert len(onto) + len(onto.obsolete) == text.count("\n[Term]")
+    assert onto.leaves([MITO, CYTO, INTRA, "GO:0001948"]) == [PROTEIN_BINDING, MITO]  # sorted by ID
+
+
+def test_any_obo_file_with_the_message_counting_obsolete_terms(tmp_path, capsys):
+    obo = tmp_path / "mini.obo"
+    obo.write_text(
+        "format-version: 1.2\ndata-version: mini/1\n\n"
+        "[Term]\nid: GO:0008150\nname: biological_process\nnamespace: biological_process\n\n"
+        "[Term]\nid: GO:0000001\nname: a\nnamespace: biological_process\nalt_id: GO:0000009\nis_a: GO:0008150\n\n"
+        "[Term]\nid: GO:0000002\nname: b\nnamespace: biological_process\nrelationship: part_of GO:0000001\n\n"
+        "[Term]\nid: GO:0000003\nname: c\nnamespace: biological_process\nis_obsolete: true\n"
+    )
+    mini = load_ontology(obo, cache=False)
+    assert "mini/1: 3 terms; 1 obsolete terms dropped, 1 alt_ids" in capsys.readouterr().out
+    assert mini.propagate(["GO:0000002"]) == {"GO:0000001", "GO:0000002"}
+    assert mini.canonical("GO:0000009") == "GO:0000001" and mini.canonical("GO:0000003") is None
+    with pytest.raises(FileNotFoundError, match="task.options.obo"):
+        load_ontology(tmp_path / "missing.obo")
+
+
+def test_information_accretion_on_a_small_table(onto):
+    table = {"a": [MITO], "b": ["GO:0043231"], "c": [CYTO], "d": [INTRA], "e": [MEMBRANE]}
+    ia = information_accretion(onto, table)
+    # holders after propagation: GO:0110165 all 5; GO:0005622 a,b,c,d; cytoplasm a,c; GO:0043231 a,b; mito a
+    assert ia[CELL_ENTITY] == pytest.approx(-math.log2(5 / 5))
+    assert ia[INTRA] == pytest.approx(-math.log2(4 / 5))  # parent GO:0110165
+    assert ia[CYTO] == pytest.approx(-math.log2(2 / 4))  # parents GO:0110165 and GO:0005622: a,b,c,d
+    assert ia[MITO] == pytest.approx(-math.log2(1 / 1))  # parents GO:0043231 and cytoplasm: only a
+    assert ia["GO:0043231"] == pytest.approx(0.0)  # parents GO:0043227, GO:0043229: a, b
+    assert ia[MEMBRANE] == pytest.approx(-math.log2(1 / 5))
+    assert ia[CC_ROOT] == 0.0 and PROTEIN_BINDING not in ia
+
+
+# ---------------------------------------------------------------- scores
+def test_propagated_precision_recall_f1_by_hand(onto):
+    gold = onto.propagate([MITO])  # 8 terms
+    p, r, f = precision_recall_f1(onto.propagate([CYTO]), gold)  # cytoplasm -> {cytoplasm, 0110165, 0005622}
+    assert (p, r) == (1.0, 3 / 8) and f == pytest.approx(2 * 1 * 0.375 / 1.375)
+    p, r, f = precision_recall_f1(onto.propagate([MITO, PROTEIN_BINDING]), gold)  # 8 right + 2 wrong
+    assert (p, r) == (0.8, 1.0) and f == pytest.approx(2 * 0.8 / 1.8)
+    weights = {t: 1.0 for t in gold} | {CYTO: 4.0, PROTEIN_BINDING: 2.0, BINDING: 0.0}
+    p, r, _ = precision_recall_f1(onto.propagate([CYTO, PROTEIN_BINDING]), gold, weights)
+    assert p == pytest.approx(6 / 8) and r == pytest.approx(6 / 11)  # hits 4+1+1, predicted 6+2+0, gold 7+4
+
+
+def test_fmax_by_hand(onto):
+    cc = lambda terms: {t for t in onto.propagate(terms) if onto.aspects[t] == "CC"}  # noqa: E731
+    # protein A, gold mitochondrion; samples predict mitochondrion and cytoplasm: cytoplasm's 3 terms score 1,
+    # the 5 others 0.5. Protein B, gold cytoplasm; both samples predict membrane: {membrane, 0110165} score 1.
+    a = {t: (1.0 if t in cc([CYTO]) else 0.5) for t in cc([MITO])}
+    b = {t: 1.0 for t in cc([MEMBRANE])}
+    golds = [cc([MITO]), cc([CYTO])]
+    low = (np.mean([1.0, 0.5]), np.mean([1.0, 1 / 3]))  # t <= .5: A all 8 right; B 1 of 2 right, 1 of 3 found
+    high = (np.mean([1.0, 0.5]), np.mean([3 / 8, 1 / 3]))  # t > .5: A keeps 3 of 8
+    f = lambda p, r: 2 * p * r / (p + r)  # noqa: E731
+    result = fmax([a, b], golds)
+    assert result["fmax"] == pytest.approx(max(f(*low), f(*high))) == pytest.approx(f(*low))
+    assert result["threshold"] == 0.01 and result["coverage"] == 1.0 and result["n"] == 2
+    assert fmax([{}, {}], golds)["fmax"] == 0.0  # nothing predicted at any threshold
+
+
+def test_answer_format_strict_and_lenient():
+    assert parse_go_terms("GO:0005739, GO:0005737") == [MITO, CYTO]
+    assert parse_go_terms("GO:0005739 GO:0005737.") == [MITO, CYTO]
+    assert parse_go_terms("mitochondrion (GO:0005739)") is None
+    assert parse_go_terms("mitochondrion (GO:0005739), go_0005737", "lenient") == [MITO, CYTO]
+    assert parse_go_terms("GO:00057391", "lenient") is None  # eight digits is no GO ID
+
+
+# ---------------------------------------------------------------- task on CAFA-style files
+AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def random_protein(rng, n=90) -> str:
+    return "M" + "".join(rng.choice(list(AA), n - 1))
+
+
+def mutate(rng, seq: str, rate=0.04) -> str:
+    return "".join(rng.choice(list(AA)) if rng.random() < rate and i else c for i, c in enumerate(seq))
+
+
+@pytest.fixture(scope="module")
+def cafa_files(tmp_path_factory):
+    """12 proteins in 3 taxa; two families of near copies across taxa; dated, mostly experimental annotations."""
+    rng = np.random.default_rng(7)
+    fam_a, fam_b = random_protein(rng), random_protein(rng)
+    seqs = {f"P{i:02d}": random_protein(rng) for i in range(1, 13)}
+    for members, base in ((("P01", "P05", "P09"), fam_a), (("P02", "P06", "P10"), fam_b)):
+        for m in members:
+            seqs[m] = mutate(rng, base)
+    seqs["P12"] = seqs["P11"]  # identical sequences: merged into P11
+    taxa = {p: ("9606" if i <= 4 else "10090" if i <= 8 else "559292") for i, p in enumerate(sorted(seqs), 1)}
+    rows = [("P01", MITO, "IDA", "20190105"), ("P02", CYTO, "IMP", "20190301"), ("P03", MEMBRANE, "IDA", "20180101"),
+            ("P03", "GO:0005634", "IDA", "20210101"), ("P04", PROTEIN_BINDING, "IPI", "20190101"),
+            ("P04", "GO:0003677", "IEA", "20190101"), ("P05", MITO, "EXP", "20190101"), ("P06", CYTO, "IDA", "20190101"),
+            ("P07", "GO:0001948", "IPI", "20190101"), ("P08", "GO:0000005", "IDA", "20190101"),
+            ("P08", "GO:0006915", "IMP", "20190101"), ("P09", MITO, "IDA", "20210101"), ("P10", CYTO, "IDA", "20210202"),
+            ("P11", "GO:0003677", "IDA", "20210303"), ("P12", "GO:0005634", "IDA", "20210303"),
+            ("P13", MITO, "IDA", "20190101")]  # P13 has no sequence
+    root = tmp_path_factory.mktemp("cafa")
+    (root / "seqs.fasta").write_text("".join(f">{p} {taxa[p]}\n{s}\n" for p, s in seqs.items()))
+    (root / "terms.tsv").write_text("EntryID\tterm\tevidence\tdate\n" + "".join("\t".join(r) + "\n" for r in rows))
+    (root / "context.tsv").write_text("protein\tterm\nP01\tGO:0005515\nP01\tGO:0016020\n")
+    return root
+
+
+def cafa_task(files, **options):
+    return get_task("go/cafa", {"fasta": str(files / "seqs.fasta"), "annotations": str(files / "terms.tsv"),
+                                "columns": {"protein": "EntryID"}, **options})
+
+
+def test_cafa_loader_filters_maps_and_merges(cafa_files, capsys):
+    task = cafa_task(cafa_files, context=str(cafa_files / "context.tsv"))
+    examples = {e.id: e for e in task.load()}
+    out = capsys.readouterr().out
+    assert "merged 1 proteins" in out and "1 annotated proteins have no sequence" in out
+    assert "kept 15 of 16 annotations" in out and "dropped 1 annotations to obsolete or unknown terms" in out
+    assert sorted(examples) == [f"P{i:02d}" for i in range(1, 12)]  # P12 merged into P11, P13 has no sequence
+    assert examples["P04"].answer == PROTEIN_BINDING  # the IEA annotation is left out
+    assert examples["P07"].answer == PROTEIN_BINDING  # alt_id GO:0001948
+    assert examples["P08"].answer == "GO:0006915"  # the obsolete term is gone
+    assert examples["P11"].answer == "GO:0003677, GO:0005634"  # united with its identical twin P12
+    assert examples["P01"].meta["taxon"] == "9606" and examples["P01"].fields["context"] == [PROTEIN_BINDING, MEMBRANE]
+    prompt = task.user_prompt(examples["P01"])
+    assert examples["P01"].protein in prompt and "GO:0005515 protein binding" in prompt
+
+
+def test_taxon_split_holds_out_whole_species(cafa_files):
+    task = cafa_task(cafa_files)
+    rule = SplitRule(ood_field=task.default_ood_field, ood_test_groups=("559292",), val_fraction=0.2, id_test_fraction=0.2)
+    splits = make_splits(task.load(), rule)
+    assert {e.meta["taxon"] for e in splits.ood_test} == {"559292"}
+    assert {e.id for e in splits.ood_test} == {"P09", "P10", "P11"}
+    assert all(e.meta["taxon"] != "559292" for n in ("train", "val", "id_test") for e in splits[n])
+
+
+def test_time_split_is_a_snapshot_at_the_cutoff(cafa_files):
+    task = cafa_task(cafa_files, ood="time", cutoff_date="2020-01-01")
+    splits = make_splits(task.load(), SplitRule(task.default_ood_field, tuple(task.default_ood_test_groups)))
+    assert {e.id for e in splits.ood_test} == {"P09", "P10", "P11"}  # first annotated after the cutoff
+    in_domain = {e.id: e for n in ("train", "val", "id_test") for e in splits[n]}
+    assert in_domain["P03"].answer == MEMBRANE  # its 2021 nucleus annotation is after t0
+    assert all(e.meta["period"] == "before" for e in in_domain.values())
+    with pytest.raises(ConfigError, match="cutoff_date"):
+        cafa_task(cafa_files, ood="time")
+
+
+@pytest.mark.parametrize("method", ["kmer", "mmseqs"])
+def test_similarity_split_keeps_families_together(cafa_files, method):
+    if method == "mmseqs" and shutil.which("mmseqs") is None:
+        pytest.skip("MMseqs2 is not installed")
+    task = cafa_task(cafa_files, ood="similarity", similarity_method=method)
+    examples = task.load()
+    cluster = {e.id: e.meta["cluster"] for e in examples}
+    assert cluster["P01"] == cluster["P05"] == cluster["P09"] != cluster["P02"] == cluster["P06"] == cluster["P10"]
+    assert len(set(cluster.values())) == 11 - 4
+    for seed in range(4):
+        splits = make_splits(examples, SplitRule("cluster", 0.3, seed=seed, val_fraction=0.2, id_test_fraction=0.2))
+        held = {cluster[e.id] for e in splits.ood_test}
+        assert held and not held & {cluster[e.id] for n in ("train", "val", "id_test") for e in splits[n]}
+
+
+def test_missing_columns_and_files_are_one_line_errors(cafa_files, tmp_path):
+    with pytest.raises(ValueError, match=r"no column for \['protein'\]"):
+        get_task("go/cafa", {"fasta": str(cafa_files / "seqs.fasta"), "annotations": str(cafa_files / "terms.tsv")}).load()
+    (tmp_path / "t.tsv").write_text("EntryID\tterm\nP01\tGO:0005739\n")
+    with pytest.raises(ValueError, match="evidence_codes: null"):
+        cafa_task(cafa_files, annotations=str(tmp_path / "t.tsv")).load()
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        cafa_task(cafa_files, fasta=str(tmp_path / "none.fasta")).load()
+
+
+# ---------------------------------------------------------------- reward and its gaming cases
+@pytest.fixture(scope="module")
+def scored(cafa_files):
+    task = cafa_task(cafa_files, context=str(cafa_files / "context.tsv"))
+    examples = {e.id: e for e in task.load()}
+    task.fit([examples[p] for p in ("P02", "P03", "P04", "P05", "P06", "P07", "P08")])
+    return task, examples["P01"]  # gold: mitochondrion (8 propagated terms); context: protein binding, membrane
+
+
+def answer(terms: str) -> str:
+    return f"<think>\nreasons\n</think>\n\nAnswer: {terms}"
+
+
+def test_reward_is_propagated_f1(scored):
+    task, example = scored
+    assert task.reward([answer(MITO)], [example]) == [1.0]
+    full = task.score(answer(CYTO), example)
+    assert full["precision"] == 1.0 and full["recall"] == 3 / 8 and full["f1"] == pytest.approx(6 / 11)
+    assert full["format"] == 1.0 and "f1_weighted" in full
+    loose = task.score(f"<think>x</think>\nAnswer: it is in the mitochondrion ({MITO})", example)
+    assert loose["f1"] == 1.0 and loose["f1_strict"] == 0.0 and loose["format"] == 0.0
+
+
+def test_gaming_the_reward_earns_little(scored, onto):
+    task, example = scored
+    reward = lambda text: task.reward([answer(text)], [example])[0]  # noqa: E731
+    every_cc_term = ", ".join(sorted(t for t in onto.names if onto.aspects[t] == "CC"))
+    assert reward(every_cc_term) < 0.01
+    assert reward(f"{CC_ROOT}, {MF_ROOT}, {BP_ROOT}") == 0.0
+    assert reward(", ".join([CYTO] * 20)) == reward(CYTO)  # repeats count once
+    context = example.fields["context"]  # the prompt's suggested terms, none of them gold
+    assert all(t in task.user_prompt(example) for t in context)
+    copied = ", ".join(context)  # propagated: 4 terms, of which only GO:0110165 (above membrane) is gold
+    assert reward(copied) == pytest.approx(2 * (1 / 4) * (1 / 8) / (1 / 4 + 1 / 8))
+    assert reward(f"{copied}, {MITO}") < reward(MITO)  # copying on top of the right answer costs precision
+
+
+def test_context_terms_count_only_when_gold(scored):
+    task, example = scored
+    from dataclasses import replace
+
+    with_gold_hint = replace(example, fields={**example.fields, "context": [CYTO]})
+    assert task.score(answer(CYTO), with_gold_hint)["f1"] == task.score(answer(CYTO), example)["f1"] < 1.0
+
+
+def test_split_metrics_fmax_per_aspect_from_samples(scored):
+    task, example = scored
+    metrics = task.split_metrics([example], [[answer(MITO), answer(CYTO)]])
+    # one protein: at t <= .5 all 8 terms (p = r = 1); above, cytoplasm's 3 terms (p = 1, r = 3/8)
+    assert metrics["fmax_CC"] == 1.0 and metrics["coverage_CC"] == 1.0 and "fmax_BP" not in metrics
+
+
+def test_neighbour_rationale_uses_training_proteins_only(scored):
+    task, example = scored
+    text = task.reasoning(example)  # P01's family members in the fitted split: P05 (mitochondrion)
+    assert text.startswith("The closest training protein, P05,") and "GO:0005739 mitochondrion" in text
+    task.fused_modalities = frozenset({"protein"})
+    try:
+        prompt = task.user_prompt(example)
+        assert "<|protein|>" in prompt and example.protein not in prompt
+    finally:
+        task.fused_modalities = frozenset()
+
+
+# ---------------------------------------------------------------- BioReason-Pro schema
+def test_hf_loader_reads_the_bioreason_pro_schema(tmp_path):
+    rows = [
+        {"protein_id": "Q1", "sequence": "MKTAYIAKQRQISFVKSHFSRQ", "organism": "Homo sapiens",
+         "go_mf": "['GO:0005515']", "go_bp": [], "go_cc": [MITO], "go_pred": "GO:0016020 membrane", "reasoning": "r1"},
+        {"protein_id": "Q2", "sequence": "MGLFDIVKKVVGALGSLLLKK", "organism": "Mus musculus",
+         "go_mf": [], "go_bp": ["GO:0006915"], "go_cc": [], "go_pred": "", "reasoning": "r2"},
+    ]
+    path = tmp_path / "cafa5.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task("go/hf", {"dataset": "json", "data_files": [str(path)], "context_column": "go_pred",
+                              "rationale": "dataset"})
+    examples = {e.id: e for e in task.load()}
+    assert examples["Q1"].answer == f"{PROTEIN_BINDING}, {MITO}" and examples["Q1"].fields["context"] == [MEMBRANE]
+    assert examples["Q2"].meta == {"taxon": "Mus musculus", "hf_split": "train"}
+    assert task.reasoning(examples["Q1"]) == "r1"
+    with pytest.raises(ValueError, match="no column"):
+        get_task("go/hf", {"dataset": "json", "data_files": [str(path)], "term_columns": ["go_terms"]}).load()
+
+
+def test_registered_with_the_options_they_need():
+    from biopost.registry import TASKS, task_names
+
+    assert {"go/cafa", "go/hf", "amp/modlamp"} <= set(task_names())
+    required = lambda name: {k for k, f in TASKS[name].Options.model_fields.items() if f.is_required()}  # noqa: E731
+    assert required("go/cafa") == {"fasta", "annotations"} and required("go/hf") == {"dataset"}
