@@ -314,3 +314,28 @@ def test_registered_with_the_options_they_need():
     assert {"go/cafa", "go/hf", "amp/modlamp"} <= set(task_names())
     required = lambda name: {k for k, f in TASKS[name].Options.model_fields.items() if f.is_required()}  # noqa: E731
     assert required("go/cafa") == {"fasta", "annotations"} and required("go/hf") == {"dataset"}
+
+
+# ---------------------------------------------------------------- through the pipeline
+def test_pipeline_publishes_the_time_split_and_fmax_rows(cafa_files, tmp_path, one_thread):
+    from biopost.config import validate_config
+    from biopost.pipeline import run
+    from biopost.runlog import read_metrics
+
+    config = validate_config({
+        "name": "go-fast",
+        "task": {"name": "go/cafa", "options": {"fasta": str(cafa_files / "seqs.fasta"), "ood": "time",
+                 "annotations": str(cafa_files / "terms.tsv"), "columns": {"protein": "EntryID"},
+                 "cutoff_date": "2020-01-01", "max_residues": 40}},
+        "model": {"backbone": "tiny-s", "lora": None},
+        "eval": {"splits": ["id_test", "ood_test"], "max_examples": 3, "batch_size": 4, "max_new_tokens": 8,
+                 "num_samples": 2, "bootstrap": 0},
+        "stages": [{"kind": "sft", "max_steps": 1, "batch_size": 4, "eval_at_start": False}],
+    })
+    run_dir = run(config, tmp_path / "run")
+    published = json.loads((run_dir / "splits.json").read_text())
+    assert published["ood_test_groups"] == ["after"] and published["sizes"]["ood_test"] == 3
+    rows = read_metrics(run_dir)
+    metrics = {(r["split"], r["metric"]) for r in rows}
+    assert {("ood_test", "f1"), ("ood_test", "f1_weighted"), ("id_test", "precision")} <= metrics
+    assert any(split == "ood_test" and m.startswith("fmax_") for split, m in metrics)

@@ -229,7 +229,7 @@ class GOTask(Task):
             from biopost.data.similarity import kmer_profiles
 
             profiles, vectorizer = kmer_profiles([e.protein for e in train], opts.kmer)
-            self._neighbours = (profiles, vectorizer.vocabulary_, list(train))
+            self._neighbours = (profiles, vectorizer.vocabulary_, list(train), {e.id: i for i, e in enumerate(train)})
 
     def reasoning(self, example: Example) -> str:
         if self.options.rationale == "dataset":
@@ -243,16 +243,15 @@ class GOTask(Task):
     def neighbour_rationale(self, example: Example) -> str:
         from biopost.data.similarity import kmer_profiles
 
-        profiles, vocabulary, train = self._neighbours
+        profiles, vocabulary, train, index = self._neighbours
         k = self.options.kmer
         query, _ = kmer_profiles([example.protein], k, vocabulary)
         shared = np.asarray((profiles @ query.T).todense()).ravel().astype(float)
         sizes = np.asarray(profiles.sum(axis=1)).ravel()
         own = max(len(set(example.protein[i : i + k] for i in range(len(example.protein) - k + 1))), 1)
         share = shared / np.maximum(np.minimum(sizes, own), 1)
-        for i, other in enumerate(train):
-            if other.id == example.id:
-                share[i] = -1.0
+        if example.id in index:
+            share[index[example.id]] = -1.0  # a training protein is not its own neighbour
         best = int(np.argmax(share)) if len(share) else -1
         if best < 0 or share[best] <= 0:
             return f"No training protein shares a {k}-mer with this sequence, so no annotation transfers by homology."
@@ -326,9 +325,8 @@ class GOTask(Task):
             per_protein.append(counts)
         out = {}
         for aspect in self.options.aspects:
-            in_aspect = lambda terms: {t for t in terms if self.ontology.aspects.get(t) == aspect}  # noqa: E731
-            scores = [{t: s for t, s in c.items() if t in in_aspect(c)} for c in per_protein]
-            golds = [in_aspect(self.gold_terms(e)) for e in examples]
+            scores = [{t: s for t, s in c.items() if self.ontology.aspects.get(t) == aspect} for c in per_protein]
+            golds = [self.ontology.in_aspect(self.gold_terms(e), aspect) for e in examples]
             if not any(golds):
                 continue
             result = fmax(scores, golds)
