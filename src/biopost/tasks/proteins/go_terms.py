@@ -70,8 +70,6 @@ class GOOptions(TaskOptions):
     similarity_threshold: float = Field(0.5, gt=0, le=1,
                                         description="kmer: shared k-mer fraction; mmseqs: sequence identity")
     kmer: int = Field(5, ge=2, le=8, description="k for k-mer clusters and neighbour rationales")
-    evidence_codes: list[str] | None = Field(EXPERIMENTAL_CODES, description="keep annotations with these "
-                                             "evidence codes (null = all; needs an evidence column otherwise)")
     ia: Literal["train", "none"] | Path = Field("train", description="IA weights for *_weighted scores: from "
                                                 "the training split's annotations, none, or a CAFA IA file")
     score_roots: bool = Field(False, description="count the three root terms in scores (CAFA leaves them out)")
@@ -94,6 +92,8 @@ class CafaOptions(GOOptions):
     columns: dict[str, str] = Field(default_factory=dict, description="column names in the annotation table, "
                                     "e.g. {protein: EntryID, term: term} for CAFA 5's train_terms.tsv")
     context: Path | None = Field(None, description="TSV (protein, term) of context terms shown in the prompt")
+    evidence_codes: list[str] | None = Field(EXPERIMENTAL_CODES, description="keep annotations with these "
+                                             "evidence codes (null = all; needs an evidence column otherwise)")
 
 
 class HFOptions(GOOptions):
@@ -111,7 +111,6 @@ class HFOptions(GOOptions):
     context_column: str | None = Field(None, description="column with context terms, e.g. go_pred")
     reasoning_column: str = "reasoning"
     date_column: str | None = Field(None, description="annotation date per row (ood: time)")
-    evidence_codes: list[str] | None = Field(None, description="the BioReason-Pro data is already filtered")
 
 
 @dataclass
