@@ -23,7 +23,7 @@ def test_tasks_lists_pbmc_with_split_sizes(capsys, pbmc_splits):
         assert f"{split}={size}" in line
     assert "cell_type/h5ad" in out and "path" in out  # listed with the options it needs
     assert "go/cafa" in out and "fasta, annotations" in out and "go/hf" in out
-    assert next(line for line in out.splitlines() if line.startswith("amp/modlamp")).count("ood_test=412")
+    assert next(line for line in out.splitlines() if line.startswith("amp/modlamp ")).count("ood_test=412")
 
 
 def test_eval_prints_summary_rows(sft_run, capsys):
