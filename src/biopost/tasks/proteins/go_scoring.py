@@ -57,8 +57,10 @@ def precision_recall_f1(predicted: Iterable[str], gold: Iterable[str],
     >>> precision_recall_f1(set(), {"a"})
     (0.0, 0.0, 0.0)
     """
+    def mass(terms) -> float:
+        return float(len(terms)) if weights is None else float(sum(weights.get(t, 0.0) for t in terms))
+
     predicted, gold = set(predicted), set(gold)
-    mass = (lambda terms: float(len(terms))) if weights is None else (lambda terms: float(sum(weights.get(t, 0.0) for t in terms)))
     hit, pred, true = mass(predicted & gold), mass(predicted), mass(gold)
     precision = hit / pred if pred > 0 else 0.0
     recall = hit / true if true > 0 else 0.0

@@ -51,7 +51,7 @@ from biopost.data import Example
 from biopost.registry import register_task
 from biopost.tasks.base import Task, TaskOptions
 from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
-from biopost.tasks.proteins.ontology import ROOTS, information_accretion, load_ontology, read_ia_table
+from biopost.tasks.proteins.ontology import information_accretion, load_ontology, read_ia_table
 
 # Experimental and high-throughput evidence (CAFA's benchmark codes) plus traceable author / curator statements.
 EXPERIMENTAL_CODES = ["EXP", "IDA", "IPI", "IMP", "IGI", "IEP", "HTP", "HDA", "HMP", "HGI", "HEP", "TAS", "IC"]
@@ -213,8 +213,9 @@ class GOTask(Task):
         from biopost.data.similarity import sequence_clusters
 
         opts = self.options
-        labels = sequence_clusters([e.protein for e in examples], opts.similarity_method, opts.similarity_threshold, opts.kmer)
-        print(f"{self.name}: {len(set(labels))} sequence clusters ({opts.similarity_method}, threshold {opts.similarity_threshold})")
+        method, threshold = opts.similarity_method, opts.similarity_threshold
+        labels = sequence_clusters([e.protein for e in examples], method, threshold, opts.kmer)
+        print(f"{self.name}: {len(set(labels))} sequence clusters ({method}, threshold {threshold})")
         return [replace(e, meta={**e.meta, "cluster": f"c{c}"}) for e, c in zip(examples, labels)]
 
     # ---- train-only statistics: IA weights and the neighbour index for rationales
@@ -405,7 +406,8 @@ class CafaGOTask(GOTask):
             raise ValueError(f"task.options.columns: unknown keys {unknown}; valid: {', '.join(self.CANONICAL)}")
         cols = {c: opts.columns.get(c, c) for c in self.CANONICAL}
         table = pd.read_csv(opts.annotations, sep="\t", dtype=str, keep_default_na=False, comment="!")
-        need = ["protein", "term"] + (["evidence"] if opts.evidence_codes is not None else []) + (["date"] if opts.ood == "time" else [])
+        need = ["protein", "term"]
+        need += (["evidence"] if opts.evidence_codes is not None else []) + (["date"] if opts.ood == "time" else [])
         missing = [c for c in need if cols[c] not in table.columns]
         if missing:
             hint = " (or set task.options.evidence_codes: null to keep all)" if "evidence" in missing else ""
