@@ -1,16 +1,30 @@
-"""Splits: seeded, fingerprinted, OOD groups held out whole, leakage between train and test is an error."""
+"""Splits: seeded, fingerprinted, OOD groups held out whole, identical inputs in any two splits are an error."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from biopost.config import ConfigError, validate_config
-from biopost.data import Example, LeakageError, SplitRule, make_splits
+from biopost.cli import main
+from biopost.config import ConfigError, load_config, validate_config
+from biopost.data import Example, LeakageError, SplitRule, Splits
+from biopost.data import make_splits as cut
+from biopost.data.splits import check_leakage
 from biopost.pipeline import load_task_and_splits
 
 GROUPS = ("a", "b", "c", "d")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def key(example: Example) -> str:
+    """What a toy model reads: the prompt fields."""
+    return str(example.fields)
+
+
+def make_splits(examples, rule):
+    return cut(examples, rule, key)
 
 
 def examples(per_group: int = 10, groups=GROUPS) -> list[Example]:
@@ -78,17 +92,17 @@ def test_duplicated_input_in_a_test_split_is_leakage():
     data = examples()
     dup = dataclasses.replace(data[0], id="dup-of-a0", meta={"grp": "c"})  # same input, lands in ood_test
     with pytest.raises(LeakageError) as err:
-        make_splits(data + [dup], rule(val_fraction=0.0, id_test_fraction=0.0))
-    assert "a0 ~ dup-of-a0" in str(err.value) and "ood_test" in str(err.value)
-    allowed = make_splits(data + [dup], rule(val_fraction=0.0, id_test_fraction=0.0, allow_overlap=True))
-    assert "dup-of-a0" in ids(allowed.ood_test) and "a0" in ids(allowed.train)
+        make_splits(data + [dup], rule())
+    assert "ood_test: 1 (e.g. a0 = dup-of-a0)" in str(err.value)
+    allowed = make_splits(data + [dup], rule(allow_overlap=True))
+    assert "dup-of-a0" in ids(allowed.ood_test) and "a0" in ids(allowed.train + allowed.val + allowed.id_test)
 
 
 def test_in_domain_duplicates_split_between_train_and_id_test_are_leakage():
     twins = [Example(id=f"x{i}-{copy}", fields={"x": i}, answer="y", meta={"grp": "a"})
              for i in range(10) for copy in (1, 2)]
-    with pytest.raises(LeakageError, match="id_test"):
-        make_splits(twins + examples(groups=("c",)), rule(val_fraction=0.0, id_test_fraction=0.3))
+    with pytest.raises(LeakageError, match="train & id_test"):
+        make_splits(twins + examples(groups=("c",)), rule(val_fraction=0.1, id_test_fraction=0.3))
 
 
 def test_non_unique_ids_are_rejected():
@@ -115,3 +129,59 @@ def test_unknown_pbmc_group_is_a_config_error_listing_phases():
     with pytest.raises(ConfigError) as err:
         load_task_and_splits(config)
     assert "'M'" in str(err.value) and all(p in str(err.value) for p in ("G1", "G2M", "S"))
+
+
+# ---------------------------------------------------------------- leakage is checked on what the model reads
+def test_a_text_model_reads_the_prompt_not_the_payload(pbmc_task, pbmc_splits):
+    """Two cells with the same top genes are one question to a text model, whatever the rest of their profile."""
+    seen = pbmc_splits.train[0]
+    twin = dataclasses.replace(seen, id="twin", cell={"genes": seen.cell["genes"][::-1], "values": [1.0]},
+                               meta={**seen.meta, "phase": "S"})
+    assert pbmc_task.input_key(twin) == pbmc_task.input_key(seen)
+    with pytest.raises(LeakageError, match=rf"train & ood_test: 1 \(e\.g\. {seen.id} = twin\)"):
+        cut([*pbmc_splits.train, *pbmc_splits.ood_test, twin], SplitRule("phase", ("G2M", "S"), val_fraction=0.0,
+                                                                         id_test_fraction=0.0), pbmc_task.input_key)
+    pbmc_task.fused_modalities = frozenset({"cell"})  # an encoder reads the whole profile: now they differ
+    try:
+        assert pbmc_task.input_key(twin) != pbmc_task.input_key(seen)
+    finally:
+        pbmc_task.fused_modalities = frozenset()
+
+
+def test_every_pair_of_splits_is_compared():
+    a, b, c, d, e = (Example(i, {"x": i}, "y") for i in "abcde")
+    dup = lambda ex, new: dataclasses.replace(ex, id=new)  # noqa: E731
+    splits = Splits(train=(a,), val=(b, dup(c, "c2")), id_test=(c,), ood_test=(d, dup(e, "e2")), ood_val=(e,),
+                    ood_test_groups=(), ood_val_groups=())
+    with pytest.raises(LeakageError) as err:
+        check_leakage(splits, key)
+    message = str(err.value)
+    assert "val & id_test: 1 (e.g. c2 = c)" in message and "ood_val & ood_test: 1 (e.g. e = e2)" in message
+    assert "train" not in message.split(";")[0] and "\n" not in message
+    check_leakage(dataclasses.replace(splits, val=(b,), ood_test=(d,)), key)  # no shared input: fine
+
+
+def test_short_cell_sentences_leak_through_train(tmp_path, capsys, monkeypatch):
+    """top_k_genes 4: many cells share their four top genes across splits; training never starts."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started on leaking splits")
+
+    monkeypatch.setattr("biopost.pipeline.resolve_backbone", forbidden)
+    code = main(["train", str(CONFIGS / "demo" / "sft-tiny.yaml"), "--output-dir", str(tmp_path / "run"),
+                 "task.options.top_k_genes=4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    for pair in ("train & val: 17", "train & id_test: 39", "train & ood_test: 49", "val & id_test"):
+        assert pair in err
+    assert "top_k_genes" in err and "allow_overlap: true" in err
+
+
+def test_shipped_and_test_configs_have_no_leakage(fast_config):
+    """The demo and backbone configs (top_k 24 or the default 32) and the tests' fast config (16) pass the check."""
+    options = {str(load_config(path).task.options) for path in sorted(CONFIGS.rglob("*.yaml"))}
+    options.add(str(fast_config()["task"]["options"]))
+    assert options == {"{'top_k_genes': 24}", "{}", "{'top_k_genes': 16}"}
+    for top_k in (16, 24, 32):
+        config = validate_config({"task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": top_k}},
+                                  "stages": [{"kind": "sft"}]})
+        load_task_and_splits(config)  # raises on leakage

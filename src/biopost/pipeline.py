@@ -51,7 +51,7 @@ def load_task_and_splits(config: RunConfig):
     task = get_task(config.task.name, config.task.options)
     examples = task.load()
     try:
-        splits = make_splits(examples, split_rule(config, task))
+        splits = make_splits(examples, split_rule(config, task), task.input_key, task.overlap_remedy)
     except ValueError as err:
         raise ConfigError(f"task.split: {err}") from None
     task.fit(splits.train)

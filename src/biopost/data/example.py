@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +35,6 @@ class Example:
 
     def payloads(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in MODALITIES if getattr(self, name) is not None}
-
-    def input_hash(self) -> str:
-        """Hash of everything the model sees (prompt fields and payloads), used for leakage checks."""
-        blob = json.dumps({"fields": self.fields, **self.payloads()}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def format_target(answer: str, reasoning: str = "") -> str:

@@ -8,7 +8,9 @@ The in-domain rest is split at random with a seed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +22,7 @@ TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")
 
 
 class LeakageError(ValueError):
-    """Identical inputs in train and a held-out split."""
+    """Identical inputs (as the model reads them) in two splits."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,13 @@ def fingerprint(examples: tuple[Example, ...] | list[Example]) -> str:
     return digest[:16]
 
 
-def make_splits(examples: list[Example], rule: SplitRule) -> Splits:
+def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[Example], str],
+                remedy: str = "deduplicate the examples") -> Splits:
+    """Cut ``examples`` by ``rule``; unless ``rule.allow_overlap``, no two splits may share an input.
+
+    ``input_key`` gives what the model reads of an example (``Task.input_key``: the rendered prompt plus the
+    payloads an encoder reads); ``remedy`` is the task's advice when inputs collide.
+    """
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("example ids are not unique; a task must give every example its own id")
@@ -105,7 +113,7 @@ def make_splits(examples: list[Example], rule: SplitRule) -> Splits:
         ood_val_groups=val_groups,
     )
     if not rule.allow_overlap:
-        check_leakage(splits)
+        check_leakage(splits, input_key, remedy)
     return splits
 
 
@@ -121,16 +129,23 @@ def _pick_groups(groups: list[str], wanted, rng, key: str, field: str) -> tuple[
     return tuple(sorted(wanted))
 
 
-def check_leakage(splits: Splits) -> None:
-    """Raise if any held-out split holds an input identical to a training input."""
-    train = {}
-    for e in splits.train:
-        train.setdefault(e.input_hash(), e.id)
-    for name in TEST_SPLITS:
-        hits = [(train[h], e.id) for e in splits[name] if (h := e.input_hash()) in train]
+def check_leakage(splits: Splits, input_key: Callable[[Example], str], remedy: str = "deduplicate the examples") -> None:
+    """Raise if any two splits (train, val, id_test, ood_val, ood_test) hold an identical input.
+
+    >>> a, b = Example("a", {"x": 1}, "y"), Example("b", {"x": 1}, "z")
+    >>> check_leakage(Splits((a,), (b,), (), (), (), (), ()), lambda e: str(e.fields))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    biopost.data.splits.LeakageError: identical inputs in two splits: train & val: 1 (e.g. a = b); deduplicate...
+    """
+    keyed = {name: [(input_key(e), e.id) for e in splits[name]] for name in SPLIT_NAMES}
+    found = []
+    for first, second in itertools.combinations(SPLIT_NAMES, 2):
+        seen = dict(reversed(keyed[first]))  # key -> first id holding it
+        hits = [(seen[k], i) for k, i in keyed[second] if k in seen]
         if hits:
-            shown = ", ".join(f"{a} ~ {b}" for a, b in hits[:5])
-            raise LeakageError(
-                f"{len(hits)} {name} examples have inputs identical to training examples ({shown}); "
-                "deduplicate the data or set task.split.allow_overlap: true"
-            )
+            shown = ", ".join(f"{a} = {b}" for a, b in hits[:3])
+            found.append(f"{first} & {second}: {len(hits)} (e.g. {shown})")
+    if found:
+        raise LeakageError(f"identical inputs in two splits: {'; '.join(found)}; {remedy}, "
+                           "or set task.split.allow_overlap: true")

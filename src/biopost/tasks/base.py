@@ -5,6 +5,8 @@ The reward calls the scorer, so the training signal and the reported metric cann
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +35,8 @@ class Task:
     primary_metric: ClassVar[str] = "accuracy"
     reward_metric: ClassVar[str] = "accuracy"
     system_prompt: ClassVar[str] = "You are a careful biologist. Think step by step, then give one answer."
+    # Advice in the leakage error when two splits share an input (before "or set allow_overlap").
+    overlap_remedy: ClassVar[str] = "deduplicate the examples"
 
     def __init__(self, options: TaskOptions | None = None):
         self.options = options or self.Options()
@@ -78,6 +82,26 @@ class Task:
     def training_texts(self, examples) -> list[str]:
         """Prompt and target text, e.g. for training a built-in tokenizer."""
         return [self.system_prompt + "\n" + self.user_prompt(e) + "\n" + self.target(e) for e in examples]
+
+    def input_key(self, example: Example) -> str:
+        """Hash of what the model reads of an example: its rendered messages, plus the payloads it reads
+        through an encoder. Splits must not share a key (the leakage check); payloads shown as text are
+        already in the messages, and fields the prompt leaves out cannot leak.
+
+        >>> from biopost.data import Example
+        >>> class Short(Task):
+        ...     def user_prompt(self, e): return f"Sequence: {self.sequence_text('dna', e.dna[:4])}"
+        >>> task = Short()
+        >>> a, b = Example("a", {}, "x", dna="ACGTAA"), Example("b", {}, "x", dna="ACGTCC")
+        >>> task.input_key(a) == task.input_key(b)  # the text model reads the same four letters
+        True
+        >>> task.fused_modalities = frozenset({"dna"})
+        >>> task.input_key(a) == task.input_key(b)  # the encoder reads the whole sequences
+        False
+        """
+        read = {name: payload for name, payload in example.payloads().items() if name in self.fused_modalities}
+        blob = json.dumps({"messages": self.messages(example), **read}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def leak_keys(self, example: Example) -> list[str]:
         """Text that identifies an example's input; a CPT corpus containing it would leak the test set."""
