@@ -138,9 +138,8 @@ def test_a_text_model_reads_the_prompt_not_the_payload(pbmc_task, pbmc_splits):
     twin = dataclasses.replace(seen, id="twin", cell={"genes": seen.cell["genes"][::-1], "values": [1.0]},
                                meta={**seen.meta, "phase": "S"})
     assert pbmc_task.input_key(twin) == pbmc_task.input_key(seen)
-    with pytest.raises(LeakageError, match=rf"train & ood_test: 1 \(e\.g\. {seen.id} = twin\)"):
-        cut([*pbmc_splits.train, *pbmc_splits.ood_test, twin], SplitRule("phase", ("G2M", "S"), val_fraction=0.0,
-                                                                         id_test_fraction=0.0), pbmc_task.input_key)
+    with pytest.raises(LeakageError, match=rf"& ood_test: 1 \(e\.g\. {seen.id} = twin\)"):
+        cut([*pbmc_splits.train, *pbmc_splits.ood_test, twin], SplitRule("phase", ("G2M", "S")), pbmc_task.input_key)
     pbmc_task.fused_modalities = frozenset({"cell"})  # an encoder reads the whole profile: now they differ
     try:
         assert pbmc_task.input_key(twin) != pbmc_task.input_key(seen)
@@ -185,3 +184,48 @@ def test_shipped_and_test_configs_have_no_leakage(fast_config):
         config = validate_config({"task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": top_k}},
                                   "stages": [{"kind": "sft"}]})
         load_task_and_splits(config)  # raises on leakage
+
+
+# ---------------------------------------------------------------- split sizes are validated together
+@pytest.mark.parametrize("split, message", [
+    ({"val_fraction": 0.5, "id_test_fraction": 0.6}, "val_fraction (0.5) + id_test_fraction (0.6) must be below 1"),
+    ({"val_fraction": 0.0}, "'task.split.val_fraction'"),
+    ({"id_test_fraction": 0.0}, "'task.split.id_test_fraction'"),
+])
+def test_fractions_leaving_no_training_data_are_config_errors(split, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config({"task": {"name": "cell_type/pbmc68k", "split": split}, "stages": [{"kind": "sft"}]})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("data, kw, empty", [
+    (examples(per_group=3, groups=("a", "c")), {}, "val"),  # 3 in-domain examples: 10% rounds to none
+    (examples(), {"val_fraction": 0.5, "id_test_fraction": 0.49}, "train"),
+    (examples(), {"ood_test_groups": ("a", "b", "c", "d")}, "train, val, id_test"),
+    (examples(), {"ood_test_groups": ()}, "ood_test"),
+    (examples(), {"ood_val_groups": ()}, "ood_val"),
+])
+def test_an_empty_split_is_a_one_line_error_with_the_sizes(data, kw, empty):
+    with pytest.raises(ValueError) as err:
+        make_splits(data, rule(**kw))
+    message = str(err.value)
+    assert message.startswith(f"empty split: {empty} (train=") and "ood_test=" in message and "\n" not in message
+
+
+def test_a_fraction_of_a_single_group_is_an_error_not_everything_ood():
+    with pytest.raises(ValueError, match=r"ood_test_groups: a fraction \(0.25\).*at least 2.*\['a'\]"):
+        make_splits(examples(groups=("a",)), rule(ood_test_groups=0.25))
+
+
+def test_an_ood_val_fraction_never_takes_the_last_in_domain_group():
+    with pytest.raises(ValueError, match=r"ood_val_groups: .* not held out for ood_test needs at least 2.*\['a'\]"):
+        make_splits(examples(groups=("a", "c")), rule(ood_val_groups=0.5))
+    three = make_splits(examples(groups=("a", "b", "c")), rule(ood_val_groups=0.5))
+    assert len(three.ood_val_groups) == 1 and three.train
+
+
+def test_empty_split_through_the_pipeline_is_a_config_error():
+    config = validate_config({"task": {"name": "cell_type/pbmc68k", "split": {"ood_test_groups": ["G1", "G2M", "S"]}},
+                              "stages": [{"kind": "sft"}]})
+    with pytest.raises(ConfigError, match=r"task.split: empty split: train, val, id_test \(train=0, .*ood_test=700\)"):
+        load_task_and_splits(config)

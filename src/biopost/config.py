@@ -36,10 +36,17 @@ class SplitConfig(Strict):
     ood_val_groups: list[str] | float | None = Field(
         None, description="groups for an OOD validation split, disjoint from ood_test_groups"
     )
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    id_test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of in-domain examples for val")
+    id_test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of in-domain examples for id_test")
     seed: int = 0
-    allow_overlap: bool = Field(False, description="permit identical inputs in train and a test split")
+    allow_overlap: bool = Field(False, description="permit identical inputs in two splits")
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "SplitConfig":
+        if self.val_fraction + self.id_test_fraction >= 1:
+            raise ValueError(f"val_fraction ({self.val_fraction}) + id_test_fraction ({self.id_test_fraction}) "
+                             "must be below 1, leaving in-domain examples for train")
+        return self
 
 
 class TaskConfig(Strict):
@@ -307,6 +314,8 @@ def describe_error(err: ValidationError, raw: dict) -> str:
         return f"config error: unknown key '{key}'; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":
         return f"config error: missing required key '{key}'"
+    if first["type"] == "value_error":  # a validator's own message says what is wrong
+        return f"config error: '{key}': {first['ctx']['error']}"
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     return f"config error: '{key}': {first['msg']} (got {shown})"

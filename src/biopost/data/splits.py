@@ -79,6 +79,9 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
     ``input_key`` gives what the model reads of an example (``Task.input_key``: the rendered prompt plus the
     payloads an encoder reads); ``remedy`` is the task's advice when inputs collide.
     """
+    if not (0 < rule.val_fraction and 0 < rule.id_test_fraction and rule.val_fraction + rule.id_test_fraction < 1):
+        raise ValueError(f"val_fraction ({rule.val_fraction}) and id_test_fraction ({rule.id_test_fraction}) must "
+                         "be above 0 and sum below 1, leaving in-domain examples for train")
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("example ids are not unique; a task must give every example its own id")
@@ -87,12 +90,13 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
         raise ValueError(f"ood_field {rule.ood_field!r} missing from meta of {len(missing)} examples, e.g. {missing[:3]}")
     groups = sorted({str(e.meta[rule.ood_field]) for e in examples})
     rng = np.random.default_rng(rule.seed)
-    test_groups = _pick_groups(groups, rule.ood_test_groups, rng, "ood_test_groups", rule.ood_field)
+    test_groups = _pick_groups(groups, rule.ood_test_groups, rng, "ood_test_groups", rule.ood_field, "")
     val_groups: tuple[str, ...] = ()
     if rule.ood_val_groups is not None:
         rest = [g for g in groups if g not in test_groups]
         pool = rest if isinstance(rule.ood_val_groups, float) else groups  # named groups: report a clash below
-        val_groups = _pick_groups(pool, rule.ood_val_groups, rng, "ood_val_groups", rule.ood_field)
+        val_groups = _pick_groups(pool, rule.ood_val_groups, rng, "ood_val_groups", rule.ood_field,
+                                  " not held out for ood_test")
         clash = set(val_groups) & set(test_groups)
         if clash:
             raise ValueError(f"ood_val_groups and ood_test_groups share {sorted(clash)}; they must be disjoint")
@@ -112,21 +116,36 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
         ood_test_groups=test_groups,
         ood_val_groups=val_groups,
     )
+    check_sizes(splits, rule)
     if not rule.allow_overlap:
         check_leakage(splits, input_key, remedy)
     return splits
 
 
-def _pick_groups(groups: list[str], wanted, rng, key: str, field: str) -> tuple[str, ...]:
+def _pick_groups(groups: list[str], wanted, rng, key: str, field: str, among: str) -> tuple[str, ...]:
+    """Named groups, or a seeded fraction of ``groups`` that always leaves one of them in-domain."""
     if isinstance(wanted, float):
         if not 0 < wanted < 1:
             raise ValueError(f"{key} as a fraction must be in (0, 1), got {wanted}")
+        if len(groups) < 2:
+            raise ValueError(f"{key}: a fraction ({wanted}) of the groups of {field!r}{among} needs at least 2 of "
+                             f"them so one stays in-domain, found {groups}; name the groups or change ood_field")
         n = max(1, math.floor(wanted * len(groups)))
         return tuple(sorted(rng.choice(groups, size=n, replace=False).tolist()))
     unknown = sorted(set(wanted) - set(groups))
     if unknown:
         raise ValueError(f"{key}: {unknown} are not groups of {field!r}; groups present: {groups}")
     return tuple(sorted(wanted))
+
+
+def check_sizes(splits: Splits, rule: SplitRule) -> None:
+    """Train, val, id_test and ood_test must hold examples; so must ood_val when groups are asked for it."""
+    needed = ["train", "val", "id_test", "ood_test"] + (["ood_val"] if rule.ood_val_groups is not None else [])
+    empty = [name for name in needed if not splits[name]]
+    if empty:
+        sizes = ", ".join(f"{name}={size}" for name, size in splits.sizes().items())
+        raise ValueError(f"empty split: {', '.join(empty)} ({sizes}); train, val, id_test and ood_test (and ood_val "
+                         "when requested) each need examples: change val_fraction / id_test_fraction or the OOD groups")
 
 
 def check_leakage(splits: Splits, input_key: Callable[[Example], str], remedy: str = "deduplicate the examples") -> None:
