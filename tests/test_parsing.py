@@ -39,12 +39,44 @@ def test_no_single_correct_answer_gets_no_credit(pbmc_task, completion):
 def test_missing_think_tags_fail_strict_but_lenient_can_score(pbmc_task):
     assert scores(pbmc_task, "Answer: CD19+ B") == (1.0, 0.0, 0.0)
     assert scores(pbmc_task, "<think>\nB cell.\n\nAnswer: CD19+ B") == (1.0, 0.0, 0.0)  # unclosed
-    assert scores(pbmc_task, "The markers say so.\nAnswer: it is a CD19+ B cell") == (1.0, 0.0, 0.0)
+    assert scores(pbmc_task, "The markers say so.\nAnswer: a CD19+ B cell") == (1.0, 0.0, 0.0)
 
 
-def test_text_after_the_answer_line_fails_strict(pbmc_task):
-    assert scores(pbmc_task, GOOD + "\nI hope this helps.") == (1.0, 0.0, 0.0)
+def test_text_after_the_answer_line_fails_both_modes(pbmc_task):
+    """Lenient mode cannot tell a courtesy line from a further answer: any later non-blank line scores 0."""
+    assert scores(pbmc_task, GOOD + "\nI hope this helps.") == (0.0, 0.0, 0.0)
     assert scores(pbmc_task, GOOD + "\n\n  \n") == (1.0, 1.0, 1.0)  # trailing blank lines are fine
+
+
+@pytest.mark.parametrize("answer", [
+    "CD19+ B cell", "CD19+ B cells", "a CD19+ B cell.", "The CD19+ B-cell", "cd19+ b cell type", '"CD19+ B cells"',
+    "(CD19+ B)", "CD19+ B;", "*CD19+ B cell*",
+])
+def test_lenient_forgives_form(pbmc_task, answer):
+    assert scores(pbmc_task, f"<think>\nB.\n</think>\n\nAnswer: {answer}")[0] == 1.0
+    assert scores(pbmc_task, f"Answer: {answer}")[0] == 1.0  # without a think block too
+
+
+MEMORY_T = Example(id="memory", fields={}, answer="CD4+/CD45RO+ Memory")
+MONOCYTE = Example(id="monocyte", fields={}, answer="CD14+ Monocyte")
+
+
+@pytest.mark.parametrize("example, answer", [
+    (MEMORY_T, "CD4+/CD25 T Regulatory or CD4+/CD45RO+ Memory T"),  # an alternative (once credited as Memory)
+    (MEMORY_T, "CD4+/CD45RO+ Memory or CD4+/CD25 T Reg"),
+    (MONOCYTE, "not CD14+ Monocyte"),  # a negation of the right label
+    (MONOCYTE, "not a CD14+ Monocyte cell"),
+    (B_CELL, "CD19+ B\nor maybe Dendritic"),  # a further answer on a later line
+    (B_CELL, "CD19+ B\nAlternatively: Dendritic"),
+    (B_CELL, "probably CD19+ B"),  # a qualifier
+    (B_CELL, "it is a CD19+ B cell"),  # words beyond articles and "cell(s)"/"type"
+    (B_CELL, "CD19+ B / Dendritic"),
+    (B_CELL, "CD19+"),  # a part of the label is not the label
+])
+def test_lenient_never_credits_extra_content(pbmc_task, example, answer):
+    for completion in (f"<think>\nx\n</think>\n\nAnswer: {answer}", f"Answer: {answer}"):
+        assert pbmc_task.score(completion, example)["accuracy"] == 0.0, completion
+        assert pbmc_task.prediction(completion)["lenient"] is None
 
 
 def test_multi_line_reasoning_in_strict_mode(pbmc_task):

@@ -1,8 +1,15 @@
 """Answer parsing shared by every task: a strict and a lenient mode, scored separately.
 
-Strict: the whole completion is ``<think> ... </think>`` then one ``Answer:`` line and nothing after.
-Lenient: exactly one ``Answer:`` anywhere; its line is the answer. Both refuse several ``Answer:`` lines,
-so repeating or hedging an answer never earns credit.
+Strict: the whole completion is ``<think> ... </think>`` then one ``Answer:`` line and nothing after; the
+answer is a label up to case, spacing, surrounding quotes or emphasis, and a final period.
+
+Lenient forgives form, never content. On top of strict it forgives exactly: a missing or malformed think
+block (any text before the one ``Answer:``), articles (a, an, the), the words "cell", "cells" and "type"
+(also hyphenated: "B-cell"), and punctuation around the answer (quotes, emphasis, brackets, a final
+``.,;:!``). Anything else is extra content and scores 0: an alternative ("X or Y"), a negation ("not X"),
+a qualifier ("probably X"), another label, or any further non-blank line after the answer line.
+
+Both modes refuse several ``Answer:`` lines, so repeating or hedging an answer never earns credit.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ def parse_answer(completion: str, mode: str = "strict") -> str | None:
     (True, 'CD19+ B')
     >>> parse_answer("<think></think>Answer: a\\nAnswer: a", "lenient") is None
     True
+    >>> parse_answer("<think></think>Answer: CD19+ B\\nor maybe Dendritic", "lenient") is None  # a further answer
+    True
     >>> parse_answer("", "lenient") is None, parse_answer("<think>no answer</think>") is None
     (True, True)
     """
@@ -36,13 +45,14 @@ def parse_answer(completion: str, mode: str = "strict") -> str | None:
             return None
         match = STRICT.match(completion)
         return match.group("answer").strip() or None if match else None
-    tail = completion[ANSWER.search(completion).end():]
-    answer = tail.strip().split("\n", 1)[0].strip()
-    return answer or None
+    line, _, rest = completion[ANSWER.search(completion).end():].strip().partition("\n")
+    if rest.strip():  # text after the answer line is content lenient mode does not forgive
+        return None
+    return line.strip() or None
 
 
 def normalize(text: str) -> str:
-    """Case-folded, whitespace-collapsed, without surrounding quotes or a final period.
+    """Case-folded, whitespace-collapsed, without surrounding quotes or a final period (strict form).
 
     >>> normalize('  "CD14+   Monocyte." ')
     'cd14+ monocyte'
@@ -51,31 +61,42 @@ def normalize(text: str) -> str:
     return text.casefold()
 
 
+FORM_WORDS = {"a", "an", "the", "cell", "cells", "type"}
+SURROUNDING = "\"'`*_()[]{}.,;:! "
+
+
+def lenient_form(text: str) -> str:
+    """The strict form without articles, "cell(s)" / "type", or punctuation around it (see the module doc).
+
+    >>> lenient_form("The CD8+ Cytotoxic T-cells.")
+    'cd8+ cytotoxic t'
+    >>> lenient_form("(Dendritic cell type)"), lenient_form("not a B cell")
+    ('dendritic', 'not b')
+    """
+    words = normalize(text).strip(SURROUNDING).split()
+    words = [re.sub(r"-(cells?|type)$", "", w) for w in words if w not in FORM_WORDS]
+    return " ".join(words)
+
+
 def match_label(answer: str | None, labels: list[str], mode: str = "strict") -> str | None:
     """Map a parsed answer to exactly one label, or None.
 
-    Strict: the answer is a label. Lenient: the answer mentions exactly one label (longest labels claim
-    their text first); naming two or more labels is no answer.
+    Strict: the answer is a label in strict form (:func:`normalize`). Lenient: the answer is a label in
+    lenient form (:func:`lenient_form`): form is forgiven, nothing else; a form two labels share matches none.
 
-    >>> labels = ["CD8+ Cytotoxic T", "CD8+/CD45RA+ Naive Cytotoxic", "Dendritic"]
+    >>> labels = ["CD4+/CD25 T Reg", "CD4+/CD45RO+ Memory", "CD14+ Monocyte", "CD19+ B", "Dendritic"]
     >>> match_label("dendritic.", labels)
     'Dendritic'
     >>> match_label("a dendritic cell", labels), match_label("a dendritic cell", labels, "lenient")
     (None, 'Dendritic')
-    >>> match_label("Dendritic or CD8+ Cytotoxic T", labels, "lenient") is None
-    True
+    >>> match_label('"The CD19+ B-cells."', labels, "lenient")
+    'CD19+ B'
+    >>> [match_label(a, labels, "lenient") for a in ["CD4+/CD25 T Regulatory or CD4+/CD45RO+ Memory T",
+    ...     "Dendritic or CD19+ B", "not CD14+ Monocyte", "probably Dendritic", "CD19+ B, Dendritic"]]
+    [None, None, None, None, None]
     """
     if answer is None:
         return None
-    norm = normalize(answer)
-    by_norm = {normalize(label): label for label in labels}
-    if mode == "strict":
-        return by_norm.get(norm)
-    found: set[str] = set()
-    remaining = norm
-    for key in sorted(by_norm, key=len, reverse=True):
-        pattern = r"(?<![\w+])" + re.escape(key) + r"(?![\w+])"
-        if re.search(pattern, remaining):
-            found.add(by_norm[key])
-            remaining = re.sub(pattern, " ", remaining)
-    return found.pop() if len(found) == 1 else None
+    form = normalize if mode == "strict" else lenient_form
+    matches = [label for label in labels if form(label) == form(answer)]
+    return matches[0] if len(matches) == 1 else None
