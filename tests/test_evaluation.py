@@ -6,9 +6,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from biopost.config import EvalConfig
 from biopost.data import Example
-from biopost.evaluation import bootstrap_ci, score_split, subset
+from biopost.evaluation import bootstrap_ci, evaluate, score_split, subset
+from biopost.models.policy import load_policy
 
 
 def cell(id_: str, answer: str) -> Example:
@@ -65,3 +68,19 @@ def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
 def test_bootstrap_is_undefined_without_resamples_or_data():
     assert all(math.isnan(x) for x in bootstrap_ci(np.array([0.0, 1.0]), 0, seed=0))
     assert all(math.isnan(x) for x in bootstrap_ci(np.array([1.0]), 100, seed=0))
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_evaluation_leaves_the_callers_rng_alone(tiny_backbone, pbmc_task, pbmc_splits, num_samples, one_thread):
+    """Rule 9: evaluating never resets the global RNG, and sampled evaluation is the same whatever came before."""
+    policy = load_policy(tiny_backbone)
+    task_splits = {"val": list(pbmc_splits.val[:2])}
+    cfg = EvalConfig(max_new_tokens=4, num_samples=num_samples, batch_size=2, bootstrap=0, seed=0)
+    completions = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        _, records = evaluate(policy, pbmc_task, task_splits, cfg)
+        assert torch.equal(torch.get_rng_state(), before)
+        completions.append([r["completions"] for r in records["val"]])
+    assert completions[0] == completions[1]

@@ -316,3 +316,24 @@ def test_cold_start_trains_an_adapter_on_the_base(rl_run):
     assert train_value(rows, "rl_cold", "kl", 1) == pytest.approx(0.0, abs=1e-7)
     assert train_value(rows, "rl_cold", "kl", 2) > 1e-6
     assert any(r["stage"] == "rl_cold" and r["split"] == "ood_test" for r in rows)
+
+
+# ---------------------------------------------------------------- randomness is owned (rule 9)
+def test_stage_seed_changes_rollouts_after_an_evaluation(fast_config, tmp_path, monkeypatch):
+    """Evaluation at step 0 must not reset the RNG: otherwise every stage seed samples the same rollouts."""
+    fixed_prompts = rl.prompts_for_step
+    monkeypatch.setattr(rl, "prompts_for_step", lambda train, step, n, seed: fixed_prompts(train, step, n, 0))
+    real_rollout, sampled = rl.rollout, []
+    monkeypatch.setattr(rl, "rollout", lambda *a, **k: sampled.append(real_rollout(*a, **k)) or sampled[-1])
+
+    def first_rollout(seed: int, attempt: int) -> list[str]:
+        raw = fast_config()
+        raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4)
+        raw["stages"] = [{**RL_COMMON, "init": "base", "max_steps": 1, "eval_at_start": True, "seed": seed,
+                          "num_generations": 4, "max_completion_length": 12, "temperature": 1.5}]
+        sampled.clear()
+        run(validate_config(raw), tmp_path / f"seed{seed}-{attempt}")
+        return sampled[0].completions
+
+    assert first_rollout(0, 0) == first_rollout(0, 1)  # reproducible ...
+    assert first_rollout(0, 2) != first_rollout(1, 0)  # ... and the stage seed matters

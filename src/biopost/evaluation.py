@@ -6,6 +6,7 @@ per-example records and summary rows with n and a bootstrap 95% interval.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,17 +39,30 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     policy.model.eval()
     out: list[list[str]] = []
     try:
-        torch.manual_seed(cfg.seed)
-        for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False, disable=len(examples) == 0):
-            batch = examples[start : start + cfg.batch_size]
-            enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch])
-            payloads = collate_payloads(batch, policy.modalities)
-            new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
-            texts = [policy.decode(row) for row in new]
-            out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
+        with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
+            for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False, disable=len(examples) == 0):
+                batch = examples[start : start + cfg.batch_size]
+                enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch])
+                payloads = collate_payloads(batch, policy.modalities)
+                new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
+                texts = [policy.decode(row) for row in new]
+                out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
     finally:
         policy.model.train(was_training)
     return out
+
+
+@contextmanager
+def seeded_rng(seed: int):
+    """Sample from torch's RNG seeded with ``seed``, then give the caller back its own CPU and CUDA RNG state.
+
+    ``generate`` takes no generator, so evaluation borrows the global one: its samples are the same at every
+    checkpoint, and a stage's own randomness (rollouts, dropout) goes on as if no evaluation had run.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def encode_prompts(policy, prompts: list[str]) -> dict:
