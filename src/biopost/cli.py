@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from biopost.config import ConfigError
+from biopost.config import DEVICES, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["val", "id_test", "ood_test"])
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", type=Path, default=None, help="JSONL out (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -72,14 +74,14 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from biopost.inference import evaluate_checkpoint
 
-    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples)
+    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device)
     return write_jsonl(rows, args.output, "rows")
 
 
 def cmd_predict(args) -> int:
     from biopost.inference import predict_file
 
-    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens)
+    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device)
     return write_jsonl(records, args.output, "predictions")
 
 

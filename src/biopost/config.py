@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A configuration problem, reported to users in one line."""
+
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 class Strict(BaseModel):
@@ -69,7 +73,10 @@ class ModelConfig(Strict):
     )
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tuning")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    revision: str | None = None
+    revision: str | None = Field(None, description="hub backbones: branch, tag or commit to load")
+    device: Device = Field(
+        "auto", description="where every stage, the evaluator and predict run; auto = CUDA when available"
+    )
     think_tokens: Literal["text", "add"] = Field(
         "text", description="text: <think> tags are ordinary text for the tokenizer; add: add them as tokens "
         "where missing and resize the embeddings (new rows start at the mean embedding)"

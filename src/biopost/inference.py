@@ -7,6 +7,7 @@ from pathlib import Path
 
 from biopost.config import ConfigError, EvalConfig, RunConfig
 from biopost.evaluation import evaluate, generate_completions
+from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy, task_state_of
 
 
@@ -25,9 +26,11 @@ def task_for_checkpoint(checkpoint: Path, name: str):
     return task, state
 
 
-def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None) -> list[dict]:
+def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
+                        device: str = "auto") -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
+    device = resolve_device(device)  # a wrong choice fails before any data or model loads
     task, state = task_for_checkpoint(checkpoint, name)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
     _, data = load_task_and_splits(config)
@@ -35,12 +38,13 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     task.fit(data.train)  # train-only statistics some scores use (e.g. IA weights), as in training
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
-    policy = load_policy(checkpoint)
+    policy = load_policy(checkpoint, device=device)
     rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
-def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int) -> list[dict]:
+def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int, device: str = "auto") -> list[dict]:
+    device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
@@ -53,7 +57,7 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         except json.JSONDecodeError as err:
             raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg})") from None
         examples.append(task.example_from_input(record, f"{input_path.name}:{number}"))
-    policy = load_policy(checkpoint)
+    policy = load_policy(checkpoint, device=device)
     cfg = EvalConfig(max_new_tokens=max_new_tokens)
     completions = generate_completions(policy, task, examples, cfg, desc="predict")
     out = []

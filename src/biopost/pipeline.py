@@ -17,6 +17,7 @@ from transformers import set_seed
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
+from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy
 from biopost.registry import get_task
 from biopost.runlog import RunLog
@@ -69,6 +70,7 @@ def task_state(config: RunConfig, task, splits) -> dict:
 def run(config: RunConfig, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     check_run_dir(config, run_dir)
+    device = resolve_device(config.model.device)
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir
@@ -87,7 +89,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
     state = task_state(config, task, splits)
     base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
     if config.model.think_tokens == "add":
-        base = with_think_tokens(base, run_dir, config.model.dtype)
+        base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
 
     finals: dict[str, Path] = {}
     previous = base
@@ -100,7 +102,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
         else:
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state))
+            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device)
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             stage_runners()[stage.kind](ctx)
             (stage_dir / DONE).write_text("")
@@ -129,12 +131,12 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
     return finals[stage]
 
 
-def with_think_tokens(base: str, run_dir: Path, dtype: str) -> str:
+def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None = None) -> str:
     """The backbone with <think> tokens added (saved once in the run directory when any were missing)."""
     target = run_dir / "backbone-think"
     if (target / "config.json").is_file():
         return str(target)
-    policy = load_policy(base, dtype)
+    policy = load_policy(base, dtype, revision=revision)
     added = ensure_think_tokens(policy)
     if not added:
         return base

@@ -41,6 +41,11 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: str | torch.device) -> "Policy":
+        """Place the model on ``device`` (a subclass moves whatever else it runs, e.g. encoders, too)."""
+        self.model.to(device)
+        return self
+
     @property
     def end_of_turn_id(self) -> int:
         """The token that closes an assistant turn: a training target so models learn to stop."""
@@ -105,8 +110,15 @@ class Policy:
         return path
 
 
-def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False, revision: str | None = None) -> Policy:
-    """Load a biopost checkpoint, a local Hugging Face directory, or a hub id."""
+def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False,
+                revision: str | None = None, device: str | None = None) -> Policy:
+    """Load a biopost checkpoint, a local Hugging Face directory, or a hub id (at ``revision``), placed on
+    ``device`` (None: where transformers loads it, the CPU). Stages pass the run's one resolved device."""
+    policy = _load_policy(source, dtype, trainable_adapter, revision)
+    return policy.to(device) if device else policy
+
+
+def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revision: str | None) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source).expanduser()
@@ -116,7 +128,7 @@ def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: b
         if info["kind"] == "adapter":
             from peft import PeftModel
 
-            base = load_policy(info["base"], dtype)
+            base = load_policy(info["base"], dtype, revision=info.get("revision"))
             model = PeftModel.from_pretrained(base.model, path, is_trainable=trainable_adapter)
             tokenizer = AutoTokenizer.from_pretrained(path)
             return Policy(model, tokenizer, base_path=Path(info["base"]), info=_kept(info))
@@ -139,7 +151,7 @@ def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: b
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(model, tokenizer, info={"backbone": str(source)})
+    return Policy(model, tokenizer, info={"backbone": str(source), **({"revision": revision} if revision else {})})
 
 
 def _kept(info: dict) -> dict:

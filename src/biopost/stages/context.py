@@ -26,6 +26,7 @@ class StageContext:
     init_path: Path
     task_state: dict
     history: list[dict] = field(default_factory=list)  # val primary metric per evaluated step
+    device: str = "cpu"  # the run's device, resolved once from model.device
 
     @property
     def stage(self):

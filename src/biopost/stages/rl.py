@@ -33,7 +33,8 @@ from biopost.stages.sft import sample_fraction
 def run_rl(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: policy, frozen reference, rewards, optimiser, schedule
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue")
+    policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue",
+                         revision=ctx.config.model.revision, device=ctx.device)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter)
     reference = Reference.of(policy, ctx.init_path, stage.adapter)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
@@ -244,7 +245,8 @@ class ResumeState:
         path = cls.path(ctx)
         policy.save(path / "policy")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, path / "state.pt")
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path / "state.pt")
         (path / "step.json").write_text(json.dumps({"step": step}))
 
     @classmethod
@@ -266,6 +268,8 @@ class ResumeState:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
         print(f"rl {ctx.name}: resuming at step {step}")
         return cls(step)

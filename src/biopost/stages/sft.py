@@ -20,7 +20,7 @@ from biopost.stages.trainer import IGNORE, train_with_trainer
 def run_sft(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: model, data, schedule
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype)
+    policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new")
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     ctx.task_state["sft_train_examples"] = len(train)

@@ -68,7 +68,7 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         seed=stage.seed,
         data_seed=stage.seed,
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=ctx.device == "cpu",
         bf16=ctx.config.model.dtype == "bfloat16",
         fp16=ctx.config.model.dtype == "float16",
         dataloader_num_workers=0,
