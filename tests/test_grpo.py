@@ -57,6 +57,16 @@ def t(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batch_shares_add_up_to_the_hand_computed_loss(loss_type):
+    tokens = sum(map(sum, MASK))
+    shares = [grpo_loss(t(LOGPS)[rows], t(OLD)[rows], t(REF)[rows], t(ADV)[rows], torch.tensor(MASK)[rows],
+                        loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+                        max_completion_length=MAX_LEN, batch_sequences=4, batch_tokens=tokens)[0].item()
+              for rows in (slice(0, 1), slice(1, 3), slice(3, 4))]
+    assert sum(shares) == pytest.approx(hand_loss(loss_type, BETA), abs=1e-6)
+
+
 def test_hand_computed_batch_actually_clips():
     """Guard for the fixture above: some masked-in tokens are outside the clip range on the side that matters."""
     clipped = 0
@@ -312,3 +322,42 @@ def test_single_pass_uses_current_logps_as_old(tiny_path):
     two = one.model_copy(update={"mu": 2})
     with pytest.raises(ValueError, match="old_logps"):
         optimise(policy, optimizer, make_scheduler(two, optimizer, 2), params, batch, t([1.0, -1.0]), two)
+
+
+# ---------------------------------------------------------------- micro-batches change memory, never the update
+def update_with(policy, batch, stage) -> list[torch.Tensor]:
+    """The gradient ``optimise`` steps with (plain SGD with lr 1 turns the step into minus the gradient)."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    optimise(policy, optimizer, make_scheduler(stage, optimizer, stage.mu), params, batch,
+             t([1.0, -0.5, 0.25, -1.0, 0.75]), stage)
+    update = [b - p.detach() for b, p in zip(before, params)]
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    return update
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batch_size_never_changes_the_update(tiny_path, loss_type):
+    """Completions of very different lengths, so a per-micro-batch token mean would weight them differently."""
+    torch.manual_seed(0)
+    policy = load_policy(tiny_path)
+    policy.model.eval()
+    eos, pad = policy.end_of_turn_id, policy.tokenizer.pad_token_id
+    completions = torch.tensor([[50, eos, pad, pad, pad, pad], [51, 61, 71, 81, 91, 95], [52, 62, eos, pad, pad, pad],
+                                [53, 63, 73, 83, eos, pad], [54, eos, pad, pad, pad, pad]])
+    batch = make_rollouts(policy, [f"Which colour word appears: {c}?" for c in ("red", "red", "blue", "blue", "green")],
+                          completions)
+    with torch.no_grad():
+        batch.old_logps, _ = sequence_logps(policy, batch, 1.0)
+        batch.ref_logps = batch.old_logps - 0.3 * torch.rand_like(batch.old_logps)  # a reference the KL term sees
+    stage = RLStage(mu=2, beta=0.1, loss_type=loss_type, max_completion_length=6, max_grad_norm=1e9,
+                    schedule={"name": "constant", "warmup_ratio": 0.0})
+    whole = update_with(policy, batch, stage)
+    assert sum(float(u.abs().sum()) for u in whole) > 0
+    for micro in (1, 2, 3, 4):
+        split = update_with(policy, batch, stage.model_copy(update={"micro_batch_size": micro}))
+        for a, b in zip(whole, split):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)

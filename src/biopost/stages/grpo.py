@@ -67,11 +67,17 @@ def grpo_loss(
     epsilon_high: float = 0.28,
     beta: float = 0.0,
     max_completion_length: int | None = None,
+    batch_sequences: int | None = None,
+    batch_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate with an optional k3 KL penalty to the reference, aggregated by ``loss_type``.
 
     ``grpo``: mean over each sequence's tokens, then over sequences. ``dr_grpo``: sum over all tokens
     divided by (sequences x max completion length), a constant. ``dapo``: mean over all tokens.
+
+    For a micro-batch, ``batch_sequences`` and ``batch_tokens`` give the whole batch's sequence and
+    completion-token counts: the loss is then this micro-batch's share, and the shares sum to the
+    full-batch loss for every ``loss_type`` (dapo's token mean spans the batch, not the micro-batch).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {LOSS_TYPES}")
@@ -85,14 +91,16 @@ def grpo_loss(
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         if beta != 0.0:
             per_token = per_token + beta * kl
+    sequences = per_token.size(0) if batch_sequences is None else batch_sequences
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / sequences
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length")
-        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+        loss = (per_token * mask).sum() / (sequences * max_completion_length)
     else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        tokens = mask.sum() if batch_tokens is None else torch.as_tensor(batch_tokens, dtype=mask.dtype)
+        loss = (per_token * mask).sum() / tokens.clamp(min=1.0)
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1.0)
         was_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))

@@ -149,9 +149,11 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
         raise ValueError("with mu > 1 the rollouts need old_logps: later passes must compare with the sampling policy")
     micro = stage.micro_batch_size or n
     advantages = advantages.to(policy.device)
-    stats: dict[str, list[float]] = {}
+    tokens = float(batch.mask.sum())  # dapo normalises by the whole batch's completion tokens
+    stats: dict[str, list[float]] = {"loss": []}
     for _ in range(stage.mu):
         optimizer.zero_grad(set_to_none=True)
+        batch_loss = 0.0
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
             logps, entropy = sequence_logps(policy, batch, stage.temperature, rows)
@@ -160,12 +162,15 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
                 None if batch.ref_logps is None else batch.ref_logps[rows], advantages[rows], batch.mask[rows],
                 loss_type=stage.loss_type, epsilon_low=stage.epsilon_low, epsilon_high=stage.epsilon_high,
                 beta=stage.beta, max_completion_length=stage.max_completion_length,
+                batch_sequences=n, batch_tokens=tokens,
             )
-            (loss * (min(start + micro, n) - start) / n).backward()
+            loss.backward()  # this micro-batch's share: the shares add up to the full-batch loss
+            batch_loss += float(loss.detach())
             mask = batch.mask[rows].float()
-            s.update(loss=float(loss.detach()), entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
+            s.update(entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
+        stats["loss"].append(batch_loss)
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
