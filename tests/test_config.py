@@ -113,3 +113,66 @@ def test_cli_train_reports_bad_key_in_one_line_before_loading_anything(config_fi
     assert len(err.splitlines()) == 1
     assert "'model.lora.rnk'" in err and "rank" in err
     assert not out_dir.exists()
+
+
+# ---------------------------------------------------------------- YAML 1.2 values, and indexes into defaults
+def rl_minimal() -> dict:
+    return {"task": {"name": "cell_type/pbmc68k"}, "stages": [{"kind": "sft"}, {"kind": "rl"}]}
+
+
+@pytest.fixture
+def rl_config_file(tmp_path):
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(rl_minimal()))
+    return path
+
+
+def test_overrides_read_numbers_and_booleans_as_yaml_1_2(rl_config_file):
+    config = load_config(rl_config_file, ["stages.0.max_steps=010", "stages.1.eval_at_start=false",
+                                          "stages.1.beta=1e-3", "task.options.top_k_genes=0016"])
+    assert config.stages[0].max_steps == 10  # not octal 8
+    assert config.stages[1].eval_at_start is False and config.stages[1].beta == pytest.approx(1e-3)
+    assert config.task.options == {"top_k_genes": 16}
+    assert apply_override(minimal(), "task.options.flag=yes")["task"]["options"]["flag"] == "yes"
+
+
+@pytest.mark.parametrize("override, key, got", [
+    ("stages.1.beta=yes", "'stages.1.beta'", '"yes"'),  # was 1.0
+    ("stages.0.max_steps=on", "'stages.0.max_steps'", '"on"'),  # was 1
+    ("stages.1.eval_at_start=off", "'stages.1.eval_at_start'", '"off"'),  # was False
+    ("task.split.allow_overlap=yes", "'task.split.allow_overlap'", '"yes"'),
+])
+def test_yaml_1_1_words_are_strings_that_numbers_and_booleans_refuse(rl_config_file, override, key, got):
+    message = error_of(rl_config_file, override)
+    assert key in message and f"(got {got})" in message
+
+
+def test_yaml_1_1_words_in_a_config_file_are_refused_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: {name: cell_type/pbmc68k}\nstages:\n  - kind: sft\n    eval_at_start: no\n")
+    assert "write true or false" in error_of(path)
+
+
+def test_an_index_into_a_default_list_edits_the_default(config_file):
+    config = load_config(config_file, ["eval.splits.0=val", "eval.splits.3=id_test"])
+    assert config.eval.splits == ["val", "id_test", "ood_test", "id_test"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("eval.splits.4=val", "'eval.splits.4': '4' is not an index below 4"),
+    ("model.lora.target_modules.0=q_proj", "'model.lora.target_modules': no list here to index (default \"all-linear\")"),
+    ("task.split.ood_test_groups.0=G1", "'task.split.ood_test_groups': no list here to index (default null)"),
+])
+def test_an_index_without_a_list_says_why(config_file, override, fragment):
+    assert fragment in error_of(config_file, override)
+
+
+def test_dumped_configs_read_back_identically(tmp_path):
+    raw = apply_override(minimal(), "name=010")  # YAML 1.2 reads 10; the name field wants a string
+    with pytest.raises(ConfigError, match="'name'"):
+        validate_config(raw)
+    config = validate_config({**minimal(), "name": "1e3", "task": {"name": "cell_type/pbmc68k", "options": {"x": "yes"}}})
+    dump_config(config, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert text.index("name:") < text.index("task:") < text.index("stages:")  # field order kept
+    assert load_config(tmp_path / "config.yaml") == config

@@ -1,20 +1,21 @@
 """Typed run configuration: one place that documents every field.
 
 A YAML file plus dotted ``KEY=VALUE`` overrides becomes a validated :class:`RunConfig` before any model
-or dataset loads. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
+or dataset loads. Files and override values read as YAML 1.2 (ruamel.yaml): ``1e-4`` is a float, ``010``
+is ten, and ``yes`` / ``on`` / ``off`` are strings, which a boolean or number field refuses. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
 names the key and what would have been valid.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,7 @@ class SplitConfig(Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of in-domain examples for val")
     id_test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of in-domain examples for id_test")
     seed: int = 0
-    allow_overlap: bool = Field(False, description="permit identical inputs in two splits")
+    allow_overlap: StrictBool = Field(False, description="permit identical inputs in two splits")
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "SplitConfig":
@@ -117,7 +118,7 @@ class StageBase(Strict):
     data_fraction: float = Field(1.0, gt=0, le=1, description="seeded fraction of the training split")
     eval_every_steps: int | None = Field(None, ge=1)
     eval_every_epochs: float | None = Field(None, gt=0)
-    eval_at_start: bool = True
+    eval_at_start: StrictBool = True
     save_every_steps: int | None = Field(None, ge=1, description="resumable checkpoints; default = eval points")
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -171,7 +172,7 @@ class CPTStage(StageBase):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lora: LoraConfig | Literal["inherit", "full"] = "full"
-    eval_task: bool = Field(False, description="also run the task evaluator at CPT eval points")
+    eval_task: StrictBool = Field(False, description="also run the task evaluator at CPT eval points")
     eval_batch_size: int = Field(16, ge=1)
 
     @property
@@ -244,13 +245,16 @@ class RunConfig(Strict):
 
 
 # ---------------------------------------------------------------- loading
-class YamlLoader(yaml.SafeLoader):
-    """Safe YAML that reads ``1e-4`` as a float, as YAML 1.2 does (PyYAML's 1.1 rule needs a dot)."""
+def yaml12() -> YAML:
+    """Safe YAML 1.2 for reading and writing configs (PyYAML reads 1.1: ``010`` is 8 and ``yes`` is true).
 
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+0123456789.")
-)
+    >>> [yaml12().load(v) for v in ("010", "1e-4", "yes", "off", "true", "[a, b]")]
+    [10, 0.0001, 'yes', 'off', True, ['a', 'b']]
+    """
+    loader = YAML(typ="safe")
+    loader.default_flow_style = False
+    loader.sort_base_mapping_type_on_output = False  # keep the config's field order
+    return loader
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -259,8 +263,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader) or {}
-    except yaml.YAMLError as err:
+        raw = yaml12().load(path.read_text()) or {}
+    except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
     for item in overrides:
         raw = apply_override(raw, item)
@@ -275,18 +279,24 @@ def validate_config(raw: dict) -> RunConfig:
 
 
 def apply_override(raw: dict, item: str) -> dict:
-    """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML 1.2 (so 1e-4, true, [a, b]
+    work). An index into a list the config leaves at its default (``eval.splits.0=val``) edits that default.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not KEY=VALUE (for example model.lora.rank=64)")
     key, value = item.split("=", 1)
     parts = key.split(".")
     node: Any = raw
+    model: type[BaseModel] | None = RunConfig
     for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, ".".join(parts[: depth + 1]))
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, dict) and part not in node and parts[depth + 1].isdigit():
+            node[part] = _default_list(model, part, where)
+        node, model = _child(node, model, part, where)
     last = parts[-1]
     try:
-        parsed = yaml.load(value, Loader=YamlLoader) if value != "" else None
-    except yaml.YAMLError as err:
+        parsed = yaml12().load(value) if value != "" else None
+    except YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(node, list):
         node[_index(node, last, key)] = parsed
@@ -297,12 +307,26 @@ def apply_override(raw: dict, item: str) -> dict:
     return raw
 
 
-def _child(node: Any, part: str, where: str) -> Any:
+def _child(node: Any, model: type[BaseModel] | None, part: str, where: str) -> tuple[Any, type[BaseModel] | None]:
+    """The node under ``part`` (created empty when missing) and the config class that describes it."""
     if isinstance(node, list):
-        return node[_index(node, part, where)]
+        child = node[_index(node, part, where)]
+        kind = child.get("kind") if isinstance(child, dict) else None
+        return child, STAGE_KINDS.get(kind, model)
     if not isinstance(node, dict):
         raise ConfigError(f"override key {where!r}: parent is a value, not a section")
-    return node.setdefault(part, {})
+    field = model.model_fields.get(part) if model else None
+    return node.setdefault(part, {}), _model_of(field.annotation) if field else None
+
+
+def _default_list(model: type[BaseModel] | None, part: str, where: str) -> list:
+    """A copy of the default list of ``model.part``, so an override can index into it."""
+    field = model.model_fields.get(part) if model else None
+    default = field.get_default(call_default_factory=True) if field else None
+    if not isinstance(default, list):
+        raise ConfigError(f"override key {where!r}: no list here to index (default {json.dumps(default)}); "
+                          f"set the whole value, e.g. {where}=[...]")
+    return [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in default]
 
 
 def _index(node: list, part: str, where: str) -> int:
@@ -325,7 +349,8 @@ def describe_error(err: ValidationError, raw: dict) -> str:
         return f"config error: '{key}': {first['ctx']['error']}"
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
-    return f"config error: '{key}': {first['msg']} (got {shown})"
+    hint = "; write true or false (configs read as YAML 1.2)" if first["type"] == "bool_type" else ""
+    return f"config error: '{key}': {first['msg']} (got {shown}){hint}"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -368,4 +393,6 @@ STAGE_KINDS: dict[str, type[StageBase]] = {"cpt": CPTStage, "sft": SFTStage, "rl
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    out = io.StringIO()
+    yaml12().dump(config.model_dump(mode="json"), out)
+    path.write_text(out.getvalue())

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -37,9 +37,9 @@ from biopost.tasks.base import LabelTask, TaskOptions
 
 class CellTypeOptions(TaskOptions):
     top_k_genes: int = Field(32, ge=1, description="genes kept in the prompt's cell sentence")
-    list_choices: bool = Field(True, description="list the candidate cell types in the prompt")
+    list_choices: StrictBool = Field(True, description="list the candidate cell types in the prompt")
     markers_per_type: int = Field(8, ge=1, description="train-split markers per type used in rationales")
-    rationale: bool = Field(True, description="write a marker-gene rationale into SFT targets")
+    rationale: StrictBool = Field(True, description="write a marker-gene rationale into SFT targets")
     seed: int = Field(0, description="seed of the per-cell tie-break shuffle")
     max_cells: int | None = Field(None, ge=1, description="seeded subsample of cells after loading")
 
@@ -49,7 +49,7 @@ class H5adOptions(CellTypeOptions):
     label_key: str = Field(..., description="obs column holding the cell type")
     group_key: str = Field(..., description="obs column whose groups define OOD (tissue, donor, disease...)")
     organism: str = "Homo sapiens"
-    use_raw: bool = Field(False, description="read expression from .raw instead of .X")
+    use_raw: StrictBool = Field(False, description="read expression from .raw instead of .X")
     layer: str | None = Field(None, description="read expression from this layer instead of .X")
     gene_symbol_key: str | None = Field(None, description="var column with gene symbols; default var_names")
 
