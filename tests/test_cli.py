@@ -75,3 +75,18 @@ def test_summary_prints_id_and_ood_and_writes_a_plot(sft_run, capsys):
     assert "id_test" in out and "ood_test" in out
     assert (sft_run.dir / "curves-accuracy.png").stat().st_size > 1000
     assert main(["summary", str(sft_run.dir), "--metric", "no_such_metric"]) == 2
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["eval", "{ckpt}", "--task", PBMC, "--splits", "val", "test"], "invalid choice: 'test'"),
+    (["eval", "{ckpt}", "--task", PBMC, "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["eval", "{ckpt}", "--task", PBMC, "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_exit_2_in_one_line_before_anything_loads(tmp_path, capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main([part.format(ckpt=tmp_path) for part in argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("biopost") and fragment in err
+    if "test" in fragment:
+        assert all(f"'{split}'" in err for split in ("val", "id_test", "ood_val", "ood_test"))

@@ -8,10 +8,18 @@ import sys
 from pathlib import Path
 
 from biopost.config import DEVICES, ConfigError
+from biopost.data.splits import TEST_SPLITS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``biopost eval: argument --splits: invalid choice ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="biopost", description=__doc__)
+    parser = Parser(prog="biopost", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run a pipeline config (stages in order) into a run directory")
@@ -23,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a task's splits with the shared evaluator")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--task", required=True)
-    p.add_argument("--splits", nargs="+", default=["val", "id_test", "ood_test"])
+    p.add_argument("--splits", nargs="+", default=["val", "id_test", "ood_test"], choices=TEST_SPLITS)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
