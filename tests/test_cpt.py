@@ -114,7 +114,7 @@ def test_cpt_checkpoint_is_the_exact_sft_init(cpt_run):
 
 def test_backbone_is_one_field(tmp_path):
     config = validate_config({
-        "task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": 8}},
+        "task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": 16}},
         "model": {"backbone": "tiny-m", "lora": None},
         "eval": {"splits": ["id_test"], "max_examples": 2, "max_new_tokens": 4, "bootstrap": 0},
         "stages": [{"kind": "sft", "max_steps": 1, "eval_every_steps": 1, "eval_at_start": False}],

@@ -55,3 +55,33 @@ def test_interrupted_stage_resumes_to_the_same_weights(kind, fast_config, tmp_pa
     b = load_policy(resumed / "stages" / name / "final").model.state_dict()
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_rl_resumes_from_a_save_point_between_eval_points(fast_config, tmp_path, monkeypatch, capsys):
+    """save_every_steps 2, evaluation only at step 4: a crash in step 3 resumes at step 2, not from scratch."""
+    from biopost.stages import rl
+
+    stage = {**STAGES["rl"], "eval_every_steps": 4, "save_every_steps": 2, "eval_at_start": False}
+    config = config_for(stage, fast_config)
+    reference = run(config, tmp_path / "whole")
+
+    real, calls = rl.optimise, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "optimise", crash_in_step_3)
+    with pytest.raises(Interrupt):
+        run(config, tmp_path / "cut")
+    monkeypatch.setattr(rl, "optimise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    capsys.readouterr()
+    resumed = run(config, tmp_path / "cut")
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert len(calls) == 2  # steps 3 and 4 only
+    a = load_policy(reference / "stages" / "0-rl" / "final").model.state_dict()
+    b = load_policy(resumed / "stages" / "0-rl" / "final").model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -41,6 +41,7 @@ def run_rl(ctx: StageContext):
     rewards = reward_functions(ctx.task, stage)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     total, per_epoch, every = plan_steps(stage, len(train))
+    save_every = stage.save_every_steps or every  # resume points, as the Trainer stages' save_steps
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = make_scheduler(stage, optimizer, total * stage.mu)
@@ -67,6 +68,7 @@ def run_rl(ctx: StageContext):
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
         if (step + 1) % every == 0 or step + 1 == total:
             ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
+        if (step + 1) % save_every == 0 and step + 1 < total:
             ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
 
     # ---- save
@@ -236,7 +238,8 @@ def log_train_row(ctx: StageContext, step: int, per_epoch: int, row: dict) -> No
 
 
 class ResumeState:
-    """Model, optimiser, scheduler and RNG at the last evaluation point; the data position is the step."""
+    """Model, optimiser, scheduler and RNG at the last save point (``save_every_steps``, default the eval
+    points); the data position is the step."""
 
     def __init__(self, step: int):
         self.step = step
