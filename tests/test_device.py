@@ -16,6 +16,7 @@ from biopost.inference import evaluate_checkpoint, predict_file
 from biopost.models.device import resolve_device
 from biopost.pipeline import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PBMC = "cell_type/pbmc68k"
 NO_CUDA = not torch.cuda.is_available()
 RL_STEP = {"kind": "rl", "max_steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 8,

@@ -11,6 +11,9 @@ from biopost.runlog import read_metrics
 from biopost.stages.context import StageContext
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 class Interrupt(Exception):
     pass
 

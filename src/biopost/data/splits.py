@@ -163,7 +163,7 @@ def check_leakage(splits: Splits, input_key: Callable[[Example], str], remedy: s
         seen = dict(reversed(keyed[first]))  # key -> first id holding it
         hits = [(seen[k], i) for k, i in keyed[second] if k in seen]
         if hits:
-            shown = ", ".join(f"{a} = {b}" for a, b in hits[:3])
+            shown = ", ".join(f"{a} = {b}" for a, b in hits[:2])
             found.append(f"{first} & {second}: {len(hits)} (e.g. {shown})")
     if found:
         raise LeakageError(f"identical inputs in two splits: {'; '.join(found)}; {remedy}, "

@@ -62,7 +62,7 @@ class CellTypeTask(LabelTask):
         "then reply with one line 'Answer: <cell type>'."
     )
     organism: str = "Homo sapiens"
-    overlap_remedy = "raise task.options.top_k_genes (longer cell sentences tell cells apart) or deduplicate the cells"
+    overlap_remedy = "raise task.options.top_k_genes (longer cell sentences tell cells apart), deduplicate the cells"
 
     def __init__(self, options=None):
         super().__init__(options)
