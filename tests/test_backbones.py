@@ -53,7 +53,8 @@ def test_model_revision_reaches_every_hub_load(tiny_backbone, tmp_path, monkeypa
     import transformers
 
     hub_id, asked = "some-org/some-model", []
-    real_model, real_tokenizer = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tokenizer = transformers.AutoTokenizer.from_pretrained
 
     def from_hub(real):
         def load(source, *args, **kwargs):

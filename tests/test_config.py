@@ -160,7 +160,7 @@ def test_an_index_into_a_default_list_edits_the_default(config_file):
 
 @pytest.mark.parametrize("override, fragment", [
     ("eval.splits.4=val", "'eval.splits.4': '4' is not an index below 4"),
-    ("model.lora.target_modules.0=q_proj", "'model.lora.target_modules': no list here to index (default \"all-linear\")"),
+    ("model.lora.target_modules.0=q", "'model.lora.target_modules': no list here to index (default \"all-linear\")"),
     ("task.split.ood_test_groups.0=G1", "'task.split.ood_test_groups': no list here to index (default null)"),
 ])
 def test_an_index_without_a_list_says_why(config_file, override, fragment):
@@ -171,7 +171,8 @@ def test_dumped_configs_read_back_identically(tmp_path):
     raw = apply_override(minimal(), "name=010")  # YAML 1.2 reads 10; the name field wants a string
     with pytest.raises(ConfigError, match="'name'"):
         validate_config(raw)
-    config = validate_config({**minimal(), "name": "1e3", "task": {"name": "cell_type/pbmc68k", "options": {"x": "yes"}}})
+    config = validate_config({**minimal(), "name": "1e3",
+                              "task": {"name": "cell_type/pbmc68k", "options": {"x": "yes"}}})
     dump_config(config, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
     assert text.index("name:") < text.index("task:") < text.index("stages:")  # field order kept

@@ -182,7 +182,7 @@ def test_cafa_loader_filters_maps_and_merges(cafa_files, capsys):
 def test_taxon_split_holds_out_whole_species(cafa_files):
     task = cafa_task(cafa_files)
     rule = SplitRule(ood_field=task.default_ood_field, ood_test_groups=("559292",), val_fraction=0.2, id_test_fraction=0.2)
-    splits = make_splits(task.load(), rule)
+    splits = make_splits(task.load(), rule, task.input_key)
     assert {e.meta["taxon"] for e in splits.ood_test} == {"559292"}
     assert {e.id for e in splits.ood_test} == {"P09", "P10", "P11"}
     assert all(e.meta["taxon"] != "559292" for n in ("train", "val", "id_test") for e in splits[n])
@@ -190,7 +190,8 @@ def test_taxon_split_holds_out_whole_species(cafa_files):
 
 def test_time_split_is_a_snapshot_at_the_cutoff(cafa_files):
     task = cafa_task(cafa_files, ood="time", cutoff_date="2020-01-01")
-    splits = make_splits(task.load(), SplitRule(task.default_ood_field, tuple(task.default_ood_test_groups)))
+    rule = SplitRule(task.default_ood_field, tuple(task.default_ood_test_groups))
+    splits = make_splits(task.load(), rule, task.input_key)
     assert {e.id for e in splits.ood_test} == {"P09", "P10", "P11"}  # first annotated after the cutoff
     in_domain = {e.id: e for n in ("train", "val", "id_test") for e in splits[n]}
     assert in_domain["P03"].answer == MEMBRANE  # its 2021 nucleus annotation is after t0
@@ -209,7 +210,8 @@ def test_similarity_split_keeps_families_together(cafa_files, method):
     assert cluster["P01"] == cluster["P05"] == cluster["P09"] != cluster["P02"] == cluster["P06"] == cluster["P10"]
     assert len(set(cluster.values())) == 11 - 4
     for seed in range(4):
-        splits = make_splits(examples, SplitRule("cluster", 0.3, seed=seed, val_fraction=0.2, id_test_fraction=0.2))
+        splits = make_splits(examples, SplitRule("cluster", 0.3, seed=seed, val_fraction=0.2, id_test_fraction=0.2),
+                             task.input_key)
         held = {cluster[e.id] for e in splits.ood_test}
         assert held and not held & {cluster[e.id] for n in ("train", "val", "id_test") for e in splits[n]}
 

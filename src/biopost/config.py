@@ -1,9 +1,10 @@
 """Typed run configuration: one place that documents every field.
 
 A YAML file plus dotted ``KEY=VALUE`` overrides becomes a validated :class:`RunConfig` before any model
-or dataset loads. Files and override values read as YAML 1.2 (ruamel.yaml): ``1e-4`` is a float, ``010``
-is ten, and ``yes`` / ``on`` / ``off`` are strings, which a boolean or number field refuses. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
-names the key and what would have been valid.
+or dataset loads. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
+names the key and what would have been valid. Files and override values read as YAML 1.2 (ruamel.yaml):
+``1e-4`` is a float, ``010`` is ten, and ``yes`` / ``on`` / ``off`` are strings, which a boolean or number
+field refuses.
 """
 
 from __future__ import annotations

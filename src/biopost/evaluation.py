@@ -40,7 +40,8 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     out: list[list[str]] = []
     try:
         with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
-            for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False, disable=len(examples) == 0):
+            for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False,
+                              disable=len(examples) == 0):
                 batch = examples[start : start + cfg.batch_size]
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch])
                 payloads = collate_payloads(batch, policy.modalities)

@@ -43,7 +43,8 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
-def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int, device: str = "auto") -> list[dict]:
+def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
+                 device: str = "auto") -> list[dict]:
     device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name)
     if not input_path.is_file():

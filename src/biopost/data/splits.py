@@ -148,7 +148,8 @@ def check_sizes(splits: Splits, rule: SplitRule) -> None:
                          "when requested) each need examples: change val_fraction / id_test_fraction or the OOD groups")
 
 
-def check_leakage(splits: Splits, input_key: Callable[[Example], str], remedy: str = "deduplicate the examples") -> None:
+def check_leakage(splits: Splits, input_key: Callable[[Example], str],
+                  remedy: str = "deduplicate the examples") -> None:
     """Raise if any two splits (train, val, id_test, ood_val, ood_test) hold an identical input.
 
     >>> a, b = Example("a", {"x": 1}, "y"), Example("b", {"x": 1}, "z")

@@ -252,9 +252,10 @@ class ResumeState:
     def save(cls, ctx, policy, optimizer, scheduler, step: int) -> None:
         path = cls.path(ctx)
         policy.save(path / "policy")
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path / "state.pt")
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng},
+                   path / "state.pt")
         (path / "step.json").write_text(json.dumps({"step": step}))
 
     @classmethod

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -36,8 +36,8 @@ AMP, OTHER = "antimicrobial", "not antimicrobial"
 
 
 class AMPOptions(TaskOptions):
-    rationale: bool = Field(True, description="write a charge / hydrophobicity rationale into SFT targets")
-    list_choices: bool = Field(True, description="name the two answers in the prompt")
+    rationale: StrictBool = Field(True, description="write a charge / hydrophobicity rationale into SFT targets")
+    list_choices: StrictBool = Field(True, description="name the two answers in the prompt")
     max_peptides: int | None = Field(None, ge=1, description="seeded subsample of the in-domain peptides")
     seed: int = 0
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, StrictBool, model_validator
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -72,7 +72,7 @@ class GOOptions(TaskOptions):
     kmer: int = Field(5, ge=2, le=8, description="k for k-mer clusters and neighbour rationales")
     ia: Literal["train", "none"] | Path = Field("train", description="IA weights for *_weighted scores: from "
                                                 "the training split's annotations, none, or a CAFA IA file")
-    score_roots: bool = Field(False, description="count the three root terms in scores (CAFA leaves them out)")
+    score_roots: StrictBool = Field(False, description="count the three root terms in scores (CAFA leaves them out)")
     max_residues: int = Field(1000, ge=1, description="sequences are cut to this length")
     rationale: Literal["neighbour", "dataset", "none"] = "neighbour"
     max_proteins: int | None = Field(None, ge=1, description="seeded subsample of proteins after loading")
