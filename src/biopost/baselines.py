@@ -218,8 +218,9 @@ def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") ->
     model, C, val_scores = fit_and_select(transform(splits.train), [e.answer for e in splits.train],
                                           transform(splits.val), [e.answer for e in splits.val])
 
-    log = RunLog(Path(output_dir), {"run_id": config.run_id(), "run": config.name, "task": task.name,
-                                    "task_version": task.version, "split_fingerprints": splits.fingerprints()})
+    common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
+              "split_fingerprints": splits.fingerprints()}
+    log = RunLog(Path(output_dir), common)
     log.drop_rows(STAGE)
     cfg, rows = config.eval, []
     for name in cfg.splits:
@@ -229,7 +230,7 @@ def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") ->
         predicted = model.predict(transform(chosen))
         correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
         lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
-        rows.append({"stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name, "metric": "accuracy",
+        rows.append({**common, "stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name, "metric": "accuracy",
                      "value": float(correct.mean()), "n": len(chosen), "ci_low": lo, "ci_high": hi,
                      "fingerprint": fingerprint(chosen), "num_samples": 1, "features": features,
                      "classifier": "logistic_regression", "C": C})
