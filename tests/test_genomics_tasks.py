@@ -199,3 +199,13 @@ def test_tasks_command_lists_genomics_tasks(capsys, tf):
         assert "needs task.options: source" in line(name)
     assert all(f"{k}={v}" in line("tf_class/jaspar") for k, v in tf[1].sizes().items())
     assert "plants" in line("tf_class/jaspar")
+
+
+def test_tf_class_spaced_sites_and_rationales(tf):
+    task, splits = tf
+    spaced = get_task("tf_class/jaspar", {"spaced": True})
+    spaced.labels, spaced.markers = task.labels, task.markers
+    example = next(e for e in splits.train if task.reasoning(e).startswith("The site contains"))
+    assert " ".join(example.dna) in spaced.user_prompt(example)
+    kmer = task.reasoning(example).split("contains ")[1].split(",")[0].split(":")[0]
+    assert " ".join(kmer) in spaced.reasoning(example)

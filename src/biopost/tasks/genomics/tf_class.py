@@ -50,6 +50,8 @@ class TFClassOptions(TaskOptions):
                                description="JASPAR tf_class names kept as labels")
     sites_per_motif: int = Field(1, ge=1, description="sites drawn from each profile")
     list_choices: bool = Field(True, description="list the classes in the prompt")
+    spaced: bool = Field(False, description="show the site's bases separated by spaces (in text: one token per base "
+                         "for tokenizers that split on spaces)")
     rationale: bool = Field(True, description="name the site's class-enriched k-mers in SFT targets")
     kmer: int = Field(4, ge=2, le=8, description="length of the marker k-mers of rationales")
     markers_per_class: int = Field(8, ge=1)
@@ -115,11 +117,13 @@ class TFClassJaspar(LabelTask):
                  if k in site or reverse_complement(k) in site]
         if not found:
             return f"No k-mer enriched in one class stands out in this site; it fits {example.answer}."
-        return f"The site contains {', '.join(found[:3])}: k-mers enriched in sites of {example.answer}."
+        shown = [" ".join(k) for k in found[:3]] if self.options.spaced else found[:3]
+        return f"The site contains {', '.join(shown)}: k-mers enriched in sites of {example.answer}."
 
     # ---- prompt
     def user_prompt(self, example: Example) -> str:
-        text = (f"DNA site: {self.sequence_text('dna', example.dna)}\n"
+        site = " ".join(example.dna) if self.options.spaced else example.dna
+        text = (f"DNA site: {self.sequence_text('dna', site)}\n"
                 "Which structural class of transcription factor binds this site?")
         if self.options.list_choices:
             text += f" Choose one of: {'; '.join(self.labels)}."
