@@ -51,13 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="accuracy")
     p.set_defaults(func=cmd_summary)
 
+    p = sub.add_parser("baseline", help="fit a classical classifier on task features (C chosen on val); write baseline rows")
+    p.add_argument("config", type=Path)
+    p.add_argument("--output-dir", type=Path, required=True, help="directory for metrics.jsonl, baseline.json, predictions/")
+    p.add_argument("--features", default="auto", help="auto, kmer, expression, or registered names joined by +")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. eval.max_examples=null")
+    p.set_defaults(func=cmd_baseline)
+
     p = sub.add_parser("tasks", help="list registered tasks with their split sizes")
     p.set_defaults(func=cmd_tasks)
 
     # argparse leaves KEY=VALUE overrides given after an option (train CFG --output-dir D k=v) unmatched.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if args.command in ("train", "baseline") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -76,6 +83,17 @@ def cmd_train(args) -> int:
     out = args.output_dir or Path("runs") / f"{config.name}-{config.run_id()}"
     run_dir = run(config, out)
     print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from biopost.baselines import run_baseline
+    from biopost.config import load_config
+
+    rows = run_baseline(load_config(args.config, args.overrides), args.output_dir, args.features)
+    for row in rows:
+        print(f"{row['split']:9s} accuracy {row['value']:.3f} (n={row['n']}, 95% CI {row['ci_low']:.3f}-{row['ci_high']:.3f})")
+    print(f"features {rows[0]['features']}, C={rows[0]['C']}; rows appended to {args.output_dir / 'metrics.jsonl'}")
     return 0
 
 

@@ -19,9 +19,12 @@ def register_task(cls: type) -> type:
 
 
 def _load_builtin() -> None:
-    import biopost.tasks.transcriptomics.cell_type  # noqa: F401  (registers its tasks)
+    import biopost.tasks.transcriptomics.cell_type  # noqa: F401  (each import registers its tasks)
     import biopost.tasks.proteins.amp  # noqa: F401
     import biopost.tasks.proteins.go_terms  # noqa: F401
+    import biopost.tasks.genomics.kegg  # noqa: F401
+    import biopost.tasks.genomics.tf_class  # noqa: F401
+    import biopost.tasks.genomics.variant_effect  # noqa: F401
 
 
 def task_names() -> list[str]:

@@ -12,7 +12,10 @@ OOD = cells that are *cycling*: scanpy's cell-cycle scoring labels each cell G1,
 and G2/M-phase gene programs. Training and in-domain tests use G1 cells only; ``ood_test`` holds the S and
 G2M cells. Cycling cells express a proliferation programme (histones, replication and mitosis genes) that
 pushes other genes down the ranking, so the same cell types appear with shifted cell sentences: a real
-covariate shift over the same label set, not a relabelling.
+covariate shift over the same label set, not a relabelling. Default split (seed 0): train 351, val 50,
+id_test 100, ood_test 199. Classical baseline (``biopost baseline`` on full splits; logistic regression on
+log-normalised expression of the training cells' genes, C = 10 chosen on val): id_test accuracy 0.840
+(95% CI 0.770-0.910), ood_test 0.688 (0.628-0.754).
 
 ``cell_type/h5ad``: any AnnData file, with the label column and the OOD group column chosen by the user
 (tissue, donor, disease, batch...). Raw counts are library-size normalised and log1p transformed first.

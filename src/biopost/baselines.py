@@ -1,0 +1,245 @@
+"""Classical baselines: a scikit-learn classifier on task features, the reference line for every accuracy.
+
+``biopost baseline CONFIG --output-dir DIR`` loads the config's task and splits exactly as training does,
+turns examples into features with a *featurizer* fitted on ``train`` only, fits a logistic regression for
+each regularisation strength in ``C_GRID``, keeps the one with the best ``val`` accuracy (ties: the
+stronger regularisation) and writes ``stage: baseline`` rows for the config's evaluation splits to
+``DIR/metrics.jsonl`` in the evaluator's row format (same example subsets, fingerprints, bootstrap
+intervals), plus ``DIR/baseline.json`` (grid, val scores, choice) and per-example predictions. Rerunning
+replaces earlier baseline rows.
+
+Featurizers (``FEATURIZERS``; ``auto`` picks by the payloads the training examples carry):
+
+- ``kmer``: for each sequence payload, frequencies of all 1..k-mers (DNA: both strands, k <= 4;
+  protein: k <= 2). A tuple payload (reference and variant windows) adds, per further sequence, its
+  k-mer count difference from the first, which is where a single-base variant shows.
+- ``expression``: a cell's expression values by gene (vocabulary from training cells).
+
+Extension point: a featurizer is any object with ``fit(train) -> self`` and ``transform(examples) ->
+matrix``, built by ``factory(config, task, modalities)`` and registered with :func:`register_featurizer`. Pooled
+features of a frozen encoder (``model.encoders`` in the config) plug in this way: register a factory that
+encodes each payload with the config's encoder through its feature cache and mean-pools it; ``--features
+encoder`` (or ``kmer+encoder``) then uses it with no change here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from biopost.config import ConfigError, RunConfig
+from biopost.data import Example
+from biopost.data.splits import fingerprint
+from biopost.evaluation import bootstrap_ci, subset
+from biopost.runlog import RunLog
+
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+STAGE = "baseline"
+ALPHABETS = {"dna": "ACGT", "protein": "ACDEFGHIKLMNPQRSTVWY"}
+KMAX = {"dna": 4, "protein": 2}
+FEATURIZERS: dict[str, Callable] = {}
+
+
+def register_featurizer(name: str):
+    """Register ``factory(config, task, modalities) -> featurizer`` under ``name`` (used by ``--features``);
+    ``modalities`` are the payloads the training examples carry."""
+    def wrap(factory):
+        if name in FEATURIZERS:
+            raise ValueError(f"featurizer {name!r} registered twice")
+        FEATURIZERS[name] = factory
+        return factory
+    return wrap
+
+
+# ---------------------------------------------------------------- featurizers
+def kmer_counts(seq: str, k: int, alphabet: str) -> np.ndarray:
+    """Counts of every k-mer over ``alphabet`` (in lexicographic order); windows with other letters are skipped.
+
+    >>> kmer_counts("ACGTN", 2, "ACGT").reshape(4, 4)[[0, 1, 2], [1, 2, 3]].tolist()
+    [1, 1, 1]
+    >>> int(kmer_counts("ACNGT", 2, "ACGT").sum())
+    2
+    """
+    size = len(alphabet)
+    lookup = np.full(256, -1, dtype=np.int64)
+    lookup[np.frombuffer(alphabet.encode(), dtype=np.uint8)] = np.arange(size)
+    codes = lookup[np.frombuffer(seq.upper().encode(), dtype=np.uint8)]
+    if len(codes) < k:
+        return np.zeros(size**k, dtype=np.float64)
+    windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+    windows = windows[(windows >= 0).all(axis=1)]
+    index = windows @ (size ** np.arange(k - 1, -1, -1))
+    return np.bincount(index, minlength=size**k).astype(np.float64)
+
+
+def kmer_profile(seq: str, modality: str) -> np.ndarray:
+    """Counts of 1..k-mers concatenated; DNA counts both strands (a site reads the same on either).
+
+    >>> kmer_profile("AAC", "dna")[:4].tolist()  # A, C, G, T over AAC and its reverse complement GTT
+    [2.0, 1.0, 1.0, 2.0]
+    """
+    from biopost.tasks.genomics.dna import reverse_complement
+
+    strands = [seq, reverse_complement(seq)] if modality == "dna" else [seq]
+    alphabet = ALPHABETS[modality]
+    return sum(np.concatenate([kmer_counts(s, k, alphabet) for k in range(1, KMAX[modality] + 1)]) for s in strands)
+
+
+def frequencies(counts: np.ndarray, alphabet_size: int, kmax: int) -> np.ndarray:
+    """Each k-block of a profile divided by its total, so sequences of any length compare."""
+    out, start = counts.copy(), 0
+    for k in range(1, kmax + 1):
+        block = out[start : start + alphabet_size**k]
+        total = block.sum()
+        if total:
+            block /= total
+        start += alphabet_size**k
+    return out
+
+
+class KmerFeatures:
+    """k-mer frequencies of each sequence payload; further sequences of a tuple add count differences."""
+
+    def __init__(self, modalities: tuple[str, ...]):
+        self.modalities = modalities
+
+    def fit(self, train: list[Example]) -> "KmerFeatures":
+        return self
+
+    def transform(self, examples: list[Example]) -> np.ndarray:
+        return np.vstack([np.concatenate([self.one(getattr(e, m), m) for m in self.modalities]) for e in examples])
+
+    def one(self, payload, modality: str) -> np.ndarray:
+        seqs = (payload,) if isinstance(payload, str) else tuple(payload)
+        profiles = [kmer_profile(s, modality) for s in seqs]
+        first = frequencies(profiles[0], len(ALPHABETS[modality]), KMAX[modality])
+        return np.concatenate([first, *(p - profiles[0] for p in profiles[1:])])
+
+
+class ExpressionFeatures:
+    """A cell's expression by gene over the training cells' gene vocabulary (unseen genes dropped)."""
+
+    def fit(self, train: list[Example]) -> "ExpressionFeatures":
+        from sklearn.feature_extraction import DictVectorizer
+
+        self.vectorizer = DictVectorizer(sparse=True).fit([self.as_dict(e) for e in train])
+        return self
+
+    def transform(self, examples: list[Example]) -> sp.csr_matrix:
+        return self.vectorizer.transform([self.as_dict(e) for e in examples])
+
+    @staticmethod
+    def as_dict(example: Example) -> dict[str, float]:
+        return dict(zip(example.cell["genes"], example.cell["values"]))
+
+
+@register_featurizer("kmer")
+def kmer_featurizer(config: RunConfig, task, modalities: set[str]) -> KmerFeatures:
+    chosen = tuple(m for m in ("dna", "protein") if m in modalities)
+    if not chosen:
+        raise ConfigError(f"baseline: kmer features need dna or protein payloads; task {task.name} has {sorted(modalities)}")
+    return KmerFeatures(chosen)
+
+
+@register_featurizer("expression")
+def expression_featurizer(config: RunConfig, task, modalities: set[str]) -> ExpressionFeatures:
+    if "cell" not in modalities:
+        raise ConfigError(f"baseline: expression features need cell payloads; task {task.name} has {sorted(modalities)}")
+    return ExpressionFeatures()
+
+
+class Combined:
+    """Several featurizers side by side (``--features kmer+encoder``)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def fit(self, train):
+        self.parts = [p.fit(train) for p in self.parts]
+        return self
+
+    def transform(self, examples):
+        blocks = [p.transform(examples) for p in self.parts]
+        return sp.hstack([sp.csr_matrix(b) for b in blocks]).tocsr() if len(blocks) > 1 else blocks[0]
+
+
+def build_featurizer(spec: str, config: RunConfig, task, train: list[Example]):
+    """``auto`` (by the training examples' payloads), one registered name, or names joined by ``+``."""
+    present = {m for e in train for m in e.payloads()}
+    if spec == "auto":
+        names = (["expression"] if "cell" in present else []) + (["kmer"] if present & {"dna", "protein"} else [])
+        if not names:
+            raise ConfigError(f"baseline: task {task.name} has no dna, protein or cell payloads to featurize")
+    else:
+        names = spec.split("+")
+    unknown = [n for n in names if n not in FEATURIZERS]
+    if unknown:
+        raise ConfigError(f"baseline: unknown features {unknown}; registered: auto, {', '.join(sorted(FEATURIZERS))}")
+    parts = [FEATURIZERS[n](config, task, present) for n in names]
+    return (parts[0] if len(parts) == 1 else Combined(parts)).fit(train), "+".join(names)
+
+
+# ---------------------------------------------------------------- fit, select on val, report
+def fit_and_select(X_train, y_train, X_val, y_val, grid=C_GRID):
+    """Logistic regression per C; the best val accuracy wins (ties: smaller C, i.e. stronger regularisation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MaxAbsScaler
+    from threadpoolctl import threadpool_limits
+
+    scores, models = {}, {}
+    with threadpool_limits(1):  # small problems: BLAS threads only contend (40x slower on a busy 2-core machine)
+        for C in grid:
+            model = make_pipeline(MaxAbsScaler(), LogisticRegression(C=C, max_iter=3000))
+            model.fit(X_train, y_train)
+            models[C], scores[C] = model, float(np.mean(model.predict(X_val) == np.asarray(y_val)))
+    best = max(grid, key=lambda C: (scores[C], -C))
+    return models[best], best, scores
+
+
+def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") -> list[dict]:
+    """Fit, select on val, write ``stage: baseline`` rows; returns the rows written."""
+    from biopost.pipeline import load_task_and_splits
+    from biopost.tasks.base import LabelTask
+
+    started = time.time()
+    task, splits = load_task_and_splits(config)
+    if not isinstance(task, LabelTask):
+        raise ConfigError(f"baseline: task {task.name} is not a single-label task; a classifier baseline needs one label")
+    if not splits.train or not splits.val:
+        raise ConfigError("baseline: needs non-empty train and val splits (val chooses the regularisation)")
+    featurizer, features = build_featurizer(features, config, task, list(splits.train))
+    transform = lambda examples: featurizer.transform(list(examples))  # noqa: E731
+    model, C, val_scores = fit_and_select(transform(splits.train), [e.answer for e in splits.train],
+                                          transform(splits.val), [e.answer for e in splits.val])
+
+    common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
+              "split_fingerprints": splits.fingerprints()}
+    log = RunLog(Path(output_dir), common)
+    log.drop_rows(STAGE)
+    cfg, rows = config.eval, []
+    for name in cfg.splits:
+        chosen = subset(splits[name], cfg.max_examples, cfg.seed)
+        if not chosen:
+            continue
+        predicted = model.predict(transform(chosen))
+        correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
+        lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
+        rows.append({**common, "stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name, "metric": "accuracy",
+                     "value": float(correct.mean()), "n": len(chosen), "ci_low": lo, "ci_high": hi,
+                     "fingerprint": fingerprint(chosen), "num_samples": 1, "features": features,
+                     "classifier": "logistic_regression", "C": C})
+        log.write_predictions(f"{STAGE}-{name}", [{"id": e.id, "answer": e.answer, "prediction": str(p)}
+                                                   for e, p in zip(chosen, predicted)])
+    log.write(rows)
+    (Path(output_dir) / "baseline.json").write_text(json.dumps({
+        "task": task.name, "features": features, "classifier": "logistic_regression (MaxAbsScaler, lbfgs)",
+        "C_grid": list(C_GRID), "val_accuracy_by_C": {str(c): s for c, s in val_scores.items()}, "C": C,
+        "sizes": splits.sizes(), "seconds": round(time.time() - started, 2),
+    }, indent=2))
+    return rows
