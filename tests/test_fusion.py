@@ -234,9 +234,9 @@ def test_saved_fused_checkpoint_reloads_and_predicts_the_same(tiny_backbone, enc
                        policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **kwargs))
 
 
-def test_fused_pipeline_sft_then_rl(tmp_path, encoder_dir, monkeypatch):
-    """SFT and RL through the pipeline: the projector and adapter train, the encoder's files stay the same,
-    and ``biopost eval`` on the final checkpoint reproduces the run's own final predictions."""
+def test_fused_pipeline_cpt_sft_rl(tmp_path, encoder_dir, monkeypatch):
+    """CPT (text only), SFT and RL through the pipeline: the projector and adapter train, the encoder's files
+    stay the same, and ``biopost eval`` on the final checkpoint reproduces the run's own final predictions."""
     from biopost.evaluation import generate_completions
     from biopost.inference import evaluate_checkpoint, task_for_checkpoint
     from biopost.pipeline import run
@@ -244,30 +244,35 @@ def test_fused_pipeline_sft_then_rl(tmp_path, encoder_dir, monkeypatch):
 
     monkeypatch.setenv("BIOPOST_CACHE", str(tmp_path / "cache"))
     encoder_digest = digest_dir(encoder_dir)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"The TATA box sits upstream of gene {i}."}) + "\n" for i in range(12)))
     config = validate_config({
         "name": "fused", "task": {"name": MotifTask.name},
         "model": {"backbone": "tiny-s", "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0},
                   "encoders": {"dna": {"name": str(encoder_dir), "num_tokens": 4, "batch_size": 8}}},
         "eval": {"splits": ["val", "ood_test"], "max_examples": 4, "batch_size": 4, "max_new_tokens": 8, "bootstrap": 0},
-        "stages": [{"kind": "sft", "max_steps": 3, "eval_every_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_at_start": False},
+        "stages": [{"kind": "cpt", "max_steps": 2, "batch_size": 4, "seq_length": 32,
+                    "corpus": {"source": "files", "paths": [str(corpus)], "take": 12, "heldout": 2}},
+                   {"kind": "sft", "max_steps": 3, "eval_every_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_at_start": False},
                    {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "prompts_per_step": 2, "num_generations": 2,
                     "max_completion_length": 8, "lr": 1e-2, "eval_at_start": False}],
     })
     run_dir = run(config, tmp_path / "run")
     stages = run_dir / "stages"
     projector = {name: load_file(path / PROJECTOR_FILE) for name, path in
-                 {"base": run_dir / "backbone-fused", "sft": stages / "0-sft" / "final", "rl": stages / "1-rl" / "final"}.items()}
-    assert any(not torch.equal(projector["base"][k], projector["sft"][k]) for k in projector["base"])
-    sft_adapter = load_file(stages / "0-sft" / "final" / "adapter_model.safetensors")
+                 {"base": run_dir / "backbone-fused", "cpt": stages / "0-cpt" / "final", "sft": stages / "1-sft" / "final"}.items()}
+    assert all(torch.equal(projector["base"][k], projector["cpt"][k]) for k in projector["base"])  # no payloads
+    assert any(not torch.equal(projector["cpt"][k], projector["sft"][k]) for k in projector["base"])
+    sft_adapter = load_file(stages / "1-sft" / "final" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in sft_adapter.items())  # LoRA B starts at zero
     assert digest_dir(encoder_dir) == encoder_digest
     assert list((tmp_path / "cache" / "features").rglob("*.safetensors"))  # features were cached on disk
     rows = read_metrics(run_dir)
     assert {(r["stage"], r["split"]) for r in rows if r["metric"] == "accuracy"} >= {
         ("sft", "val"), ("sft", "ood_test"), ("rl", "val"), ("rl", "ood_test")}
-    state = json.loads((stages / "1-rl" / "final" / "biopost_checkpoint.json").read_text())
+    state = json.loads((stages / "2-rl" / "final" / "biopost_checkpoint.json").read_text())
     assert state["task"]["fused_modalities"] == ["dna"] and "dna" in state["fusion"]["encoders"]
-    final = stages / "1-rl" / "final"
+    final = stages / "2-rl" / "final"
     task, _ = task_for_checkpoint(final, MotifTask.name)
     assert task.fused_modalities == {"dna"}
     saved = [json.loads(line) for line in (run_dir / "predictions" / "rl-step000002-val.jsonl").read_text().splitlines()]
