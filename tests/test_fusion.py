@@ -130,7 +130,7 @@ def test_projector_positions_and_padding(kind, num_tokens):
     projector = Projector(kind, 8, 16, num_tokens)
     features = [torch.randn(5, 8), torch.randn(2, 8), torch.randn(9, 8)]
     out = projector(features)
-    assert [tuple(o.shape) for o in out] == [(projector.num_outputs(len(f)), 16) for f in features]
+    assert [tuple(o.shape) for o in out] == [(num_tokens or len(f), 16) for f in features]
     for f, together in zip(features, out):  # a batch projects each item exactly as alone
         torch.testing.assert_close(projector([f])[0], together, atol=1e-6, rtol=1e-5)
 
@@ -205,6 +205,14 @@ def test_rl_update_trains_projector_and_adapter_not_encoder(tiny_backbone, encod
     encoder = policy.encoders["dna"].model
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     assert all(torch.equal(v, encoder_before[k]) for k, v in encoder.state_dict().items())
+
+
+def test_freeze_projector(tiny_backbone, encoder_dir, tmp_path):
+    policy = fused_policy(tiny_backbone, encoder_dir, num_tokens=2)
+    assert policy.projector_parameters()
+    frozen = prepare_for_training(policy, LoraConfig(rank=4, alpha=8), tmp_path, freeze_projector=True)
+    assert frozen.projector_parameters() == [] and frozen.projector_state()  # kept and saved, not trained
+    assert prepare_for_training(frozen, None, tmp_path).projector_parameters()
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -50,14 +50,8 @@ class Encoder(ABC):
         return self
 
     def items(self, payload: Any) -> list:
-        """The items of one example's payload, one prompt placeholder each (in payload order).
-
-        >>> Encoder.items(None, ("ACGT", "ACGA")), Encoder.items(None, "MKV"), Encoder.items(None, None)
-        (['ACGT', 'ACGA'], ['MKV'], [])
-        """
-        if payload is None:
-            return []
-        return list(payload) if isinstance(payload, (tuple, list)) else [payload]
+        """The items of one example's payload, one prompt placeholder each (in payload order)."""
+        return payload_items(payload)
 
     def item_key(self, item: Any) -> str:
         """Text that identifies an item (hashed for the cache)."""
@@ -70,6 +64,17 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, items: list) -> list[torch.Tensor]:
         """Features of each item, ``[num_positions(item), hidden_size]``, detached."""
+
+
+def payload_items(payload: Any) -> list:
+    """Each sequence of a str / tuple payload; a cell payload (a dict) is one item.
+
+    >>> payload_items(("ACGT", "ACGA")), payload_items("MKV"), payload_items({"genes": ["CD3E"]}), payload_items(None)
+    (['ACGT', 'ACGA'], ['MKV'], [{'genes': ['CD3E']}], [])
+    """
+    if payload is None:
+        return []
+    return list(payload) if isinstance(payload, (tuple, list)) else [payload]
 
 
 def register_encoder(scheme: str):

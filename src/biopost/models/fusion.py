@@ -59,9 +59,6 @@ class Projector(nn.Module):
     def spec(self) -> dict:
         return {"kind": self.kind, "in_dim": self.in_dim, "out_dim": self.out_dim, "num_tokens": self.num_tokens}
 
-    def num_outputs(self, num_inputs: int) -> int:
-        return self.num_tokens or num_inputs
-
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if not features:
             return []
@@ -95,7 +92,7 @@ class FusedPolicy(Policy):
         by_id = {i: m for m, i in self.placeholder_ids.items()}
         out = []
         for row, ids in enumerate(rows):
-            counts = {m: [self.projectors[m].num_outputs(self.encoders[m].num_positions(item))
+            counts = {m: [self.projectors[m].num_tokens or self.encoders[m].num_positions(item)
                           for item in self.encoders[m].items(payloads[m][row] if m in payloads else None)]
                       for m in self.encoders}
             found = {m: sum(1 for t in ids if t == i) for m, i in self.placeholder_ids.items()}

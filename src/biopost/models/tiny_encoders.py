@@ -32,7 +32,7 @@ TINY_ENCODERS = {
                      "file": "tests/data/seqs/938293.PRJEB85.HG003687.faa"},
 }
 ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
-TRAINING = dict(steps=400, batch_size=32, lr=3e-3, warmup=20, mlm_probability=0.15, window=64, train_windows=8000,
+TRAINING = dict(steps=300, batch_size=32, lr=3e-3, warmup=20, mlm_probability=0.15, window=64, train_windows=8000,
                 heldout_windows=256, heldout_fraction=0.1)
 SPECIAL = ["<cls>", "<pad>", "<eos>", "<unk>"]
 
@@ -100,7 +100,7 @@ def maybe_reverse_complement(seq: str, rng) -> str:
 def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None = None) -> dict:
     """Pretrain ``name`` by MLM and save it to ``target`` (built aside, then renamed: concurrent builds are safe)."""
     import torch
-    from transformers import DataCollatorForLanguageModeling, EsmConfig, EsmForMaskedLM, EsmTokenizer, get_scheduler
+    from transformers import EsmTokenizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
     target = Path(target)
@@ -110,16 +110,49 @@ def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None
     (work / "vocab.txt").write_text("\n".join([*SPECIAL, *TINY_ENCODERS[name]["alphabet"], "<mask>"]) + "\n")
     tokenizer = EsmTokenizer(str(work / "vocab.txt"), model_max_length=1024)
     train, heldout = pretraining_sequences(name, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains as fast on one thread, and the same on any machine
+    try:
+        model, losses = pretrain(tokenizer, train, heldout, seed, steps or TRAINING["steps"])
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    (work / "sequences.json").write_text(json.dumps({"train": train, "heldout": heldout}))
+    report = {
+        "name": name, "version": VERSION, "seed": seed, "steps": steps or TRAINING["steps"],
+        "source": f"{TINY_ENCODERS[name]['package']}:{TINY_ENCODERS[name]['file']}",
+        "train_sequences": len(train), "heldout_sequences": len(heldout), **losses,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "architecture": ARCHITECTURE, "training": TRAINING,
+    }
+    (work / "pretraining.json").write_text(json.dumps(report, indent=2))  # written last: marks a finished build
+    try:
+        os.rename(work, target)
+    except OSError:  # another process finished the same (deterministic) build first
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"built encoder {name}: held-out MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
+          f"{losses['heldout_mlm_loss']:.3f} (letter frequencies alone: {losses['letter_frequency_loss']:.3f}) "
+          f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
+    return report
+
+
+def pretrain(tokenizer, train: list[str], heldout: list[str], seed: int, steps: int):
+    """A seeded ESM model trained by masked-language modelling (15% of letters, 80/10/10 mask/random/keep);
+    returns it with its held-out loss before and after, on the same masks."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, EsmConfig, EsmForMaskedLM, get_scheduler
+
     train_ids = [letter_ids(tokenizer, s) for s in train]
     heldout_batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed + 1)(
-        [{"input_ids": letter_ids(tokenizer, s)} for s in heldout])  # the same masks before and after training
-    steps = steps or TRAINING["steps"]
+        [{"input_ids": letter_ids(tokenizer, s)} for s in heldout])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = EsmConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                            mask_token_id=tokenizer.mask_token_id, max_position_embeddings=1026,
                            position_embedding_type="rotary", token_dropout=False, emb_layer_norm_before=False,
-                           **ARCHITECTURE)
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE)
         model = EsmForMaskedLM(config)
         untrained = heldout_loss(model, heldout_batch)
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed)
@@ -135,28 +168,8 @@ def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        trained = heldout_loss(model, heldout_batch)
-    report = {
-        "name": name, "version": VERSION, "seed": seed, "steps": steps, "source": f"{TINY_ENCODERS[name]['package']}:"
-        f"{TINY_ENCODERS[name]['file']}", "train_sequences": len(train), "heldout_sequences": len(heldout),
-        "heldout_mlm_loss": trained, "untrained_heldout_mlm_loss": untrained,
-        "letter_frequency_loss": letter_frequency_loss(train_ids, heldout_batch, tokenizer),
-        "build_seconds": round(time.perf_counter() - started, 1),
-        "build_cpu_seconds": round(time.process_time() - cpu_started, 1), "torch_threads": torch.get_num_threads(),
-        "architecture": ARCHITECTURE, "training": TRAINING,
-    }
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    (work / "sequences.json").write_text(json.dumps({"train": train, "heldout": heldout}))
-    (work / "pretraining.json").write_text(json.dumps(report, indent=2))  # written last: marks a finished build
-    try:
-        os.rename(work, target)
-    except OSError:  # another process finished the same (deterministic) build first
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"built encoder {name}: held-out MLM loss {untrained:.3f} -> {trained:.3f} "
-          f"(letter frequencies alone: {report['letter_frequency_loss']:.3f}) in {report['build_seconds']} s "
-          f"({report['build_cpu_seconds']} s of CPU)")
-    return report
+    return model, {"heldout_mlm_loss": heldout_loss(model, heldout_batch), "untrained_heldout_mlm_loss": untrained,
+                   "letter_frequency_loss": letter_frequency_loss(train_ids, heldout_batch, tokenizer)}
 
 
 def letter_ids(tokenizer, seq: str) -> list[int]:
@@ -197,6 +210,7 @@ def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> N
     encoder's pretraining sequences, or, when shorter than ``k``, equals one. Only encoders built here record
     their pretraining data; a hub encoder's is not known, so it is not checked."""
     from biopost.data.splits import TEST_SPLITS, LeakageError
+    from biopost.models.encoders import payload_items
 
     record = pretraining_record(encoder)
     if record is None:
@@ -209,7 +223,7 @@ def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> N
     for name in TEST_SPLITS:
         for example in splits[name]:
             payload = getattr(example, modality)
-            for item in [payload] if isinstance(payload, str) else list(payload or ()):
+            for item in payload_items(payload):
                 strands = [item.upper()]
                 if modality == "dna":
                     strands.append(strands[0].translate(str.maketrans("ACGTN", "TGCAN"))[::-1])
