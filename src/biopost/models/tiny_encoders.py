@@ -69,7 +69,7 @@ def pretraining_sequences(name: str, seed: int = 0) -> tuple[list[str], list[str
     """(train, held-out) sequences; held-out ones come from a region / proteins never used for training.
 
     DNA: windows of the chromosome's first 90% for training, of its last 10% for held-out, each read on a
-    random strand. Protein: 10% of the proteins held out; one random crop of each protein.
+    random strand. Protein: 10% of the distinct proteins held out; one random crop of each protein.
     """
     rng = np.random.default_rng([seed, 7])
     w = TRAINING["window"]
@@ -83,6 +83,7 @@ def pretraining_sequences(name: str, seed: int = 0) -> tuple[list[str], list[str
             return [maybe_reverse_complement(genome[s : s + w], rng) for s in starts]
 
         return windows(0, cut, TRAINING["train_windows"]), windows(cut, len(genome), TRAINING["heldout_windows"])
+    records = sorted(set(records))  # identical proteins (repeated genes) would straddle the split
     order = rng.permutation(len(records))
     n_held = int(len(records) * TRAINING["heldout_fraction"])
 
