@@ -292,6 +292,39 @@ def test_fused_pipeline_cpt_sft_rl(tmp_path, encoder_dir, monkeypatch):
     assert evaluated == list(logged)
 
 
+def test_interrupted_fused_sft_resumes_its_projector(tmp_path, encoder_dir, monkeypatch):
+    """The Trainer's resumable checkpoints carry the projector: a resumed run ends with the same weights."""
+    from biopost.pipeline import run
+    from biopost.stages.context import StageContext
+
+    monkeypatch.setenv("BIOPOST_CACHE", str(tmp_path / "cache"))
+    config = validate_config({
+        "task": {"name": MotifTask.name},
+        "model": {"backbone": "tiny-s", "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0},
+                  "encoders": {"dna": {"name": str(encoder_dir), "num_tokens": 2}}},
+        "eval": {"splits": ["val"], "max_examples": 2, "batch_size": 2, "max_new_tokens": 2, "bootstrap": 0},
+        "stages": [{"kind": "sft", "max_steps": 4, "eval_every_steps": 2, "batch_size": 4, "lr": 1e-2,
+                    "eval_at_start": False}],
+    })
+    whole = run(config, tmp_path / "whole")
+    original = StageContext.evaluate_and_save
+
+    def crash_at_step_4(self, policy, step, epoch):
+        if step == 4:
+            raise RuntimeError("interrupted")
+        return original(self, policy, step, epoch)
+
+    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(config, tmp_path / "cut")
+    assert (tmp_path / "cut" / "stages" / "0-sft" / "trainer" / "checkpoint-2" / PROJECTOR_FILE).is_file()
+    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resumed = run(config, tmp_path / "cut")
+    for file in (PROJECTOR_FILE, "adapter_model.safetensors"):
+        a, b = (load_file(d / "stages" / "0-sft" / "final" / file) for d in (whole, resumed))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def load_file(path):
     from safetensors.torch import load_file as load
 

@@ -133,8 +133,8 @@ class EvalCallback(TrainerCallback):
 
 
 class ProjectorCallback(TrainerCallback):
-    """A fused policy's projectors beside the Trainer's own state: clipped like the LM's gradients (the
-    Trainer clips only its model's), and saved in every resumable checkpoint."""
+    """A fused policy's projectors beside the Trainer's own model: clipped like the LM's gradients and zeroed
+    after each step (the Trainer does both for its model only), and saved in every resumable checkpoint."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -142,6 +142,10 @@ class ProjectorCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.policy.projector_parameters(), args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for param in self.policy.projector_parameters():
+            param.grad = None
 
     def on_save(self, args, state, control, **kwargs):
         self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
