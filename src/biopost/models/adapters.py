@@ -19,9 +19,9 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
     checkpoints can reference it) and attach a fresh adapter, e.g. with another rank.
     A fused model's projectors train too unless ``freeze_projector``.
     """
-    policy.set_projector_trainable(not freeze_projector)
     from peft import LoraConfig as PeftLora, get_peft_model
 
+    policy.set_projector_trainable(not freeze_projector)
     if mode == "continue":
         if not policy.is_adapter:
             raise ValueError("adapter: continue needs an init checkpoint with a LoRA adapter; use adapter: new")

@@ -182,11 +182,6 @@ class FeatureCache(Encoder):
         self.modality, self.hidden_size, self.identity = encoder.modality, encoder.hidden_size, encoder.identity
         self.root = Path(root) if root is not None else cache_dir() / "features" / encoder.identity
 
-    def __getattr__(self, name):  # the wrapped encoder's own attributes (model, tokenizer, layer...)
-        if name == "encoder":
-            raise AttributeError(name)
-        return getattr(self.encoder, name)
-
     def items(self, payload):
         return self.encoder.items(payload)
 
