@@ -69,6 +69,30 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class EncoderConfig(Strict):
+    """A frozen biological encoder read through a projector (``model.encoders.<modality>``)."""
+
+    name: str = Field(..., description="built-in tiny-dna / tiny-protein, or a hub id / local path of a transformers "
+                      "encoder (ESM-2 facebook/esm2_*, Nucleotide Transformer, any AutoModel + tokenizer), or "
+                      "'<scheme>:<id>' for an encoder registered with biopost.models.encoders.register_encoder")
+    layer: int = Field(-1, description="hidden layer whose per-position states are the features (-1 = last)")
+    max_length: int = Field(512, ge=2, description="encoder tokens per sequence (longer ones are truncated)")
+    projector: Literal["linear", "mlp", "attention_pool"] = "mlp"
+    num_tokens: int | None = Field(
+        None, ge=1, description="positions per sequence in the prompt; None = one per encoder token (linear / mlp; "
+        "attention_pool needs a number)")
+    trust_remote_code: bool = Field(False, description="run the model's own code from the hub (only for models that need it)")
+    revision: str | None = None
+    batch_size: int = Field(16, ge=1, description="sequences per encoder forward")
+    cache: bool = Field(True, description="keep features on disk per (encoder, layer, max_length, sequence)")
+
+    @model_validator(mode="after")
+    def _pool_needs_tokens(self) -> "EncoderConfig":
+        if self.projector == "attention_pool" and self.num_tokens is None:
+            raise ValueError("projector attention_pool needs num_tokens (its number of learned queries)")
+        return self
+
+
 class ModelConfig(Strict):
     backbone: str = Field(
         "tiny-s", description="hub id, local path, or a built-in tiny model: " "tiny-s, tiny-m"
@@ -83,6 +107,9 @@ class ModelConfig(Strict):
         "text", description="text: <think> tags are ordinary text for the tokenizer; add: add them as tokens "
         "where missing and resize the embeddings (new rows start at the mean embedding)"
     )
+    encoders: dict[Literal["dna", "protein", "cell"], EncoderConfig] = Field(
+        default_factory=dict, description="modalities read through a frozen encoder + projector; none = sequences "
+        "as text in the prompt")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -123,6 +150,7 @@ class StageBase(Strict):
     save_every_steps: int | None = Field(None, ge=1, description="resumable checkpoints; default = eval points")
     max_grad_norm: float = 1.0
     seed: int = 0
+    freeze_projector: bool = Field(False, description="fused models: keep the encoder projectors fixed in this stage")
     lora: LoraConfig | Literal["inherit", "full"] = Field(
         "inherit", description="adapter for this stage: 'inherit' model.lora, 'full' fine-tuning, or its own LoRA"
     )

@@ -43,8 +43,8 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
             for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False,
                               disable=len(examples) == 0):
                 batch = examples[start : start + cfg.batch_size]
-                enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch])
                 payloads = collate_payloads(batch, policy.modalities)
+                enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)
                 new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
                 texts = [policy.decode(row) for row in new]
                 out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
@@ -66,14 +66,10 @@ def seeded_rng(seed: int):
         yield
 
 
-def encode_prompts(policy, prompts: list[str]) -> dict:
+def encode_prompts(policy, prompts: list[str], payloads: dict[str, list] | None = None) -> dict:
     """Rendered prompts as a left-padded batch on the model's device (generation appends on the right)."""
-    tokenizer = policy.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-    finally:
-        tokenizer.padding_side = side
+    ids = policy.tokenize(prompts, payloads)
+    return policy.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt").to(policy.device)
 
 
 def collate_payloads(batch: list[Example], modalities: tuple[str, ...]) -> dict[str, list]:

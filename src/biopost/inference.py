@@ -23,6 +23,7 @@ def task_for_checkpoint(checkpoint: Path, name: str):
     task = get_task(name, state["options"])
     task.labels = state.get("labels") or []
     task.markers = state.get("markers") or {}
+    task.fused_modalities = frozenset(state.get("fused_modalities") or [])
     return task, state
 
 

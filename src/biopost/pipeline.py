@@ -18,6 +18,7 @@ from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
+from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.registry import get_task
 from biopost.runlog import RunLog
@@ -50,6 +51,7 @@ def split_rule(config: RunConfig, task) -> SplitRule:
 
 def load_task_and_splits(config: RunConfig):
     task = get_task(config.task.name, config.task.options)
+    task.fused_modalities = frozenset(config.model.encoders)  # these payloads become prompt placeholders
     examples = task.load()
     try:
         splits = make_splits(examples, split_rule(config, task), task.input_key, task.overlap_remedy)
@@ -63,7 +65,7 @@ def task_state(config: RunConfig, task, splits) -> dict:
     """Saved in every checkpoint: what `eval` and `predict` need to rebuild the task and its splits."""
     return {"name": task.name, "version": task.version, "options": config.task.options,
             "config_task": config.task.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
-            "split_fingerprints": splits.fingerprints(),
+            "split_fingerprints": splits.fingerprints(), "fused_modalities": sorted(task.fused_modalities),
             "labels": getattr(task, "labels", None), "markers": getattr(task, "markers", None)}
 
 
@@ -90,6 +92,9 @@ def run(config: RunConfig, run_dir: Path) -> Path:
     base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
+    if config.model.encoders:
+        check_encoder_inputs(config, splits)
+        base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
 
     finals: dict[str, Path] = {}
     previous = base
@@ -143,6 +148,17 @@ def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None
     policy.save(target)
     print(f"added tokens {added} to {base}; embeddings resized to {len(policy.tokenizer)}")
     return str(target)
+
+
+def check_encoder_inputs(config: RunConfig, splits) -> None:
+    """Every configured encoder has payloads to read, and none was pretrained on a held-out one."""
+    from biopost.models.tiny_encoders import check_encoder_leakage
+
+    for modality, encoder in config.model.encoders.items():
+        if not any(getattr(e, modality) is not None for e in splits.train):
+            raise ConfigError(f"model.encoders.{modality}: task {config.task.name} has no {modality} payloads; "
+                              f"remove the encoder or choose a task with {modality} inputs")
+        check_encoder_leakage(encoder.name, modality, splits)
 
 
 def check_run_dir(config: RunConfig, run_dir: Path) -> None:

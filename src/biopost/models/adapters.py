@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from biopost.config import LoraConfig
 from biopost.models.policy import Policy
 
 
-def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path, mode: str = "new") -> Policy:
+def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path, mode: str = "new",
+                         freeze_projector: bool = False) -> Policy:
     """Make ``policy`` trainable for a stage.
 
     ``lora=None``: full fine-tuning (an existing adapter is merged first).
     ``mode="continue"``: keep training the adapter the policy already has.
     ``mode="new"``: merge any existing adapter into the weights (saved under ``workdir/base`` so later
     checkpoints can reference it) and attach a fresh adapter, e.g. with another rank.
+    A fused model's projectors train too unless ``freeze_projector``.
     """
     from peft import LoraConfig as PeftLora, get_peft_model
 
+    policy.set_projector_trainable(not freeze_projector)
     if mode == "continue":
         if not policy.is_adapter:
             raise ValueError("adapter: continue needs an init checkpoint with a LoRA adapter; use adapter: new")
@@ -26,7 +30,7 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
         return policy
     if policy.is_adapter:
         merged = policy.model.merge_and_unload()
-        policy = Policy(merged, policy.tokenizer, info=policy.info)
+        policy = replace(policy, model=merged, base_path=None)
         policy.save(workdir / "base")
         policy.base_path = workdir / "base"
     elif policy.base_path is None:
@@ -43,4 +47,4 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(policy.model, config)
-    return Policy(model, policy.tokenizer, base_path=policy.base_path, info=policy.info)
+    return replace(policy, model=model)

@@ -13,13 +13,14 @@ prediction needs (task name, options, label set).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CHECKPOINT_FILE = "biopost_checkpoint.json"
+PROJECTOR_FILE = "projector.safetensors"  # a fused model's projectors (models/fusion.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,9 +80,40 @@ class Policy:
         out = self.model.generate(input_ids=input_ids, **common)
         return out[:, input_ids.shape[1]:]
 
-    # ---- chat rendering
+    # ---- chat rendering and tokenization
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def tokenize(self, texts: list[str], payloads: dict[str, list] | None = None) -> list[list[int]]:
+        """Token ids of rendered prompts; every tokenization site goes through here (a fused policy expands
+        its placeholders to the positions its projectors fill, from each row's ``payloads``)."""
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    # ---- trainable parts beside the LM: a fused model's projectors (text-only models have none)
+    def projector_parameters(self) -> list:
+        return []
+
+    def projector_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_projector_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError("this policy has no projectors to load weights into")
+
+    def set_projector_trainable(self, trainable: bool) -> None:
+        pass
+
+    def save_projector(self, path: Path) -> None:
+        if state := self.projector_state():
+            from safetensors.torch import save_file
+
+            save_file(state, Path(path) / PROJECTOR_FILE)
+
+    def load_projector(self, path: Path) -> None:
+        if self.projector_state():
+            from safetensors.torch import load_file
+
+            self.load_projector_state(load_file(Path(path) / PROJECTOR_FILE, device=str(self.device)))
 
     def decode(self, ids: torch.Tensor) -> str:
         """Decode generated ids, stopping at end-of-turn and dropping padding."""
@@ -107,6 +139,7 @@ class Policy:
         if task_state is not None:
             info["task"] = task_state
         (path / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
+        self.save_projector(path)
         return path
 
 
@@ -131,9 +164,13 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
             base = load_policy(info["base"], dtype, revision=info.get("revision"))
             model = PeftModel.from_pretrained(base.model, path, is_trainable=trainable_adapter)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            return Policy(model, tokenizer, base_path=Path(info["base"]), info=_kept(info))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-        return Policy(model, AutoTokenizer.from_pretrained(path), info=_kept(info))
+            policy = replace(base, model=model, tokenizer=tokenizer, base_path=Path(info["base"]), info=_kept(info))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+            policy = Policy(model, AutoTokenizer.from_pretrained(path), info=_kept(info))
+        from biopost.models.fusion import attach_saved_fusion
+
+        return attach_saved_fusion(policy, path, info)
     looks_local = str(source).startswith(("/", ".", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(

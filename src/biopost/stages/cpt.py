@@ -26,7 +26,8 @@ def run_cpt(ctx: StageContext):
     # ---- setup: corpus window, model, packed blocks
     corpus = load_corpus(stage.corpus, ctx.task, ctx.splits)
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
-    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new")
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new",
+                                  freeze_projector=stage.freeze_projector)
     eos = policy.tokenizer.eos_token_id
     train = pack(tokenize_documents(policy.tokenizer, corpus.train, eos), stage.seq_length, eos)
     heldout = pack(tokenize_documents(policy.tokenizer, corpus.heldout, eos), stage.seq_length, eos)

