@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -42,9 +42,29 @@ class SplitConfig(Strict):
     allow_overlap: bool = Field(False, description="permit identical inputs in train and a test split")
 
 
+class PromptConfig(Strict):
+    """Overrides of a task's prompt (its defaults: docs/tasks.md); a paraphrase is a legitimate OOD axis."""
+
+    system: str | None = Field(None, description="replaces the task's system prompt")
+    user: str | None = Field(
+        None, description="Jinja template over the task's prompt variables (e.g. {{ cell }}, {{ choices }}); "
+        "replaces the task's user prompt"
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _compiles(cls, user: str | None) -> str | None:
+        from biopost.tasks.prompts import PromptTemplate
+
+        if user is not None:
+            PromptTemplate(user)  # a syntax error is a config error, before any data loads
+        return user
+
+
 class TaskConfig(Strict):
     name: str = Field(..., description="registered task name; see `biopost tasks`")
     options: dict[str, Any] = Field(default_factory=dict, description="task-specific options, validated by the task")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
@@ -309,7 +329,7 @@ def describe_error(err: ValidationError, raw: dict) -> str:
         return f"config error: missing required key '{key}'"
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
-    return f"config error: '{key}': {first['msg']} (got {shown})"
+    return f"config error: '{key}': {first['msg'].removeprefix('Value error, ')} (got {shown})"
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -48,8 +48,10 @@ def split_rule(config: RunConfig, task) -> SplitRule:
 
 
 def load_task_and_splits(config: RunConfig):
-    task = get_task(config.task.name, config.task.options)
+    task = get_task(config.task.name, config.task.options, config.task.prompt.model_dump())
     examples = task.load()
+    if examples:
+        task.check_prompt(examples[0])
     try:
         splits = make_splits(examples, split_rule(config, task))
     except ValueError as err:
