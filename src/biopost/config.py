@@ -185,11 +185,40 @@ class CPTStage(StageBase):
         return self.batch_size * self.grad_accum
 
 
+class CustomReward(Strict):
+    """A reward function of your own, by import path (TRL's contract; see biopost/rewards.py)."""
+
+    function: str = Field(..., description="'module:function', f(prompts, completions, **columns) -> list[float | None]")
+    weight: float = 1.0
+    name: str | None = Field(None, description="logged as reward_<name>; default: the function's name")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, function: str) -> str:
+        from biopost.rewards import load_reward_function
+
+        load_reward_function(function)  # a bad path fails with the config, not after an SFT stage
+        return function
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function.rpartition(":")[2].rpartition(".")[2]
+
+
 class RewardWeights(Strict):
     correctness: float = Field(1.0, description="the task's scorer (its reward_metric)")
     format: float = Field(0.5, description="<think> ... </think> then one Answer: line")
     length: float = Field(0.0, description="length penalty weight (0 = off)")
     length_target_tokens: int = Field(64, ge=1, description="no penalty up to this many completion tokens")
+    custom: list[CustomReward] = Field(default_factory=list, description="your reward functions, next to the above")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RewardWeights":
+        names = ["correctness", "format", "length"] + [c.label for c in self.custom]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"reward name {repeated[0]!r} is taken; give the custom reward another `name:`")
+        return self
 
 
 class RLStage(StageBase):
