@@ -5,7 +5,8 @@ Your own functions join them by import path in an RL stage (``rewards.custom``),
 
     rewards: {correctness: 1.0, format: 0.5, custom: [{function: "mypkg.rewards:motif_bonus", weight: 0.5}]}
 
-Every function is called with keywords: ``prompts`` (the rendered prompts), ``completions`` (the sampled
+The module is imported from the installed packages or, failing that, the working directory. Every
+function is called with keywords: ``prompts`` (the rendered prompts), ``completions`` (the sampled
 texts) and the columns of :func:`reward_columns`, each a list with one value per completion. It returns
 one number per completion, or ``None`` where it abstains (TRL's convention): an abstention adds nothing to
 that completion's total reward and is left out of the logged mean ``reward_<name>``; the share of
@@ -17,7 +18,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from numbers import Real
 
 FORMAT = re.compile(r"\A\s*<think>\n?.*?\n?</think>\s*Answer:[ \t]*\S[^\n]*\s*\Z", re.DOTALL)
@@ -81,6 +84,8 @@ def load_reward_function(path: str):
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"reward {path!r} is not 'module:function' (e.g. mypkg.rewards:motif_bonus)")
+    if os.getcwd() not in sys.path:  # a module beside the config works under the `biopost` script too
+        sys.path.append(os.getcwd())
     try:
         func = importlib.import_module(module_name)
     except Exception as err:  # the user's module: any import failure becomes one line

@@ -37,7 +37,7 @@ from biopost.registry import register_task
 from biopost.tasks.answer_kinds import exact, label_set, parse_number, set_scores, split_labels, within
 from biopost.tasks.base import LabelTask, TaskOptions
 from biopost.tasks.parsing import match_label
-from biopost.tasks.prompts import PromptTemplate
+from biopost.tasks.prompts import PromptTemplate, compile_template
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
                 ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -175,8 +175,8 @@ class TableTask(LabelTask):
     def _check_answers_in_labels(self, what: str) -> None:
         unknown = sorted(self.answers - set(self.labels))
         if unknown:
-            raise ValueError(f"answers {unknown[:5]}{' ...' if len(unknown) > 5 else ''} ({len(unknown)} labels) "
-                             f"are not in {what}; list every label in task.options.labels")
+            raise ValueError(f"{len(unknown)} answer{'s' if len(unknown) > 1 else ''} not in {what}: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}; list every label in task.options.labels")
 
     def _field_columns(self, columns: list[str]) -> list[str]:
         cmap = self.options.columns
@@ -185,11 +185,14 @@ class TableTask(LabelTask):
         taken = {cmap.answer, cmap.id, cmap.reasoning} | {c for cols in cmap.payloads().values() for c in cols}
         return [c for c in columns if c not in taken]
 
-    def _example(self, row: dict[str, Any], index: int, where: str, answer_required: bool = True) -> Example:
+    def _example(self, row: dict[str, Any], index: int, where: str, answer_required: bool = True,
+                 fallback_id: str | None = None) -> Example:
         cmap = self.options.columns
-        rid = row.get(cmap.id) if cmap.id else f"row-{index}"
+        rid = row.get(cmap.id) if cmap.id else None
         if is_missing(rid):
-            raise ValueError(f"{where}: row {index} has no id in column {cmap.id!r} (columns.id)")
+            if cmap.id and fallback_id is None:
+                raise ValueError(f"{where}: row {index} has no id in column {cmap.id!r} (columns.id)")
+            rid = fallback_id or f"row-{index}"
         rid = str(rid)
         payloads = {}
         for modality, cols in cmap.payloads().items():
@@ -233,15 +236,14 @@ class TableTask(LabelTask):
         return [example.answer]
 
     def example_from_input(self, record: dict, where: str) -> Example:
-        """A row with the table's columns (the answer and group columns may be absent)."""
+        """A row with the table's columns (answer, group and id may be absent; the id defaults to ``where``)."""
         check_columns(self.options.columns, list(record), where, required_only=True)
         self.field_columns = self.field_columns or self._field_columns(list(record))
-        example = self._example(record, 0, where, answer_required=False)
-        template = self.user_override or PromptTemplate(self.user_template)
-        missing = sorted(template.variables - set(self.prompt_variables(example)))
+        template = self.user_override or compile_template(self.user_template)
+        missing = sorted(template.variables - set(record) - set(RESERVED))
         if missing:
             raise ValueError(f"{where}: no column {missing[0]!r}, which the prompt uses; columns: {', '.join(record)}")
-        return example
+        return self._example(record, 0, where, answer_required=False, fallback_id=where)
 
     # ---- prompt
     def prompt_variables(self, example: Example) -> dict:
@@ -371,7 +373,7 @@ def read_hub(source: str, opts: TableOptions) -> tuple[list[dict], list[str]]:
 def check_columns(cmap: ColumnMap, present: list[str], where: str, required_only: bool = False) -> None:
     """Every mapped column exists; the error names the missing one, its role and the columns present."""
     for column, role in cmap.roles().items():
-        if required_only and role in ("answer", "group", "reasoning"):
+        if required_only and role in ("answer", "group", "reasoning", "id", "fields"):
             continue
         if column not in present:
             raise ValueError(f"{where} has no column {column!r} (task.options.columns.{role}); "
