@@ -292,3 +292,11 @@ def test_rows_from_predict_input(tmp_path):
         task.example_from_input({"cell_id": "x", "markers": "CD3E"}, "in.jsonl:2")
     with pytest.raises(ConfigError):
         get_task("table", {"source": "x.csv"})
+
+
+def test_any_column_can_define_the_ood_split(tmp_path):
+    """Held-out cell types: the answer column as ood_field, with the label set given so NK can be answered."""
+    task, splits = load(table_config(write_csv(tmp_path / "cells.csv", cell_rows()), labels=TYPES,
+                                     split={"ood_field": "cell_type", "ood_test_groups": ["NK"]}))
+    assert {e.answer for e in splits.ood_test} == {"NK"} and "NK" not in {e.answer for e in splits.train}
+    assert task.labels == TYPES

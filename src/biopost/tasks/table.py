@@ -142,7 +142,7 @@ class TableTask(LabelTask):
         self.default_ood_field = opts.columns.group
         self.labels: list[str] = list(opts.labels or [])
         self.answers: set[str] = set()  # every gold label in the table, checked against the label set
-        self.field_columns: list[str] | None = None  # set from the table's columns by load()
+        self.field_columns: list[str] | None = None  # the prompt's columns, set by load()
         self.split_on = opts.separator.strip() or opts.separator  # multilabel: items are stripped anyway
         self.join_with = opts.separator if opts.separator.isspace() else self.split_on + " "
         self.primary_metric = self.reward_metric = "f1" if opts.answer_kind == "multilabel" else "accuracy"
@@ -154,7 +154,7 @@ class TableTask(LabelTask):
         rows, columns, where = read_rows(self.options)
         check_columns(self.options.columns, columns, where)
         self.field_columns = self._field_columns(columns)
-        examples = [self._example(row, i, where) for i, row in enumerate(rows)]
+        examples = [self._example(row, i, where, self.field_columns) for i, row in enumerate(rows)]
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
             repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -185,8 +185,8 @@ class TableTask(LabelTask):
         taken = {cmap.answer, cmap.id, cmap.reasoning} | {c for cols in cmap.payloads().values() for c in cols}
         return [c for c in columns if c not in taken]
 
-    def _example(self, row: dict[str, Any], index: int, where: str, answer_required: bool = True,
-                 fallback_id: str | None = None) -> Example:
+    def _example(self, row: dict[str, Any], index: int, where: str, field_columns: list[str],
+                 answer_required: bool = True, fallback_id: str | None = None) -> Example:
         cmap = self.options.columns
         rid = row.get(cmap.id) if cmap.id else None
         if is_missing(rid):
@@ -211,13 +211,13 @@ class TableTask(LabelTask):
         else:
             answer = self._answer_text(answer, rid, where)
         reasoning = row.get(cmap.reasoning) if cmap.reasoning else None
-        meta = {c: v for c, v in row.items() if c not in {cmap.answer, cmap.reasoning} and c not in
-                {col for cols in cmap.payloads().values() for col in cols}}
-        if answer_required and is_missing(meta.get(cmap.group)):
+        if answer_required and is_missing(row.get(cmap.group)):
             raise ValueError(f"{where}: example {rid!r} has no group in column {cmap.group!r} (columns.group)")
-        return Example(id=rid, fields={c: row.get(c) for c in self.field_columns}, answer=answer,
-                       reasoning="" if is_missing(reasoning) else str(reasoning).strip(), **payloads,
-                       meta={**meta, "answer": answer})
+        # Split metadata: every column but payloads and the rationale (the answer as scored), so any can be ood_field.
+        skip = {cmap.reasoning} | {col for cols in cmap.payloads().values() for col in cols}
+        meta = {**{c: v for c, v in row.items() if c not in skip}, cmap.answer: answer}
+        return Example(id=rid, fields={c: row.get(c) for c in field_columns}, answer=answer,
+                       reasoning="" if is_missing(reasoning) else str(reasoning).strip(), **payloads, meta=meta)
 
     def _answer_text(self, value: Any, rid: str, where: str) -> str:
         kind = self.options.answer_kind
@@ -238,12 +238,12 @@ class TableTask(LabelTask):
     def example_from_input(self, record: dict, where: str) -> Example:
         """A row with the table's columns (answer, group and id may be absent; the id defaults to ``where``)."""
         check_columns(self.options.columns, list(record), where, required_only=True)
-        self.field_columns = self.field_columns or self._field_columns(list(record))
         template = self.user_override or compile_template(self.user_template)
         missing = sorted(template.variables - set(record) - set(RESERVED))
         if missing:
             raise ValueError(f"{where}: no column {missing[0]!r}, which the prompt uses; columns: {', '.join(record)}")
-        return self._example(record, 0, where, answer_required=False, fallback_id=where)
+        fields = self.field_columns or self._field_columns(list(record))
+        return self._example(record, 0, where, fields, answer_required=False, fallback_id=where)
 
     # ---- prompt
     def prompt_variables(self, example: Example) -> dict:
