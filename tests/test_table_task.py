@@ -170,14 +170,15 @@ def test_number_and_exact_answers(tmp_path):
 
 
 def test_cell_payload_column_shows_through_sequence_text(tmp_path):
-    rows = [{"id": f"c{i}", "cell": {"LYZ": 3.0 + i, "CD14": 1.0, "XIST": 0.0}, "type": "Mono", "donor": f"d{i % 3}"}
-            for i in range(12)]
+    rows = [{"id": f"c{i}", "cell": {"LYZ": 3.0 + i, "CD14": 1.0, f"G{i}": 0.5, "XIST": 0.0}, "type": "Mono",
+             "donor": f"d{i % 3}"} for i in range(12)]
     path = write_jsonl(tmp_path / "cells.jsonl", rows)
     task, splits = load(table_config(path, columns={"id": "id", "answer": "type", "group": "donor", "cell": "cell"},
                                      prompt="Cell: {{ cell }}.", split={"ood_test_groups": ["d2"]},
                                      labels=["Mono", "B"]))
     example = splits.ood_test[0]
-    assert example.cell["genes"] == ["LYZ", "CD14"] and task.messages(example)[-1]["content"] == "Cell: LYZ CD14."
+    assert example.cell["genes"] == ["LYZ", "CD14", "G2"] and example.cell["values"] == [5.0, 1.0, 0.5]
+    assert task.messages(example)[-1]["content"] == "Cell: LYZ CD14 G2."
     assert task.labels == ["Mono", "B"]  # given, not read from train
     task.fused_modalities = frozenset({"cell"})
     assert task.messages(example)[-1]["content"] == "Cell: <|cell|>."
