@@ -239,6 +239,7 @@ def test_hub_id_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
     ({"tolerance": 0.1}, "tolerance applies to answer_kind number, not label"),
     ({"labels": ["B", "T", "NK"]}, "1 answer not in task.options.labels: ['Mono']; list every label in"),
     ({"source": "missing.csv"}, "table not found: missing.csv"),
+    ({"revision": "v2"}, "task.options.revision does not apply to a file (cells.csv)"),
 ])
 def test_bad_maps_and_templates_are_one_line_errors(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)

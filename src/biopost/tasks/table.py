@@ -299,15 +299,25 @@ def read_rows(opts: TableOptions) -> tuple[list[dict[str, Any]], list[str], str]
     """(rows as plain Python values, column names in order, a name for messages)."""
     path = Path(opts.source).expanduser()
     if path.is_file():
+        refuse(opts, ("subset", "split", "revision"), "a file")
         return read_file(path, opts.format) + (path.name,)
+    refuse(opts, ("format",), "a dataset (datasets reads its files)")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            refuse(opts, ("subset", "revision"), "a save_to_disk directory")
             return read_saved_dataset(path, opts.split) + (path.name,)
         return read_hub(str(path), opts) + (path.name,)
     if opts.format or path.suffix.lower() in FILE_FORMATS or path.is_absolute() or opts.source.startswith("."):
         raise FileNotFoundError(f"table not found: {opts.source} (relative paths start at {Path.cwd()}); "
                                 "set task.options.source to a file, a datasets directory or a Hub dataset id")
     return read_hub(opts.source, opts) + (opts.source,)
+
+
+def refuse(opts: TableOptions, keys: tuple[str, ...], what: str) -> None:
+    """Options that would be ignored for this kind of source are errors, not silent no-ops."""
+    given = [k for k in keys if k in opts.model_fields_set]
+    if given:
+        raise ConfigError(f"task.options.{given[0]} does not apply to {what} ({opts.source})")
 
 
 def read_file(path: Path, fmt: str | None) -> tuple[list[dict], list[str]]:
