@@ -133,18 +133,19 @@ def cmd_summary(args) -> int:
 def cmd_tasks(args) -> int:
     from biopost.config import RunConfig
     from biopost.pipeline import load_task_and_splits
-    from biopost.registry import TASKS, task_names
+    from biopost.registry import PLUGINS, TASKS, task_names
 
     for name in task_names():
         cls = TASKS[name]
+        origin = f"  (plug-in: {PLUGINS[name]})" if name in PLUGINS else ""
         required = [k for k, f in cls.Options.model_fields.items() if f.is_required()]
         if required:
-            print(f"{name:24s} [{cls.domain}] needs task.options: {', '.join(required)}")
+            print(f"{name:24s} [{cls.domain}] needs task.options: {', '.join(required)}{origin}")
             continue
         config = RunConfig.model_validate({"task": {"name": name}, "stages": [{"kind": "sft"}]})
         _, splits = load_task_and_splits(config)
         sizes = " ".join(f"{k}={v}" for k, v in splits.sizes().items())
-        print(f"{name:24s} [{cls.domain}] {sizes}  (OOD {splits.ood_test_groups})")
+        print(f"{name:24s} [{cls.domain}] {sizes}  (OOD {splits.ood_test_groups}){origin}")
     return 0
 
 

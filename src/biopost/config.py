@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
 
 
@@ -55,9 +55,29 @@ class SplitConfig(Strict):
         return self
 
 
+class PromptConfig(Strict):
+    """Overrides of a task's prompt (its defaults: docs/tasks.md); a paraphrase is a legitimate OOD axis."""
+
+    system: str | None = Field(None, description="replaces the task's system prompt")
+    user: str | None = Field(
+        None, description="Jinja template over the task's prompt variables (e.g. {{ cell }}, {{ choices }}); "
+        "replaces the task's user prompt"
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _compiles(cls, user: str | None) -> str | None:
+        from biopost.tasks.prompts import PromptTemplate
+
+        if user is not None:
+            PromptTemplate(user)  # a syntax error is a config error, before any data loads
+        return user
+
+
 class TaskConfig(Strict):
     name: str = Field(..., description="registered task name; see `biopost tasks`")
     options: dict[str, Any] = Field(default_factory=dict, description="task-specific options, validated by the task")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 
@@ -209,11 +229,40 @@ class CPTStage(StageBase):
         return self.batch_size * self.grad_accum
 
 
+class CustomReward(Strict):
+    """A reward function of your own, by import path (TRL's contract; see biopost/rewards.py)."""
+
+    function: str = Field(..., description="'module:function', f(prompts, completions, **columns) -> list[float | None]")
+    weight: float = 1.0
+    name: str | None = Field(None, description="logged as reward_<name>; default: the function's name")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, function: str) -> str:
+        from biopost.rewards import load_reward_function
+
+        load_reward_function(function)  # a bad path fails with the config, not after an SFT stage
+        return function
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function.rpartition(":")[2].rpartition(".")[2]
+
+
 class RewardWeights(Strict):
     correctness: float = Field(1.0, description="the task's scorer (its reward_metric)")
     format: float = Field(0.5, description="<think> ... </think> then one Answer: line")
     length: float = Field(0.0, description="length penalty weight (0 = off)")
     length_target_tokens: int = Field(64, ge=1, description="no penalty up to this many completion tokens")
+    custom: list[CustomReward] = Field(default_factory=list, description="your reward functions, next to the above")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RewardWeights":
+        names = ["correctness", "format", "length"] + [c.label for c in self.custom]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"reward name {repeated[0]!r} is taken; give the custom reward another `name:`")
+        return self
 
 
 class RLStage(StageBase):
@@ -379,7 +428,7 @@ def describe_error(err: ValidationError, raw: dict) -> str:
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     hint = "; write true or false (configs read as YAML 1.2)" if first["type"] == "bool_type" else ""
-    return f"config error: '{key}': {first['msg']} (got {shown}){hint}"
+    return f"config error: '{key}': {first['msg'].removeprefix('Value error, ')} (got {shown}){hint}"
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -20,7 +20,7 @@ def task_for_checkpoint(checkpoint: Path, name: str):
         raise FileNotFoundError(f"{checkpoint} is not a biopost checkpoint (no biopost_checkpoint.json)")
     if state["name"] != name:
         raise ConfigError(f"checkpoint was trained on task {state['name']!r}, not {name!r}; pass --task {state['name']}")
-    task = get_task(name, state["options"])
+    task = get_task(name, state["options"], state["config_task"].get("prompt"))
     task.labels = state.get("labels") or []
     task.markers = state.get("markers") or {}
     task.fused_modalities = frozenset(state.get("fused_modalities") or [])

@@ -12,9 +12,10 @@ advantages -> old and reference log-probs (no grad) -> ``mu`` clipped updates ->
 from __future__ import annotations
 
 import json
+import math
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from transformers import get_scheduler
 from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import prepare_for_training
 from biopost.models.policy import load_policy
-from biopost.rewards import correctness_reward, format_reward, length_penalty
+from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
 from biopost.stages.sft import sample_fraction
@@ -63,7 +64,7 @@ def run_rl(ctx: StageContext):
             batch.old_logps = sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         stats = optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
-        row = {**{k: float(v.mean()) for k, v in scores.items()}, **stats,
+        row = {**{k: mean_or_none(v) for k, v in scores.items()}, **stats,
                "completion_length": float(batch.mask.sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
         log_train_row(ctx, step + 1, per_epoch, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
@@ -87,6 +88,7 @@ class Rollouts:
     payloads: dict
     old_logps: torch.Tensor | None = None  # None: the policy that sampled is the one optimised (mu = 1)
     ref_logps: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)  # rendered, one per sequence (for reward functions)
 
 
 def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
@@ -112,7 +114,8 @@ def rollout(policy, task, examples: list, stage) -> Rollouts:
     )
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
-                    [policy.decode(row) for row in completion_ids], payloads)
+                    [policy.decode(row) for row in completion_ids], payloads,
+                    prompts=[p for p in prompts for _ in range(stage.num_generations)])
 
 
 def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = slice(None)):
@@ -126,23 +129,36 @@ def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = sl
 
 
 def reward_functions(task, stage) -> dict:
+    """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions."""
     weights = stage.rewards
     funcs = {"correctness": (weights.correctness, correctness_reward(task)), "format": (weights.format, format_reward)}
     if weights.length:
         funcs["length"] = (weights.length, length_penalty(weights.length_target_tokens, stage.max_completion_length))
+    for custom in weights.custom:
+        funcs[custom.label] = (custom.weight, load_reward_function(custom.function))
     return funcs
 
 
 def score_rollouts(batch: Rollouts, rewards: dict, stage) -> dict[str, torch.Tensor]:
-    """Each reward component per completion, and their weighted sum ``reward``."""
-    columns = {"examples": batch.examples, "completion_lengths": batch.mask.sum(1).tolist()}
+    """Each reward per completion (NaN where it abstained with None), and their weighted sum ``reward``,
+    to which an abstention adds nothing. ``reward_<name>_none``: 1 where ``name`` abstained."""
+    columns = {**reward_columns(batch.examples), "completion_lengths": batch.mask.sum(1).tolist()}
+    custom = {c.label for c in stage.rewards.custom}
     out, total = {}, torch.zeros(len(batch.completions))
     for name, (weight, func) in rewards.items():
-        values = torch.tensor([0.0 if v is None else v for v in func(None, batch.completions, **columns)])
-        out[f"reward_{name}"] = values
-        total += weight * values
+        values = call_reward(name, func, batch.prompts, batch.completions, **columns)
+        out[f"reward_{name}"] = torch.tensor([math.nan if v is None else v for v in values])
+        if name in custom:  # built-in rewards never abstain
+            out[f"reward_{name}_none"] = torch.tensor([float(v is None) for v in values])
+        total += weight * torch.nan_to_num(out[f"reward_{name}"], nan=0.0)
     out["reward"] = total
     return out
+
+
+def mean_or_none(values: torch.Tensor) -> float | None:
+    """Mean over the values that are not NaN (rewards that abstained); None when all abstained."""
+    mean = float(values.nanmean())
+    return None if math.isnan(mean) else mean
 
 
 def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, stage) -> dict[str, float]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from biopost.data import Example, format_target
 from biopost.data.example import PLACEHOLDERS
 from biopost.tasks.parsing import match_label, parse_answer
+from biopost.tasks.prompts import PromptTemplate, compile_template
 
 
 class TaskOptions(BaseModel):
@@ -37,11 +38,17 @@ class Task:
     system_prompt: ClassVar[str] = "You are a careful biologist. Think step by step, then give one answer."
     # Advice in the leakage error when two splits share an input (before "or set allow_overlap").
     overlap_remedy: ClassVar[str] = "deduplicate the examples"
+    # The default user prompt as a Jinja template over ``prompt_variables`` (None: ``user_prompt`` is code).
+    user_template: ClassVar[str | None] = None
+    user_template_key: ClassVar[str] = "the task's default prompt"  # where errors in user_template point
 
     def __init__(self, options: TaskOptions | None = None):
         self.options = options or self.Options()
         # Modalities the model reads through an encoder (set from ``model.encoders``); others are text.
         self.fused_modalities: frozenset[str] = frozenset()
+        # ``task.prompt`` in a config: a paraphrase of the prompt is a legitimate OOD axis.
+        self.system_override: str | None = None
+        self.user_override: PromptTemplate | None = None
 
     # ---- data
     def load(self) -> list[Example]:
@@ -51,8 +58,39 @@ class Task:
         """Learn train-only statistics (e.g. marker genes for rationales). Default: nothing."""
 
     # ---- prompting
+    def use_prompt(self, system: str | None = None, user: str | None = None) -> None:
+        """Replace the system prompt and / or the user prompt (a template over ``prompt_variables``)."""
+        self.system_override = system
+        try:
+            self.user_override = None if user is None else PromptTemplate(user)
+        except ValueError as err:
+            raise ValueError(f"task.prompt.user: {err}") from None
+
+    def prompt_variables(self, example: Example) -> dict:
+        """What a prompt template may name: the example's fields, each sequence payload by its modality
+        (``dna``, ``protein``: text, or the placeholder when fused; a list when there are several) and
+        ``choices`` (the candidate answers, when the task has a label set)."""
+        variables = dict(example.fields)
+        for modality in ("dna", "protein"):
+            payload = getattr(example, modality)
+            if payload is not None:
+                texts = [self.sequence_text(modality, s) for s in ((payload,) if isinstance(payload, str) else payload)]
+                variables[modality] = texts[0] if isinstance(payload, str) else texts
+        variables["choices"] = list(getattr(self, "labels", []) or [])
+        return variables
+
     def user_prompt(self, example: Example) -> str:
-        raise NotImplementedError
+        """The task's default user prompt: ``user_template`` rendered, unless a subclass writes it in code."""
+        if self.user_template is None:
+            raise NotImplementedError
+        return compile_template(self.user_template).render(self.prompt_variables(example))
+
+    def check_prompt(self, example: Example) -> None:
+        """Fail before training, in one line, when a prompt template names a variable the task lacks."""
+        if self.user_override is not None:
+            self.user_override.check(self.prompt_variables(example), "task.prompt.user")
+        elif self.user_template is not None:
+            compile_template(self.user_template).check(self.prompt_variables(example), self.user_template_key)
 
     def sequence_text(self, modality: str, text: str) -> str:
         """How one payload appears in the prompt: its text serialization, or the modality's placeholder
@@ -68,10 +106,13 @@ class Task:
         return PLACEHOLDERS[modality] if modality in self.fused_modalities else text
 
     def messages(self, example: Example) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": self.user_prompt(example)},
-        ]
+        """The chat the model reads: the one place where ``task.prompt`` overrides apply."""
+        system = self.system_prompt if self.system_override is None else self.system_override
+        if self.user_override is None:
+            user = self.user_prompt(example)
+        else:
+            user = self.user_override.render(self.prompt_variables(example))
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def reasoning(self, example: Example) -> str:
         return example.reasoning
@@ -81,7 +122,7 @@ class Task:
 
     def training_texts(self, examples) -> list[str]:
         """Prompt and target text, e.g. for training a built-in tokenizer."""
-        return [self.system_prompt + "\n" + self.user_prompt(e) + "\n" + self.target(e) for e in examples]
+        return ["\n".join(m["content"] for m in self.messages(e)) + "\n" + self.target(e) for e in examples]
 
     def input_key(self, example: Example) -> str:
         """Hash of what the model reads of an example: its rendered messages, plus the payloads it reads
@@ -105,7 +146,7 @@ class Task:
 
     def leak_keys(self, example: Example) -> list[str]:
         """Text that identifies an example's input; a CPT corpus containing it would leak the test set."""
-        return [self.user_prompt(example)]
+        return [self.messages(example)[-1]["content"]]
 
     # ---- scoring
     def parse(self, completion: str, mode: str = "strict") -> str | None:

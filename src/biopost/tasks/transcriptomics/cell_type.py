@@ -64,6 +64,11 @@ class CellTypeTask(LabelTask):
         "You are an expert in single-cell transcriptomics. Think step by step inside <think> </think>, "
         "then reply with one line 'Answer: <cell type>'."
     )
+    user_template = (
+        "Organism: {{ organism }}. The {{ genes | length }} most highly expressed genes of one cell, in decreasing "
+        "order: {{ cell }}.\nWhich cell type is this cell?"
+        "{% if choices %} Choose one of: {{ choices | join('; ') }}.{% endif %}"
+    )
     organism: str = "Homo sapiens"
     overlap_remedy = "raise task.options.top_k_genes (longer cell sentences tell cells apart), deduplicate the cells"
 
@@ -154,15 +159,11 @@ class CellTypeTask(LabelTask):
         return [" ".join(example.fields["genes"])]
 
     # ---- prompt
-    def user_prompt(self, example: Example) -> str:
-        genes = example.fields["genes"]
-        text = (
-            f"Organism: {example.fields['organism']}. The {len(genes)} most highly expressed genes of one cell, "
-            f"in decreasing order: {self.sequence_text('cell', ' '.join(genes))}.\nWhich cell type is this cell?"
-        )
-        if self.options.list_choices:
-            text += f" Choose one of: {'; '.join(self.labels)}."
-        return text
+    def prompt_variables(self, example: Example) -> dict:
+        """``organism``, ``genes`` (a list), ``cell`` (the genes as text, or the placeholder when fused) and
+        ``choices`` (the cell types, empty when ``list_choices`` is off)."""
+        return {**example.fields, "cell": self.sequence_text("cell", " ".join(example.fields["genes"])),
+                "choices": self.labels if self.options.list_choices else []}
 
 
 def cell_sentence(matrix, row: int, genes: np.ndarray, seed: int = 0) -> tuple[list[str], list[float]]:

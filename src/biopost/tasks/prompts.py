@@ -1,0 +1,79 @@
+"""Prompt templates: Jinja in a sandbox, so a config or a table can word a prompt but never run code.
+
+Values from the data are inserted as text and never parsed as templates. ``None`` renders as an empty
+string and a list as its items separated by spaces (``{{ genes | join(', ') }}`` for another separator).
+A variable the template names but the task does not provide is an error, never an empty string.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def _finalize(value):
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return " ".join("" if v is None else str(v) for v in value)
+    return value
+
+
+ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, finalize=_finalize)
+
+
+class PromptTemplate:
+    """A compiled template and the variables it names.
+
+    >>> t = PromptTemplate("Genes: {{ genes }}.{% if choices %} Choose one of: {{ choices | join('; ') }}.{% endif %}")
+    >>> t.render({"genes": ["CD3E", "LCK"], "choices": ["T", "B"]})
+    'Genes: CD3E LCK. Choose one of: T; B.'
+    >>> sorted(t.variables)
+    ['choices', 'genes']
+    >>> PromptTemplate("{{ x.__class__ }}").render({"x": 1})
+    Traceback (most recent call last):
+    ...
+    jinja2.exceptions.SecurityError: access to attribute '__class__' of 'int' object is unsafe.
+    >>> PromptTemplate("Genes: {{ genes }")
+    Traceback (most recent call last):
+    ...
+    ValueError: template syntax error (line 1): unexpected '}'
+    """
+
+    def __init__(self, source: str):
+        self.source = source
+        try:
+            self.variables = frozenset(meta.find_undeclared_variables(ENV.parse(source)))
+            self.template = ENV.from_string(source)
+        except TemplateSyntaxError as err:
+            raise ValueError(f"template syntax error (line {err.lineno}): {err.message}") from None
+
+    def render(self, variables: dict) -> str:
+        return self.template.render(variables).strip()
+
+    def check(self, variables: dict, where: str) -> None:
+        """Raise a one-line error when the template names a variable not in ``variables`` or fails to render.
+
+        >>> PromptTemplate("{{ genez }}").check({"genes": "A B", "choices": []}, "task.prompt.user")
+        Traceback (most recent call last):
+        ...
+        ValueError: task.prompt.user: the template uses genez, which the task does not provide; variables: choices, genes
+        """
+        unknown = sorted(self.variables - set(variables))
+        if unknown:
+            raise ValueError(
+                f"{where}: the template uses {', '.join(unknown)}, which the task does not provide; "
+                f"variables: {', '.join(sorted(variables))}"
+            )
+        try:
+            self.render(variables)
+        except (TemplateError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: the template fails on the first example ({type(err).__name__}: {err})") from None
+
+
+@lru_cache(maxsize=64)
+def compile_template(source: str) -> PromptTemplate:
+    """Compile once per distinct template text."""
+    return PromptTemplate(source)
