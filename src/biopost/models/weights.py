@@ -1,9 +1,9 @@
 """Weight-space arithmetic on whole checkpoints: interpolation (WiSE-FT) and uniform averaging.
 
-Written over state dicts of every torch module a :class:`Policy` holds (the language model and, for fused
-models, the projector and encoder), so it applies to any checkpoint. Adapters are merged first: a LoRA
-checkpoint becomes plain weights. Tensors equal at both ends are kept as they are, so frozen parts (an
-encoder, an untouched embedding) never pick up rounding.
+Written over the state dicts of every torch module a :class:`Policy` holds (the language model and, for fused
+models, the projectors), so it applies to any checkpoint. Adapters are merged first: a LoRA checkpoint
+becomes plain weights. Tensors equal at both ends are kept as they are, so untouched parts never pick up
+rounding.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def merged(policy: Policy) -> Policy:
 
 
 def modules_of(policy: Policy) -> dict[str, torch.nn.Module]:
-    """The policy's torch modules by attribute name: ``model``, plus any other it holds (a fused projector)."""
+    """The policy's torch modules by attribute name: ``model``, plus any other it holds (fused ``projectors``)."""
     return {name: value for name, value in vars(policy).items() if isinstance(value, torch.nn.Module)}
 
 
