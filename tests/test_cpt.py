@@ -81,7 +81,8 @@ def cpt_then_sft_config(backbone):
         "task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": 16}},
         "model": {"backbone": str(backbone), "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0}},
         "eval": {"splits": ["val", "id_test", "ood_test"], "max_examples": 4, "batch_size": 4,
-                 "max_new_tokens": 8, "bootstrap": 0},
+                 "max_new_tokens": 8, "bootstrap": 0,
+                 "forgetting": {"corpora": {"go": {"source": "go", "take": 400, "heldout": 40}}, "seq_length": 64}},
         "stages": [
             {"kind": "cpt", "corpus": {"source": "go", "take": 400, "heldout": 40}, "seq_length": 64,
              "batch_size": 8, "lr": 5e-3, "max_steps": 30, "eval_every_steps": 15,
@@ -97,10 +98,20 @@ def cpt_run(tmp_path_factory, tiny_backbone):
 
 
 def test_cpt_lowers_heldout_perplexity(cpt_run):
-    rows = [r for r in read_metrics(cpt_run) if r["stage"] == "cpt" and r["metric"] == "perplexity"]
+    rows = [r for r in read_metrics(cpt_run) if r["stage"] == "cpt" and r["split"] == "heldout" and r["metric"] == "perplexity"]
     assert [r["step"] for r in rows] == [0, 15, 30]
-    assert all(r["split"] == "heldout" and r["n"] > 0 for r in rows)
+    assert all(r["n"] > 0 for r in rows)
     assert rows[-1]["value"] < 0.8 * rows[0]["value"]
+
+
+def test_forgetting_corpus_rows_at_every_cpt_and_sft_evaluation_point(cpt_run):
+    """The CPT stage's own window as a forgetting corpus scores exactly its held-out documents."""
+    rows = [r for r in read_metrics(cpt_run) if r["metric"] == "perplexity"]
+    general = {(r["stage"], r["step"]): r for r in rows if r["split"] == "general/go"}
+    heldout = {(r["stage"], r["step"]): r for r in rows if r["split"] == "heldout"}
+    assert sorted(general) == [("cpt", 0), ("cpt", 15), ("cpt", 30), ("sft", 0), ("sft", 1)]
+    for point, row in heldout.items():
+        assert general[point]["n"] == row["n"] and general[point]["value"] == pytest.approx(row["value"], rel=1e-6)
 
 
 def test_cpt_checkpoint_is_the_exact_sft_init(cpt_run):

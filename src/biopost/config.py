@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
@@ -146,6 +146,9 @@ class EvalConfig(Strict):
     top_k: int = Field(0, ge=0)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% intervals")
     seed: int = 0
+    forgetting: ForgettingConfig = Field(
+        default_factory=lambda: ForgettingConfig(), description="checks outside the task, at every evaluation point"
+    )
 
 
 # ---------------------------------------------------------------- stages
@@ -157,7 +160,8 @@ class Schedule(Strict):
 
 class StageBase(Strict):
     name: str | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
-    init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', or a stage name")
+    init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', a stage name, "
+                      "'<stage>:best' (its val-selected checkpoint) or '<stage>:init' (what it started from)")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Schedule = Field(default_factory=Schedule)
@@ -210,6 +214,40 @@ class CorpusConfig(Strict):
     take: int = Field(2000, ge=2)
     heldout: int = Field(200, ge=1, description="last documents of the window, held out for perplexity")
     seed: int = 0
+
+
+class ForgettingTask(TaskConfig):
+    """Another registered task whose splits are scored at every evaluation point (cross-task accuracy)."""
+
+    splits: list[Literal["id_test", "ood_test"]] = Field(
+        ["id_test", "ood_test"], min_length=1, description="its test splits to score (never val: selection is on the run's task)"
+    )
+
+
+class ForgettingConfig(Strict):
+    """What a stage costs outside its task: rows ``split: general/<name>`` (perplexity on the held-out documents
+    of each corpus window) and the other tasks' split names with their ``task``, written at every evaluation point."""
+
+    corpora: dict[str, CorpusConfig] = Field(
+        default_factory=dict, description="row name -> corpus window (any CPT source); scored on its last `heldout` documents"
+    )
+    tasks: list[ForgettingTask] = Field(default_factory=list, description="other registered tasks, scored by the shared evaluator")
+    seq_length: int = Field(256, ge=8, description="tokens per packed block for corpus perplexity")
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "ForgettingConfig":
+        bad = [n for n in self.corpora if not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
+        if bad:
+            raise ValueError(f"corpus names may use letters, digits, '_', '.', '-' only: {bad}")
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"each task is checked once, repeated: {dupes}")
+        return self
+
+
+EvalConfig.model_rebuild()  # its `forgetting` field names corpus windows, defined with the CPT stage above
 
 
 class CPTStage(StageBase):
@@ -293,7 +331,42 @@ class RLStage(StageBase):
         return self.prompts_per_step
 
 
-Stage = Annotated[Union[CPTStage, SFTStage, RLStage], Field(discriminator="kind")]
+class InterpolateStage(Strict):
+    """Weight-space interpolation (WiSE-FT): scores ``(1 - a) * start + a * end`` for each ``a`` in ``alphas``
+    (adapters merged first; every weight of the checkpoint, projectors included). Point ``i`` is ``step`` i with
+    its ``alpha`` in the rows; ``final`` (and ``<stage>:best``) is the point best on ``val``, ties to smaller ``a``."""
+
+    kind: Literal["interpolate"] = "interpolate"
+    name: str | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
+    start: str = Field(
+        "init", description="'init' (the checkpoint the end's stage started from, e.g. the weights before SFT), "
+        "'base', 'previous', '<stage>', '<stage>:best' or '<stage>:init'"
+    )
+    end: str = Field("previous", description="'previous', '<stage>' or '<stage>:best' (or 'base', '<stage>:init')")
+    alphas: list[float] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="increasing; 0 = start, 1 = end, outside [0, 1] extrapolates"
+    )
+    average_last: int | None = Field(
+        None, ge=1, description="checkpoint averaging: end = uniform average of the last k evaluation checkpoints "
+        "of the end stage (end: previous or a stage name); alphas: [1.0] scores the average alone"
+    )
+    seed: ClassVar[int] = 0  # nothing here is random; evaluation owns its own seed
+
+    @property
+    def init(self) -> str:
+        """The checkpoint this stage builds on (the pipeline's chaining): its ``end``."""
+        return self.end
+
+    @model_validator(mode="after")
+    def _check(self) -> "InterpolateStage":
+        if any(b <= a for a, b in zip(self.alphas, self.alphas[1:])):
+            raise ValueError(f"alphas must be strictly increasing, got {self.alphas}")
+        if self.average_last and (self.end == "base" or ":" in self.end):
+            raise ValueError(f"average_last needs end: previous or a stage name, got {self.end!r}")
+        return self
+
+
+Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -310,6 +383,8 @@ class RunConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique, repeated: {dupes}; set `name:` on the stages")
+        if "val" not in self.eval.splits and any(s.kind == "interpolate" for s in self.stages):
+            raise ValueError("an interpolate stage selects its point on val: add val to eval.splits")
         return self
 
     def stage_name(self, index: int) -> str:
@@ -467,7 +542,7 @@ def _model_of(annotation: Any) -> type[BaseModel]:
     return None  # type: ignore[return-value]
 
 
-STAGE_KINDS: dict[str, type[StageBase]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage}
+STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage, "interpolate": InterpolateStage}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
 
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
+from biopost.forgetting import load_forgetting
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
@@ -29,10 +31,11 @@ DONE = "DONE"
 
 def stage_runners():
     from biopost.stages.cpt import run_cpt
+    from biopost.stages.interpolate import run_interpolate
     from biopost.stages.rl import run_rl
     from biopost.stages.sft import run_sft
 
-    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl}
+    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl, "interpolate": run_interpolate}
 
 
 def split_rule(config: RunConfig, task) -> SplitRule:
@@ -83,6 +86,7 @@ def run(config: RunConfig, run_dir: Path) -> Path:
     (run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
 
     task, splits = load_task_and_splits(config)
+    forgetting = load_forgetting(config, task, splits)
     (run_dir / "splits.json").write_text(json.dumps({
         "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
         "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
@@ -99,17 +103,20 @@ def run(config: RunConfig, run_dir: Path) -> Path:
         base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
 
     finals: dict[str, Path] = {}
+    inits: dict[str, Path] = {}
     previous = base
     for index, stage in enumerate(config.stages):
         name = config.stage_name(index)
         stage_dir = run_dir / "stages" / f"{index}-{name}"
-        init = resolve_init(stage.init, previous, base, finals, name)
+        resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits), name=name)
+        init = inits[name] = resolve(stage.init)
         if (stage_dir / DONE).is_file():
             print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
         else:
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device)
+            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
+                               resolve=resolve, forgetting=forgetting)
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             stage_runners()[stage.kind](ctx)
             (stage_dir / DONE).write_text("")
@@ -119,8 +126,9 @@ def run(config: RunConfig, run_dir: Path) -> Path:
     return run_dir
 
 
-def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], name: str) -> Path:
-    """'previous', 'base', '<stage>' (its final checkpoint) or '<stage>:best' (its val-selected one)."""
+def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], inits: dict[str, Path], name: str) -> Path:
+    """'previous', 'base', '<stage>' (its final checkpoint), '<stage>:best' (its val-selected one) or
+    '<stage>:init' (the checkpoint it started from)."""
     if init == "previous":
         return previous
     if init == "base":
@@ -128,13 +136,15 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
     stage, _, which = init.partition(":")
     if stage not in finals:
         raise ConfigError(f"stage {name}: init {init!r} names no earlier stage; earlier: {sorted(finals)} or previous/base")
+    if which == "init":
+        return inits[stage]
     if which == "best":
         selection = finals[stage].parent / "selection.json"
         if not selection.is_file():
             raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
         return Path(json.loads(selection.read_text())["checkpoint"])
     if which:
-        raise ConfigError(f"stage {name}: init {init!r}: only ':best' may follow a stage name")
+        raise ConfigError(f"stage {name}: init {init!r}: only ':best' or ':init' may follow a stage name")
     return finals[stage]
 
 

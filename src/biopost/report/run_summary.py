@@ -5,22 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from biopost.runlog import read_metrics
 
 SPLIT_ORDER = ["val", "id_test", "ood_val", "ood_test", "heldout"]
 
 
+def evaluation_rows(run_dir: Path) -> pd.DataFrame:
+    """Evaluation rows with a ``column`` label: the split, or ``<task> <split>`` for another task's rows."""
+    frame = pd.DataFrame([r for r in read_metrics(run_dir) if r["split"] != "train"])
+    if frame.empty:
+        raise ValueError(f"{run_dir}: no evaluation rows in metrics.jsonl")
+    own = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["task"]["name"]
+    frame["column"] = frame["split"].where(frame["task"] == own, frame["task"] + " " + frame["split"])
+    return frame
+
+
 def metric_table(run_dir: Path, metric: str = "accuracy") -> pd.DataFrame:
-    """Rows: (stage, step); columns: splits; values: ``metric`` (perplexity for CPT rows)."""
-    rows = [r for r in read_metrics(run_dir) if r["split"] != "train"
-            and (r["metric"] == metric or (r["split"] == "heldout" and r["metric"] == "perplexity"))]
-    if not rows:
+    """Rows: (stage, step); columns: splits (the run's task's, then other tasks'); values: ``metric``, and
+    perplexity for CPT's held-out documents and the forgetting corpora (``general/<name>``)."""
+    frame = evaluation_rows(run_dir)
+    corpus = frame["split"].eq("heldout") | frame["split"].str.startswith("general/")
+    frame = frame[frame["metric"].eq(metric) | (corpus & frame["metric"].eq("perplexity"))]
+    if frame.empty:
         raise ValueError(f"{run_dir}: no evaluation rows for metric {metric!r} in metrics.jsonl")
-    frame = pd.DataFrame(rows)
-    table = frame.pivot_table(index=["stage_index", "stage", "step"], columns="split", values="value", aggfunc="first")
-    table = table[[s for s in SPLIT_ORDER if s in table.columns]].rename(columns={"heldout": "heldout_ppl"})
-    return table.reset_index(level="stage_index", drop=True)
+    table = frame.pivot_table(index=["stage_index", "stage", "step"], columns="column", values="value", aggfunc="first")
+    order = [s for s in SPLIT_ORDER if s in table.columns] + sorted(c for c in table.columns if c not in SPLIT_ORDER)
+    table = table[order].rename(columns=lambda c: f"{c}_ppl" if c == "heldout" or c.startswith("general/") else c)
+    return table.rename_axis(columns="split").reset_index(level="stage_index", drop=True)
 
 
 def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None) -> Path:
@@ -30,7 +43,8 @@ def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = pd.DataFrame([r for r in read_metrics(run_dir) if r["metric"] == metric and r["split"] != "train"])
+    frame = evaluation_rows(run_dir)
+    frame = frame[frame["metric"] == metric]
     if frame.empty:
         raise ValueError(f"{run_dir}: no evaluation rows for metric {metric!r}")
     offsets, offset = {}, 0
@@ -39,7 +53,7 @@ def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None
         offset += rows["step"].max()
     frame["x"] = frame["step"] + frame["stage"].map(offsets)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for split, rows in frame.groupby("split"):
+    for split, rows in frame.groupby("column"):
         rows = rows.sort_values("x")
         ax.plot(rows["x"], rows["value"], marker="o", label=split)
         if rows["ci_low"].notna().any():

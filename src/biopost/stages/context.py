@@ -6,12 +6,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from biopost.config import EvalConfig, RunConfig
 from biopost.data import Splits
 from biopost.evaluation import evaluate
 from biopost.models.policy import Policy
 from biopost.runlog import RunLog
+
+if TYPE_CHECKING:
+    from biopost.forgetting import ForgettingChecks
 
 
 @dataclass
@@ -27,6 +31,8 @@ class StageContext:
     task_state: dict
     history: list[dict] = field(default_factory=list)  # val primary metric per evaluated step
     device: str = "cpu"  # the run's device, resolved once from model.device
+    resolve: Callable[[str], Path] | None = None  # a checkpoint reference ('previous', '<stage>:best'...) -> path
+    forgetting: ForgettingChecks | None = None  # scored at every evaluation point
 
     @property
     def stage(self):
@@ -39,13 +45,18 @@ class StageContext:
     def eval_splits(self) -> dict[str, list]:
         return {name: list(self.splits[name]) for name in self.eval_cfg.splits if self.splits[name]}
 
-    def evaluate_and_save(self, policy: Policy, step: int, epoch: float | None) -> None:
-        """Score every eval split with the shared evaluator, log rows, keep a loadable checkpoint."""
-        rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg)
-        where = {"stage": self.name, "stage_index": self.index, "step": step, "epoch": epoch}
+    def evaluate_and_save(self, policy: Policy, step: int, epoch: float | None, score_task: bool = True,
+                          labels: dict | None = None) -> None:
+        """Score the eval splits with the shared evaluator (unless ``score_task`` is false) and the forgetting
+        checks, log rows (plus ``labels``, e.g. an interpolation's alpha), keep a loadable checkpoint."""
+        rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg) if score_task else ([], {})
+        if self.forgetting is not None:
+            other_rows, other_records = self.forgetting.evaluate(policy)
+            rows, records = rows + other_rows, {**records, **other_records}
+        where = {"stage": self.name, "stage_index": self.index, "step": step, "epoch": epoch, **(labels or {})}
         self.log.write([{**where, **row} for row in rows])
         for split, recs in records.items():
-            self.log.write_predictions(f"{self.name}-step{step:06d}-{split}", recs)
+            self.log.write_predictions(f"{self.name}-step{step:06d}-{split.replace('/', '_')}", recs)
         policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
         val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric]
         if val:

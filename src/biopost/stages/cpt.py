@@ -25,6 +25,8 @@ def run_cpt(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: corpus window, model, packed blocks
     corpus = load_corpus(stage.corpus, ctx.task, ctx.splits)
+    if ctx.forgetting is not None:
+        ctx.forgetting.check_not_trained_on(corpus.train)
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new",
                                   freeze_projector=stage.freeze_projector)
@@ -38,10 +40,7 @@ def run_cpt(ctx: StageContext):
         loss, tokens = heldout_loss(policy, heldout, stage.eval_batch_size)
         where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": epoch, "split": "heldout", "n": tokens}
         ctx.log.write([{**where, "metric": "loss", "value": loss}, {**where, "metric": "perplexity", "value": math.exp(loss)}])
-        if stage.eval_task:
-            ctx.evaluate_and_save(policy, step, epoch)
-        else:
-            policy.save(ctx.stage_dir / "checkpoints" / f"step-{step:06d}", ctx.task_state)
+        ctx.evaluate_and_save(policy, step, epoch, score_task=stage.eval_task)
 
     # ---- loop
     train_with_trainer(ctx, policy, train, total, every, per_epoch, evaluate)

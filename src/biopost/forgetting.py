@@ -1,0 +1,93 @@
+"""Forgetting checks: what a stage costs outside its task, scored at every evaluation point.
+
+Both kinds are ordinary metrics rows, so reports and studies read them unchanged:
+
+- corpus perplexity, ``split: general/<name>``, metrics ``loss`` and ``perplexity`` (``n`` = target tokens),
+  on the held-out documents (the last ``heldout``) of a corpus window from any CPT source. Giving a CPT stage's
+  own corpus window scores exactly the documents it holds out; a CPT stage refuses to train on the documents
+  of any forgetting corpus.
+- cross-task accuracy: another registered task's test splits scored by the shared evaluator with the run's
+  ``eval`` settings; its rows carry that task's ``task``, ``task_version`` and ``split_fingerprints``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from biopost.config import ConfigError, EvalConfig, RunConfig
+from biopost.data import Example, LeakageError
+from biopost.data.corpus import load_corpus
+from biopost.evaluation import evaluate
+
+
+@dataclass(frozen=True)
+class CrossTask:
+    task: object
+    splits: dict[str, list[Example]]
+    fingerprints: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ForgettingChecks:
+    eval_cfg: EvalConfig
+    corpora: dict[str, list[str]]  # name -> held-out documents
+    tasks: list[CrossTask]
+
+    def evaluate(self, policy) -> tuple[list[dict], dict[str, list[dict]]]:
+        """Rows for every check, and per-example records of the other tasks keyed ``<task>/<split>``."""
+        from biopost.stages.cpt import heldout_loss, pack, tokenize_documents
+
+        cfg = self.eval_cfg.forgetting
+        rows, records = [], {}
+        eos = policy.tokenizer.eos_token_id
+        for name, docs in self.corpora.items():
+            blocks = pack(tokenize_documents(policy.tokenizer, docs, eos), cfg.seq_length, eos)
+            loss, tokens = heldout_loss(policy, blocks, cfg.batch_size)
+            where = {"split": f"general/{name}", "n": tokens}
+            rows += [{**where, "metric": "loss", "value": loss}, {**where, "metric": "perplexity", "value": math.exp(loss)}]
+        for other in self.tasks:
+            found, recs = evaluate(policy, other.task, other.splits, self.eval_cfg)
+            about = {"task": other.task.name, "task_version": other.task.version, "split_fingerprints": other.fingerprints}
+            rows += [{**about, **row} for row in found]
+            records.update({f"{other.task.name}/{split}": r for split, r in recs.items()})
+        return rows, records
+
+    def check_not_trained_on(self, docs: list[str]) -> None:
+        """A CPT stage must not train on documents a forgetting corpus scores."""
+        train = set(docs)
+        for name, held in self.corpora.items():
+            hits = sum(d in train for d in held)
+            if hits:
+                raise LeakageError(f"the CPT corpus trains on {hits} documents of forgetting corpus {name!r}; give "
+                                   f"eval.forgetting.corpora.{name} the CPT corpus window itself, or a disjoint one")
+
+
+def load_forgetting(config: RunConfig, task, splits) -> ForgettingChecks | None:
+    """Corpus windows and other tasks' splits, loaded once before any model (None when nothing is checked)."""
+    from biopost.pipeline import load_task_and_splits
+
+    cfg = config.eval.forgetting
+    if not cfg.corpora and not cfg.tasks:
+        return None
+    corpora = {name: load_corpus(corpus, splits=splits).heldout for name, corpus in cfg.corpora.items()}
+    tasks = []
+    for other in cfg.tasks:
+        if other.name == task.name:
+            raise ConfigError(f"eval.forgetting.tasks: {other.name} is the run's own task, evaluated already")
+        other_task, other_splits = load_task_and_splits(config.model_copy(update={"task": other}))
+        chosen = {name: list(other_splits[name]) for name in other.splits if other_splits[name]}
+        if not other.split.allow_overlap:
+            check_unseen(chosen, splits.train, other.name)
+        tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
+    return ForgettingChecks(config.eval, corpora, tasks)
+
+
+def check_unseen(chosen: dict[str, list[Example]], train, name: str) -> None:
+    """Another task's test inputs must not be inputs the run trains on."""
+    seen = {e.input_hash(): e.id for e in train}
+    hits = [(seen[h], e.id) for examples in chosen.values() for e in examples if (h := e.input_hash()) in seen]
+    if hits:
+        shown = ", ".join(f"{a} ~ {b}" for a, b in hits[:5])
+        raise LeakageError(f"{len(hits)} examples of forgetting task {name} have the inputs of training examples "
+                           f"({shown}); set its split.allow_overlap: true to score them anyway")
