@@ -178,7 +178,9 @@ def test_short_cell_sentences_leak_through_train(tmp_path, capsys, monkeypatch):
 def test_shipped_and_test_configs_have_no_leakage(fast_config):
     """The demo and backbone configs and the tests' fast config cut splits that pass the leakage check."""
     paths = sorted([*CONFIGS.glob("demo/*.yaml"), *CONFIGS.glob("backbones/*.yaml")])
-    tasks = {load_config(path).task.model_dump_json(): load_config(path) for path in paths}
+    configs = [load_config(path) for path in paths]
+    # table tasks read a file the user writes first (docs/tasks.md); tests/test_docs_tasks.py checks that one
+    tasks = {c.task.model_dump_json(): c for c in configs if c.task.name != "table"}
     fast = validate_config(fast_config())
     tasks[fast.task.model_dump_json()] = fast
     assert len(paths) >= 5 and len(tasks) >= 3  # pbmc with top_k 24, the default 32, and 16
