@@ -209,3 +209,12 @@ def test_tf_class_spaced_sites_and_rationales(tf):
     assert " ".join(example.dna) in spaced.user_prompt(example)
     kmer = task.reasoning(example).split("contains ")[1].split(",")[0].split(":")[0]
     assert " ".join(kmer) in spaced.reasoning(example)
+
+
+def test_variant_records_with_identical_inputs_are_kept_once(tmp_path, capsys):
+    rows = coding_rows(n=8)
+    copy = dict(rows[0], ID="copy", answer="Pathogenic; another disease text")
+    task = get_task("variant_effect/coding", {"source": str(write(rows + [copy], tmp_path / "dup.jsonl"))})
+    examples = task.load()
+    assert len(examples) == 8 and task.dropped_duplicates == 1 and "copy" not in {e.id for e in examples}
+    assert "dropped 1 records" in capsys.readouterr().out

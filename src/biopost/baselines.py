@@ -38,7 +38,7 @@ from biopost.data.splits import fingerprint
 from biopost.evaluation import bootstrap_ci, subset
 from biopost.runlog import RunLog
 
-C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 STAGE = "baseline"
 ALPHABETS = {"dna": "ACGT", "protein": "ACDEFGHIKLMNPQRSTVWY"}
 KMAX = {"dna": 4, "protein": 2}
@@ -60,8 +60,8 @@ def register_featurizer(name: str):
 def kmer_counts(seq: str, k: int, alphabet: str) -> np.ndarray:
     """Counts of every k-mer over ``alphabet`` (in lexicographic order); windows with other letters are skipped.
 
-    >>> kmer_counts("ACGTN", 2, "ACGT").reshape(4, 4)[[0, 1, 2], [1, 2, 3]].tolist()
-    [1, 1, 1]
+    >>> kmer_counts("ACGTN", 2, "ACGT").reshape(4, 4)[[0, 1, 2], [1, 2, 3]].tolist()  # AC, CG, GT
+    [1.0, 1.0, 1.0]
     >>> int(kmer_counts("ACNGT", 2, "ACGT").sum())
     2
     """

@@ -53,7 +53,7 @@ from biopost.data import Example
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 from biopost.tasks.genomics.dna import variant_windows
-from biopost.tasks.genomics.tables import read_records, record_id
+from biopost.tasks.genomics.tables import read_records, record_id, unique_inputs
 from biopost.tasks.parsing import normalize
 
 COLUMNS = ["question", "answer", "reference_sequence", "variant_sequence", "reasoning"]
@@ -117,15 +117,8 @@ class KeggDisease(LabelTask):
     def load(self) -> list[Example]:
         rows = read_records(self.options.source, self.options.revision, COLUMNS, "wanglab/kegg")
         canon = canonical_answers([r["answer"] for r in rows])
-        examples, seen = [], set()
-        for row in rows:
-            ex = self.example_from_row(row, canon[normalize(row["answer"])])
-            key = ex.input_hash()
-            if key in seen:
-                self.dropped_duplicates += 1
-                continue
-            seen.add(key)
-            examples.append(ex)
+        examples, self.dropped_duplicates = unique_inputs([self.example_from_row(r, canon[normalize(r["answer"])])
+                                                           for r in rows], self.name)
         self.labels = sorted({e.answer for e in examples})
         return examples
 

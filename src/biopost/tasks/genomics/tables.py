@@ -50,6 +50,22 @@ def read_records(source: str, revision: str | None, required: list[str], schema:
     return rows
 
 
+def unique_inputs(examples: list, task: str) -> tuple[list, int]:
+    """Examples with identical inputs (prompt fields and payloads) kept once, the first; and how many were dropped.
+
+    Hub datasets hold such duplicates; kept twice, one could land in train and its copy in a test split.
+    """
+    kept, seen = [], set()
+    for example in examples:
+        key = example.input_hash()
+        if key not in seen:
+            seen.add(key)
+            kept.append(example)
+    if len(kept) < len(examples):
+        print(f"{task}: dropped {len(examples) - len(kept)} records whose inputs repeat an earlier record")
+    return kept, len(examples) - len(kept)
+
+
 def record_id(row: dict, key: str = "ID") -> str:
     """The row's own id when the schema has one, else ``<source split>-<row number>``.
 

@@ -22,7 +22,8 @@ research's coding test split did. ``meta.disease`` (the disease on record, ``non
 unannotated variants) allows a disease-disjoint split instead (``task.split: {ood_field: disease,
 ood_test_groups: [...]}``); name the diseases explicitly: every benign variant sits in group ``none``,
 so a held-out disease list makes an all-pathogenic OOD split. ``meta.source_split`` keeps the hub's own
-split.
+split. Records with identical inputs (question and both windows; the coding data holds some, at times
+with different disease text) are kept once, the first, so no input reaches both train and a test split.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from biopost.data import Example
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 from biopost.tasks.genomics.dna import describe_variant, variant_windows
-from biopost.tasks.genomics.tables import read_records, record_id
+from biopost.tasks.genomics.tables import read_records, record_id, unique_inputs
 
 CHROMOSOME = re.compile(r"\b(?:chromosome(?:\s+number)?\s*:?\s*|chr)(?P<chromosome>[0-9]{1,2}|X|Y|MT|M)\b", re.IGNORECASE)
 NO_DISEASE = {"", "not provided", "not specified", "none"}
@@ -100,6 +101,7 @@ class VariantEffectTask(LabelTask):
     def __init__(self, options=None):
         super().__init__(options)
         self.labels = list(LABELS)
+        self.dropped_duplicates = 0
 
     def load(self) -> list[Example]:
         rows = read_records(self.options.source, self.options.revision, ["question", "answer", "reference_sequence"],
@@ -108,7 +110,8 @@ class VariantEffectTask(LabelTask):
         if column is None:
             raise ValueError(f"{self.options.source} has no variant window column; the {self.schema} schema names it "
                              f"{' or '.join(self.variant_columns)}")
-        return [self.example_from_row(row, column) for row in rows]
+        examples, self.dropped_duplicates = unique_inputs([self.example_from_row(r, column) for r in rows], self.name)
+        return examples
 
     def example_from_row(self, row: dict, column: str) -> Example:
         label, disease = parse_effect(row["answer"])
