@@ -78,15 +78,15 @@ def load_forgetting(config: RunConfig, task, splits) -> ForgettingChecks | None:
         other_task, other_splits = load_task_and_splits(config.model_copy(update={"task": other}))
         chosen = {name: list(other_splits[name]) for name in other.splits if other_splits[name]}
         if not other.split.allow_overlap:
-            check_unseen(chosen, splits.train, other.name)
+            check_unseen(chosen, other_task, splits.train, task, other.name)
         tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
     return ForgettingChecks(config.eval, corpora, tasks)
 
 
-def check_unseen(chosen: dict[str, list[Example]], train, name: str) -> None:
-    """Another task's test inputs must not be inputs the run trains on."""
-    seen = {e.input_hash(): e.id for e in train}
-    hits = [(seen[h], e.id) for examples in chosen.values() for e in examples if (h := e.input_hash()) in seen]
+def check_unseen(chosen: dict[str, list[Example]], other_task, train, task, name: str) -> None:
+    """Another task's test inputs must not be inputs the run trains on (compared as each model reads them)."""
+    seen = {task.input_key(e): e.id for e in train}
+    hits = [(seen[h], e.id) for examples in chosen.values() for e in examples if (h := other_task.input_key(e)) in seen]
     if hits:
         shown = ", ".join(f"{a} ~ {b}" for a, b in hits[:5])
         raise LeakageError(f"{len(hits)} examples of forgetting task {name} have the inputs of training examples "

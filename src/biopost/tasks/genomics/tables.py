@@ -8,6 +8,8 @@ published split stays available as a metadata field (``task.split.ood_field: sou
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 LOCAL_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -57,7 +59,7 @@ def unique_inputs(examples: list, task: str) -> tuple[list, int]:
     """
     kept, seen = [], set()
     for example in examples:
-        key = example.input_hash()
+        key = json.dumps({"fields": example.fields, **example.payloads()}, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
             kept.append(example)
