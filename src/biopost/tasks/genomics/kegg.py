@@ -74,13 +74,17 @@ def network_of(question: str) -> str | None:
 
     >>> network_of("Chromosome Number: 20\\nNetwork Definition of the pathway: PDYN* ->  NMDAR -> Ca2+\\nGenes ...")
     'PDYN -> NMDAR -> Ca2+'
+    >>> a = network_of("Network Definition of the pathway: (PSEN1*,PSEN2) -> NOTCH")
+    >>> a, a == network_of("Network Definition of the pathway: (PSEN1,PSEN2*) -> NOTCH")
+    ('(PSEN1,PSEN2) -> NOTCH', True)
     >>> network_of("no network here") is None
     True
     """
     match = NETWORK_LINE.search(question)
     if not match:
         return None
-    return " ".join(match.group("network").replace("*", " ").split()) or None
+    # the mark is deleted, not spaced: "(A*,B)" and "(A,B*)" are one network, whichever gene is varied
+    return " ".join(match.group("network").replace("*", "").split()) or None
 
 
 def canonical_answers(answers: list[str]) -> dict[str, str]:

@@ -39,7 +39,8 @@ from biopost.tasks.base import LabelTask, TaskOptions
 from biopost.tasks.genomics.dna import describe_variant, variant_windows
 from biopost.tasks.genomics.tables import read_records, record_id, unique_inputs
 
-CHROMOSOME = re.compile(r"\b(?:chromosome(?:\s+number)?\s*:?\s*|chr)(?P<chromosome>[0-9]{1,2}|X|Y|MT|M)\b", re.IGNORECASE)
+CHROMOSOME = re.compile(r"\b(?:chromosome(?:\s+number)?\s*:?\s*|chr)(?P<chromosome>[0-9]{1,2}|X|Y|MT|M)(?=[pq][0-9]|\b)",
+                        re.IGNORECASE)  # a band (8q24.21) still names chromosome 8
 NO_DISEASE = {"", "not provided", "not specified", "none"}
 LABELS = ["benign", "pathogenic"]
 
@@ -78,6 +79,8 @@ def chromosome_of(question: str) -> str:
 
     >>> chromosome_of("a variant on chromosome 8 at position 1000"), chromosome_of("Chromosome Number: X")
     ('8', 'X')
+    >>> chromosome_of("in the 8q24.21 band of chromosome 8q24.21"), chromosome_of("chromosome 1p36")
+    ('8', '1')
     >>> chromosome_of("located at chr17:43106528"), chromosome_of("no location")
     ('17', 'unknown')
     """
