@@ -177,3 +177,13 @@ def test_dumped_configs_read_back_identically(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert text.index("name:") < text.index("task:") < text.index("stages:")  # field order kept
     assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("override", ["stages.0.freeze_projector=yes", "model.encoders.dna.trust_remote_code=on",
+                                      "model.encoders.dna.cache=off"])
+def test_every_boolean_field_refuses_yaml_1_1_words(override, tmp_path):
+    """yes / on / off are strings in YAML 1.2: no boolean field (fusion ones included) turns them into True/False."""
+    path = tmp_path / "c.yaml"
+    path.write_text("task: {name: cell_type/pbmc68k}\nmodel: {encoders: {dna: {name: tiny-dna}}}\nstages: [{kind: sft}]\n")
+    with pytest.raises(ConfigError, match="valid boolean"):
+        load_config(path, [override])

@@ -102,10 +102,10 @@ class EncoderConfig(Strict):
     num_tokens: int | None = Field(
         None, ge=1, description="positions per sequence in the prompt; None = one per encoder token (linear / mlp; "
         "attention_pool needs a number)")
-    trust_remote_code: bool = Field(False, description="run the model's own code from the hub (only for models that need it)")
+    trust_remote_code: StrictBool = Field(False, description="run the model's own code from the hub (only for models that need it)")
     revision: str | None = None
     batch_size: int = Field(16, ge=1, description="sequences per encoder forward")
-    cache: bool = Field(True, description="keep features on disk per (encoder, layer, max_length, sequence)")
+    cache: StrictBool = Field(True, description="keep features on disk per (encoder, layer, max_length, sequence)")
 
     @model_validator(mode="after")
     def _pool_needs_tokens(self) -> "EncoderConfig":
@@ -175,7 +175,7 @@ class StageBase(Strict):
     save_every_steps: int | None = Field(None, ge=1, description="resumable checkpoints; default = eval points")
     max_grad_norm: float = 1.0
     seed: int = 0
-    freeze_projector: bool = Field(False, description="fused models: keep the encoder projectors fixed in this stage")
+    freeze_projector: StrictBool = Field(False, description="fused models: keep the encoder projectors fixed in this stage")
     lora: LoraConfig | Literal["inherit", "full"] = Field(
         "inherit", description="adapter for this stage: 'inherit' model.lora, 'full' fine-tuning, or its own LoRA"
     )

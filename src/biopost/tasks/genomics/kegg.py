@@ -47,7 +47,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -66,7 +66,7 @@ class KeggOptions(TaskOptions):
     source: str = Field(..., description="hub dataset id (wanglab/kegg) or a local .csv / .jsonl / .parquet file")
     revision: str | None = Field(None, description="hub commit, tag or branch to pin (recommended)")
     window: int | None = Field(None, ge=1, description="bases of each DNA window kept, centred on the variant; None = all")
-    list_choices: bool = Field(False, description="list every disease of the data (the label set) in the prompt")
+    list_choices: StrictBool = Field(False, description="list every disease of the data (the label set) in the prompt")
 
 
 def network_of(question: str) -> str | None:

@@ -27,7 +27,7 @@ markers; a site's rationale names the markers of its class that it contains, or 
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -49,10 +49,10 @@ class TFClassOptions(TaskOptions):
     classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES), min_length=2,
                                description="JASPAR tf_class names kept as labels")
     sites_per_motif: int = Field(1, ge=1, description="sites drawn from each profile")
-    list_choices: bool = Field(True, description="list the classes in the prompt")
-    spaced: bool = Field(False, description="show the site's bases separated by spaces (in text: one token per base "
+    list_choices: StrictBool = Field(True, description="list the classes in the prompt")
+    spaced: StrictBool = Field(False, description="show the site's bases separated by spaces (in text: one token per base "
                          "for tokenizers that split on spaces)")
-    rationale: bool = Field(True, description="name the site's class-enriched k-mers in SFT targets")
+    rationale: StrictBool = Field(True, description="name the site's class-enriched k-mers in SFT targets")
     kmer: int = Field(4, ge=2, le=8, description="length of the marker k-mers of rationales")
     markers_per_class: int = Field(8, ge=1)
     seed: int = Field(0, description="seed of site sampling and strands")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ast
 import re
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from biopost.data import Example
 from biopost.registry import register_task
@@ -50,7 +50,7 @@ class VariantEffectOptions(TaskOptions):
                         "or a local .csv / .jsonl / .parquet file")
     revision: str | None = Field(None, description="hub commit, tag or branch to pin (recommended)")
     window: int | None = Field(None, ge=1, description="bases of each DNA window kept, centred on the variant; None = all")
-    rationale: bool = Field(True, description="describe the change and the disease on record in SFT targets")
+    rationale: StrictBool = Field(True, description="describe the change and the disease on record in SFT targets")
 
 
 def parse_effect(answer: str) -> tuple[str, str]:
