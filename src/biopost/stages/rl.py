@@ -72,6 +72,11 @@ def run_rl(ctx: StageContext):
             ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
         if (step + 1) % save_every == 0 and step + 1 < total:
             ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
+        if step + 1 in ctx.snapshot_steps:
+            ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
+            ctx.save_snapshot(step + 1, ResumeState.path(ctx), "resume")
+    if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
+        ctx.evaluate_and_save(policy, total, epoch=round(total / per_epoch, 4))
 
     # ---- save
     return policy.save(ctx.stage_dir / "final", ctx.task_state)
@@ -263,7 +268,7 @@ class Reference:
 
 
 def make_scheduler(stage, optimizer, total_updates: int):
-    name, kwargs, warmup = schedule_settings(stage.schedule, total_updates)
+    name, kwargs, warmup = schedule_settings(stage.schedule, total_updates, stage.mu)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates,
                          scheduler_specific_kwargs=kwargs)
 
