@@ -44,12 +44,11 @@ def test_wsd_lengths_branch_off_the_longest_where_their_decay_starts():
     plan = plan_of(WSD, SFT_LENGTHS)
     runs = {lengths(r): r for r in plan.runs}
     trunk = runs[(32,)]
-    assert trunk.donor is None and trunk.snapshots == {0: [7, 13]}
-    # 16 steps decay over round(.25 * 16) = 4: the learning rate equals the trunk's through update 12
-    # (the decay's first update still has factor 1), so the branch copies 13 steps and trains 3
-    assert (runs[(16,)].donor, runs[(16,)].branch, runs[(16,)].executed) == (trunk.id, (0, 13), 3)
-    assert (runs[(8,)].donor, runs[(8,)].branch, runs[(8,)].executed) == (trunk.id, (0, 7), 1)
-    assert (plan.steps_naive, plan.steps_executed) == (56, 36)
+    assert trunk.donor is None and trunk.snapshots == {0: [6, 12]}
+    # 16 steps decay over round(.25 * 16) = 4: the branch copies the 12 stable steps and trains its decay
+    assert (runs[(16,)].donor, runs[(16,)].branch, runs[(16,)].executed) == (trunk.id, (0, 12), 4)
+    assert (runs[(8,)].donor, runs[(8,)].branch, runs[(8,)].executed) == (trunk.id, (0, 6), 2)
+    assert (plan.steps_naive, plan.steps_executed) == (56, 38)
 
 
 def test_cosine_shares_nothing_and_says_so():
@@ -73,12 +72,12 @@ def test_rl_branches_start_from_the_right_sft_point_of_the_trunk():
                                                                  "stages.rl.max_steps": [4, 8]}}})
     runs = {lengths(r): r for r in plan.runs}
     trunk, short = runs[(32, 8)], runs[(8, 8)]
-    assert trunk.donor is None and trunk.snapshots == {0: [7], 1: [4]}
+    assert trunk.donor is None and trunk.snapshots == {0: [6], 1: [4]}
     assert (runs[(32, 4)].donor, runs[(32, 4)].branch) == (trunk.id, (1, 4))  # RL prefix of the trunk's RL
-    assert (short.donor, short.branch) == (trunk.id, (0, 7))  # its SFT decays on its own, then its own RL
+    assert (short.donor, short.branch) == (trunk.id, (0, 6))  # its SFT decays on its own, then its own RL
     assert (runs[(8, 4)].donor, runs[(8, 4)].branch) == (short.id, (1, 4))
     assert short.snapshots == {1: [4]} and runs[(8, 4)].wave == 2
-    assert plan.steps_naive == 40 + 36 + 16 + 12 and plan.steps_executed == 40 + 0 + (1 + 8) + 0
+    assert plan.steps_naive == 40 + 36 + 16 + 12 and plan.steps_executed == 40 + 0 + (2 + 8) + 0
 
 
 def test_identical_stages_are_shared_whole_and_a_prefix_run_trains_nothing():
@@ -111,10 +110,10 @@ def test_plan_cli_json_has_runs_and_step_totals(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"name": "s", "base": base(WSD), "pipelines": {"sft": ["sft"]}, "blocks": SFT_LENGTHS}))
     assert main(["study", "plan", str(path), "--dry-run", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (len(out["runs"]), out["steps_executed"], out["steps_naive"]) == (3, 36, 56)
+    assert (len(out["runs"]), out["steps_executed"], out["steps_naive"]) == (3, 38, 56)
     assert main(["study", "plan", str(path), "--dry-run"]) == 0
     tree = capsys.readouterr().out
-    assert "36 optimizer steps executed of 56" in tree and "└─" in tree
+    assert "38 optimizer steps executed of 56" in tree and "└─" in tree
     assert main(["study", "plan", str(tmp_path / "none.yaml")]) == 2
     assert "study file not found" in capsys.readouterr().err
 

@@ -279,13 +279,21 @@ LENGTH = ("epochs", "max_steps", "schedule")  # compared through the learning ra
 
 @lru_cache(maxsize=4096)
 def agreement(stage_a: str, steps_a: int, stage_x: str, steps_x: int) -> int:
-    """Steps over which two lengths of one stage get the same learning rate at every optimizer update."""
+    """Steps ``b`` after which a run of ``stage_a`` can continue from a run of ``stage_x``'s state, exactly.
+
+    The first ``b`` steps must get the same learning rate at every optimizer update, and so must the next
+    update unless ``a`` ends at ``b``: a resumed optimizer carries the learning rate of its next update.
+    """
     mu = json.loads(stage_a).get("mu", 1)
     fa, fx = lr_factors(stage_a, steps_a), lr_factors(stage_x, steps_x)
-    for update in range(min(steps_a, steps_x) * mu):
-        if fa(update) != fx(update):
-            return update // mu
-    return min(steps_a, steps_x)
+    shorter = min(steps_a, steps_x)
+    first = next((u for u in range(shorter * mu + 1) if fa(u) != fx(u)), None)
+    if first is None:
+        return shorter
+    b = first // mu
+    if b != steps_a and b * mu == first:
+        b -= 1
+    return max(b, 0)
 
 
 @lru_cache(maxsize=4096)
