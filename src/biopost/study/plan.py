@@ -212,6 +212,8 @@ def make_plan(study: Study, load_data: bool = True) -> Plan:
             run.budget = run.budget or cell.budget
             run.budget_amounts = run.budget_amounts or cell.budget_amounts
             continue
+        if load_data:  # the study's split fingerprints, which collect holds every run to
+            counter.train_size(cell.config, f"run {rid}")
         config_json = cell.config.model_dump(mode="json")
         axes = {f: get_field(config_json, f) for f in fields}
         stages = [counter.stage(cell.config, i) for i in range(len(cell.config.stages))]
