@@ -219,7 +219,8 @@ def make_plan(study: Study, load_data: bool = True) -> Plan:
         stages = [counter.stage(cell.config, i) for i in range(len(cell.config.stages))]
         runs[rid] = PlannedRun(rid, cell.config, cell.pipeline, [cell.block], axes, cell.budget, cell.budget_amounts,
                                stages)
-    ordered = sorted(runs.values(), key=lambda r: (-(r.steps or 0), r.id))  # trunks first: branches run in parallel
+    # longest first stage first (then second...): it becomes the trunk and most branches hang directly off it
+    ordered = sorted(runs.values(), key=lambda r: ([-(s["steps"] or 0) for s in r.stages], r.id))
     notes = share_prefixes(ordered)
     return Plan(study.name, study.digest(), "loaded" if load_data else "declared", ordered, notes, counter.tasks)
 
