@@ -125,3 +125,12 @@ def test_presets_plan_without_loading_anything(preset):
     assert plan.steps_executed < plan.steps_naive
     if preset == "paper-genomics":
         assert plan.steps_executed <= 0.6 * plan.steps_naive
+
+
+def test_fraction_size_counts_what_the_stages_sample():
+    from biopost.stages.sft import sample_fraction
+    from biopost.study.plan import fraction_size
+
+    for n in (1, 7, 351, 1000):
+        for fraction in (0.01, 0.2, 0.25, 0.5, 0.999, 1.0):
+            assert fraction_size(n, fraction) == len(sample_fraction(list(range(n)), fraction, seed=3))

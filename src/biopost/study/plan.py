@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,17 @@ class PlannedRun:
     branch: tuple[int, int] | None = None  # (stage index, step) taken from the donor
     snapshots: dict[int, list[int]] = field(default_factory=dict)  # steps this run keeps for its branches
     wave: int = 0
+
+    @cached_property
+    def parts(self) -> tuple[str, list[dict]]:
+        """(run-level settings as JSON text, stage dicts): what prefix sharing compares."""
+        config = self.config.model_dump(mode="json")
+        stages = config.pop("stages")
+        return json.dumps(config, sort_keys=True), stages
+
+    @cached_property
+    def stage_json(self) -> list[str]:
+        return [json.dumps(s, sort_keys=True) for s in self.parts[1]]
 
     @property
     def steps(self) -> int | None:
@@ -186,12 +198,19 @@ class StepCounter:
         if n is None:  # a dry run without the data's size: the length is known, the epoch-based eval points not
             info["steps"] = stage.max_steps
             return info
-        if stage.data_fraction < 1:
-            from biopost.stages.sft import sample_fraction  # the stage's own subset rule, counted
-
-            n = len(sample_fraction(list(range(n)), stage.data_fraction, stage.seed))
+        n = fraction_size(n, stage.data_fraction)
         info["steps"], _, info["eval_every"] = plan_steps(stage, n)
         return info
+
+
+def fraction_size(n: int, fraction: float) -> int:
+    """Examples in a stage's ``data_fraction`` of ``n`` (the count of ``stages.sft.sample_fraction``, which
+    imports the whole training stack; tests/test_study_plan.py checks the two agree).
+
+    >>> fraction_size(351, 0.2), fraction_size(351, 1.0), fraction_size(3, 0.1)
+    (70, 351, 1)
+    """
+    return n if fraction >= 1 else max(1, round(fraction * n))
 
 
 def task_key(config: RunConfig) -> str:
@@ -219,8 +238,9 @@ def make_plan(study: Study, load_data: bool = True) -> Plan:
         stages = [counter.stage(cell.config, i) for i in range(len(cell.config.stages))]
         runs[rid] = PlannedRun(rid, cell.config, cell.pipeline, [cell.block], axes, cell.budget, cell.budget_amounts,
                                stages)
-    # longest first stage first (then second...): it becomes the trunk and most branches hang directly off it
-    ordered = sorted(runs.values(), key=lambda r: ([-(s["steps"] or 0) for s in r.stages], r.id))
+    # longest first stage first (then second..., a pipeline before its prefixes): it becomes the trunk and
+    # most branches hang directly off it
+    ordered = sorted(runs.values(), key=lambda r: ([-(s["steps"] or 0) for s in r.stages] + [math.inf], r.id))
     notes = share_prefixes(ordered)
     return Plan(study.name, study.digest(), "loaded" if load_data else "declared", ordered, notes, counter.tasks)
 
@@ -251,8 +271,7 @@ def share_prefixes(runs: list[PlannedRun]) -> list[str]:
 
 def shared_position(a: PlannedRun, x: PlannedRun, notes: set[str]) -> tuple[int, int]:
     """How far ``a`` and ``x`` train identically: (k, b) = stages before k complete, then b steps of stage k."""
-    ca, cx = a.config.model_dump(mode="json"), x.config.model_dump(mode="json")
-    sa, sx = ca.pop("stages"), cx.pop("stages")
+    (ca, sa), (cx, sx) = a.parts, x.parts
     if ca != cx:
         return (0, 0)
     k = 0
@@ -270,7 +289,7 @@ def shared_position(a: PlannedRun, x: PlannedRun, notes: set[str]) -> tuple[int,
         notes.add(f"stage {a.stages[k]['name']} uses a {name} schedule: its lengths share "
                   f"nothing (constant or warmup_stable_decay with warmup_steps would share their prefix)")
         return (k, 0)
-    b = agreement(json.dumps(sa[k], sort_keys=True), ta, json.dumps(sx[k], sort_keys=True), tx)
+    b = agreement(a.stage_json[k], ta, x.stage_json[k], tx)
     if ta != tx and sa[k]["schedule"]["warmup_steps"] is None and sa[k]["schedule"]["warmup_ratio"] > 0:
         notes.add(f"stage {a.stages[k]['name']}: warmup_ratio gives each length its own warmup, so lengths share "
                   "at most the first steps; set schedule.warmup_steps")
