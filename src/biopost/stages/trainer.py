@@ -34,12 +34,12 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
     ctx.resume_from(done)
     if resume and policy.projector_parameters():
         policy.load_projector(resume)
-    if done >= total:  # nothing left to train (the Trainer would take one more step): load the weights
-        trainer._load_from_checkpoint(str(resume))
+    if done >= total:  # nothing left to train, and the Trainer would take one more step: just load the weights
+        trainer._load_from_checkpoint(str(resume))  # the Trainer's own loader (adapters, shards)
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
-        callback._evaluate(total)
+        callback.evaluate_at(total)
 
 
 class PolicyTrainer(Trainer):
@@ -122,17 +122,17 @@ class EvalCallback(TrainerCallback):
     def __init__(self, ctx: StageContext, evaluate, every: int, total: int, per_epoch: int):
         self.ctx, self.evaluate, self.every, self.total, self.per_epoch = ctx, evaluate, every, total, per_epoch
 
-    def _evaluate(self, step: int) -> None:
+    def evaluate_at(self, step: int) -> None:
         self.evaluate(step, round(step / self.per_epoch, 4))
         self.ctx.evaluated.add(step)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0 and self.ctx.stage.eval_at_start:
-            self._evaluate(0)
+            self.evaluate_at(0)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == self.total:
-            self._evaluate(state.global_step)
+            self.evaluate_at(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
