@@ -57,14 +57,14 @@ WSD = {"name": "warmup_stable_decay", "warmup_steps": 1, "decay_ratio": 0.5}
 CONSTANT = {"name": "constant", "warmup_steps": 1}
 
 
-@pytest.mark.parametrize("schedule, arms, expect", [
+@pytest.mark.parametrize("schedule, arms, expect, check", [
     # WSD SFT 4 decays over its last 2 steps: branches at 2; RL 2 of 4 (mu 2) branches at step 1
-    (WSD, ["sft-rl"], {(4, 4): ("sft", 2), (8, 2): ("rl", 1), (4, 2): ("rl", 1)}),
+    (WSD, ["sft-rl"], {(4, 4): ("sft", 2), (8, 2): ("rl", 1), (4, 2): ("rl", 1)}, [(8, 4), (4, 4), (8, 2)]),
     # constant: the shorter SFT and RL are complete at the branch point; the SFT-only runs copy whole stages
     (CONSTANT, ["sft-rl", "sft"], {(4, 4): ("sft", 4), (8, 2): ("rl", 2), (4, 2): ("rl", 2), (8,): ("sft", "whole"),
-                                    (4,): ("sft", "whole")}),
+                                    (4,): ("sft", "whole")}, [(4, 4), (4, 2), (4,)]),
 ], ids=["wsd", "constant"])
-def test_shared_runs_equal_runs_trained_alone(schedule, arms, expect, fast_config, tmp_path, one_thread):
+def test_shared_runs_equal_runs_trained_alone(schedule, arms, expect, check, fast_config, tmp_path, one_thread):
     plan = make_plan(study_from_dict(study_raw(fast_config, schedule, schedule, arms)), load_data=True)
     lengths = {tuple(s["steps"] for s in r.stages): r for r in plan.runs}
     for key, (stage, step) in expect.items():
@@ -74,7 +74,6 @@ def test_shared_runs_equal_runs_trained_alone(schedule, arms, expect, fast_confi
     assert execute(plan, tmp_path / "study") == []
     trunk = lengths[(8, 4)]
     assert trunk.donor is None and trunk.snapshots
-    to_check = [lengths[k] for k in expect] + ([trunk] if schedule is WSD else [])
-    for planned in to_check:
+    for planned in (lengths[k] for k in check):  # the trunk (its snapshots change nothing) and its branches
         alone = run(planned.config, tmp_path / "alone" / planned.id)
         assert_same_run(tmp_path / "study" / "runs" / planned.id, alone)

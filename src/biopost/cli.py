@@ -112,7 +112,8 @@ def add_study_commands(parser) -> None:
     p.add_argument("study", type=Path, help="study YAML (or a study directory, to resume it)")
     p.add_argument("--output-dir", type=Path, default=None, help="study directory (default studies/<name>)")
     p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
-    p.add_argument("--cpus-per-run", type=int, default=1, help="ray / slurm: CPUs each run asks for")
+    p.add_argument("--cpus-per-run", type=int, default=None,
+                   help="CPUs (and torch threads) per run; ray / slurm default 1, local keeps torch's default")
     p.add_argument("--gpus-per-run", type=int, default=0, help="ray / slurm: GPUs each run asks for")
     p.add_argument("--address", default=None, help="ray: address of a running cluster (default: start a local one)")
     p.add_argument("--slurm-cluster", default=None, help="submitit cluster: slurm (default when found) or local")
