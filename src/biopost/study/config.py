@@ -9,7 +9,7 @@ pipelines:                          # arms: which base stages run, in order, wit
   sft-rl: [sft, rl]
   rl-cold: {stages: [rl], set: {stages.rl.init: base}}
 pipeline: [sft-rl]                  # arms of every block that names none (default: every arm)
-grid: {seed: [0]}                   # crossed into every block
+zip: [{seed: [0, 1], stages.*.seed: [0, 1]}]   # crossed into every block: two seeds, run and stages alike
 blocks:                             # sub-grids, united; a run in several blocks is one run
   sft-length: {pipeline: [sft], grid: {stages.sft.max_steps: [40, 80, 160]}}
   lora:
