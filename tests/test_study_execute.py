@@ -129,6 +129,7 @@ def test_ray_runs_the_mini_plan_on_a_local_instance(tmp_path, monkeypatch):
     assert execute(plan, study_dir, "ray") == []  # finished: nothing submitted
 
 
+@pytest.mark.slow  # each job is a fresh Python process importing the training stack (~30 s on 2 cores)
 def test_slurm_through_submitit_local_executor(fast_config, tmp_path):
     pytest.importorskip("submitit")
     raw = small_study(fast_config)
