@@ -9,6 +9,7 @@ import pytest
 
 from biopost.cli import main
 from biopost.config import ConfigError
+from biopost.registry import TASKS, task_names
 from biopost.study.config import load_study, study_from_dict
 from biopost.study.plan import make_plan
 
@@ -122,6 +123,10 @@ def test_plan_cli_json_has_runs_and_step_totals(tmp_path, capsys):
 def test_presets_plan_without_loading_anything(preset):
     plan = make_plan(load_study(PRESETS / f"{preset}.yaml"), load_data=False)
     assert len(plan.runs) >= (100 if preset.startswith("paper") else 10)
+    for task in {json.dumps(r.config.task.model_dump(mode="json"), sort_keys=True) for r in plan.runs}:
+        task = json.loads(task)
+        if task["name"] in task_names():  # tasks not registered yet are checked when they land
+            TASKS[task["name"]].Options.model_validate(task["options"])
     assert plan.steps_executed < plan.steps_naive
     if preset == "paper-genomics":
         assert plan.steps_executed <= 0.6 * plan.steps_naive
