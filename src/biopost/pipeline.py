@@ -23,10 +23,8 @@ from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.registry import get_task
-from biopost.runlog import RunLog
+from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
-
-DONE = "DONE"
 
 
 def stage_runners():

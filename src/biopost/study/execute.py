@@ -18,8 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from biopost.pipeline import DONE
-from biopost.study.branch import MARKER, materialise
+from biopost.runlog import DONE
 from biopost.study.plan import Plan, PlannedRun
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -54,6 +53,7 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after)
     import torch
 
     from biopost.pipeline import run as run_pipeline
+    from biopost.study.branch import MARKER, materialise
 
     if threads:
         torch.set_num_threads(threads)

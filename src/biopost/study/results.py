@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from biopost.runlog import read_metrics
+from biopost.runlog import DONE, read_metrics
 from biopost.study.plan import Plan, PlannedRun, task_key
 
 ROW_FIELDS = ["task", "task_version", "stage", "stage_index", "stage_kind", "step", "epoch", "split", "metric",
@@ -52,7 +52,7 @@ def collect(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     records, unfinished = [], []
     for run in plan.runs:
         run_dir = study_dir / "runs" / run.id
-        if not (run_dir / "DONE").is_file():
+        if not (run_dir / DONE).is_file():
             unfinished.append(run.id)
             continue
         expected = plan.tasks.get(task_key(run.config), {}).get("fingerprints")
