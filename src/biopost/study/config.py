@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
+from ruamel.yaml import YAMLError
 
-from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, YamlLoader, apply_override, describe_error
+from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, apply_override, describe_error, yaml12
 
 LENGTH_FIELDS = ("epochs", "max_steps")
 
@@ -135,8 +135,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=YamlLoader) or {}
-    except yaml.YAMLError as err:
+        raw = yaml12().load(path.read_text()) or {}
+    except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     for item in overrides:
         raw = apply_override(raw, item)
@@ -153,7 +153,7 @@ def study_from_dict(raw: dict, root: Path = Path(".")) -> Study:
         base_path = (Path(root) / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             raise ConfigError(f"study base: run config not found: {base_path}")
-        base = yaml.load(base_path.read_text(), Loader=YamlLoader) or {}
+        base = yaml12().load(base_path.read_text()) or {}
     try:
         validated = RunConfig.model_validate(base)
     except ValidationError as err:
