@@ -61,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tasks", help="list registered tasks with their split sizes")
     p.set_defaults(func=cmd_tasks)
 
+    add_study_commands(sub.add_parser("study", help="plan, run and collect a study (many runs sharing prefixes)"))
+
     # argparse leaves KEY=VALUE overrides given after an option (train CFG --output-dir D k=v) unmatched.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command in ("train", "baseline") and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -94,6 +96,71 @@ def cmd_baseline(args) -> int:
     for row in rows:
         print(f"{row['split']:9s} accuracy {row['value']:.3f} (n={row['n']}, 95% CI {row['ci_low']:.3f}-{row['ci_high']:.3f})")
     print(f"features {rows[0]['features']}, C={rows[0]['C']}; rows appended to {args.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def add_study_commands(parser) -> None:
+    sub = parser.add_subparsers(dest="study_command", required=True)
+    p = sub.add_parser("plan", help="print the study's runs as a tree of shared prefixes, with step counts")
+    p.add_argument("study", type=Path, help="study YAML (or a study directory)")
+    p.add_argument("--dry-run", action="store_true", help="load no model and no data (epochs counted on train_examples)")
+    p.add_argument("--json", action="store_true", help="one JSON object: runs, steps_executed, steps_naive, ...")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the study file")
+    p.set_defaults(func=cmd_study_plan)
+
+    p = sub.add_parser("run", help="run every unfinished run of the study (resumable)")
+    p.add_argument("study", type=Path, help="study YAML (or a study directory, to resume it)")
+    p.add_argument("--output-dir", type=Path, default=None, help="study directory (default studies/<name>)")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
+    p.add_argument("--cpus-per-run", type=int, default=None,
+                   help="CPUs (and torch threads) per run; ray / slurm default 1, local keeps torch's default")
+    p.add_argument("--gpus-per-run", type=int, default=0, help="ray / slurm: GPUs each run asks for")
+    p.add_argument("--address", default=None, help="ray: address of a running cluster (default: start a local one)")
+    p.add_argument("--slurm-cluster", default=None, help="submitit cluster: slurm (default when found) or local")
+    p.add_argument("--partition", default=None, help="slurm partition")
+    p.add_argument("--time-min", type=int, default=24 * 60, help="slurm: time limit of each job, minutes")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the study file")
+    p.set_defaults(func=cmd_study_run)
+
+    p = sub.add_parser("collect", help="one tidy table of every finished run (results.parquet and .csv)")
+    p.add_argument("study_dir", type=Path)
+    p.set_defaults(func=cmd_study_collect)
+
+
+def cmd_study_plan(args) -> int:
+    from biopost.study.config import load_study
+    from biopost.study.plan import make_plan
+
+    plan = make_plan(load_study(args.study, args.overrides), load_data=not args.dry_run)
+    print(json.dumps(plan.to_json()) if args.json else plan.tree())
+    return 0
+
+
+def cmd_study_run(args) -> int:
+    from biopost.study.config import load_study
+    from biopost.study.execute import Resources, execute
+    from biopost.study.plan import prepare
+
+    study = load_study(args.study, args.overrides)
+    study_dir = args.output_dir or (args.study if args.study.is_dir() else Path("studies") / study.name)
+    plan = prepare(study, study_dir)
+    resources = Resources(cpus=args.cpus_per_run, gpus=args.gpus_per_run, address=args.address,
+                          cluster=args.slurm_cluster, partition=args.partition, time_min=args.time_min)
+    failed = execute(plan, study_dir, args.executor, resources)
+    if failed:
+        print(f"biopost study run: {len(failed)} runs failed; rerun to retry them", file=sys.stderr)
+        return 1
+    print(f"study directory: {study_dir}; next: biopost study collect {study_dir}")
+    return 0
+
+
+def cmd_study_collect(args) -> int:
+    from biopost.study.results import write_results
+
+    parquet, csv, table, unfinished = write_results(args.study_dir)
+    if unfinished:
+        print(f"left out {len(unfinished)} unfinished runs: {', '.join(unfinished)}")
+    print(f"{len(table)} rows from {table['run_id'].nunique()} runs -> {parquet} and {csv}")
     return 0
 
 

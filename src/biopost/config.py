@@ -156,6 +156,10 @@ class EvalConfig(Strict):
 class Schedule(Strict):
     name: Literal["cosine", "constant", "warmup_stable_decay", "linear"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="absolute warmup steps, overriding warmup_ratio: runs of different lengths then "
+        "warm up alike, so a study can share their common prefix"
+    )
     decay_ratio: float = Field(0.1, ge=0, le=1, description="warmup_stable_decay only: share of steps decaying")
 
 
@@ -367,7 +371,16 @@ class InterpolateStage(Strict):
         return self
 
 
-Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage], Field(discriminator="kind")]
+class EvalStage(Strict):
+    """No training: score the init checkpoint with the shared evaluator and pass it on (a 'base only' arm)."""
+
+    kind: Literal["eval"] = "eval"
+    name: str | None = Field(None, description="defaults to 'eval'; must be unique in the pipeline")
+    init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', or a stage name")
+    seed: int = 0
+
+
+Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage, EvalStage], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -543,7 +556,8 @@ def _model_of(annotation: Any) -> type[BaseModel]:
     return None  # type: ignore[return-value]
 
 
-STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage, "interpolate": InterpolateStage}
+STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage, "interpolate": InterpolateStage,
+                                      "eval": EvalStage}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

@@ -23,19 +23,18 @@ from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.registry import get_task
-from biopost.runlog import RunLog
+from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
-
-DONE = "DONE"
 
 
 def stage_runners():
     from biopost.stages.cpt import run_cpt
+    from biopost.stages.evaluate import run_eval
     from biopost.stages.interpolate import run_interpolate
     from biopost.stages.rl import run_rl
     from biopost.stages.sft import run_sft
 
-    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl, "interpolate": run_interpolate}
+    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl, "interpolate": run_interpolate, "eval": run_eval}
 
 
 def split_rule(config: RunConfig, task) -> SplitRule:
@@ -74,7 +73,9 @@ def task_state(config: RunConfig, task, splits) -> dict:
             "labels": getattr(task, "labels", None), "markers": getattr(task, "markers", None)}
 
 
-def run(config: RunConfig, run_dir: Path) -> Path:
+def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None = None) -> Path:
+    """Run (or resume) ``config`` in ``run_dir``. ``snapshots``: stage index -> steps at which to keep a
+    resumable state for runs that share this one's prefix (see biopost.study.plan); it changes no result."""
     run_dir = Path(run_dir)
     check_run_dir(config, run_dir)
     device = resolve_device(config.model.device)
@@ -116,7 +117,8 @@ def run(config: RunConfig, run_dir: Path) -> Path:
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
-                               resolve=resolve, forgetting=forgetting)
+                               resolve=resolve, forgetting=forgetting,
+                               snapshot_steps=tuple((snapshots or {}).get(index, ())))
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             stage_runners()[stage.kind](ctx)
             (stage_dir / DONE).write_text("")

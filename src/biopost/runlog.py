@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+DONE = "DONE"  # written in a run (or stage) directory once it has finished
 
 class RunLog:
     def __init__(self, run_dir: Path, common: dict[str, Any] | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -33,6 +34,8 @@ class StageContext:
     device: str = "cpu"  # the run's device, resolved once from model.device
     resolve: Callable[[str], Path] | None = None  # a checkpoint reference ('previous', '<stage>:best'...) -> path
     forgetting: ForgettingChecks | None = None  # scored at every evaluation point
+    evaluated: set[int] = field(default_factory=set)  # steps with evaluation rows (kept or written now)
+    snapshot_steps: tuple[int, ...] = ()  # steps to keep a resumable state at, for runs that branch off here
 
     @property
     def stage(self):
@@ -58,6 +61,7 @@ class StageContext:
         for split, recs in records.items():
             self.log.write_predictions(f"{self.name}-step{step:06d}-{split.replace('/', '_')}", recs)
         policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
+        self.evaluated.add(step)
         val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric]
         if val:
             self.history.append({"step": step, "value": val[0]["value"]})
@@ -66,17 +70,33 @@ class StageContext:
     def resume_from(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted attempt; restore the val history before it."""
         kept = self.log.drop_rows(self.name, after_step=step)
-        metric = self.task.primary_metric
-        self.history = [{"step": r["step"], "value": r["value"]} for r in kept
-                        if r["split"] == "val" and r["metric"] == metric]
+        self.history = val_history(kept, self.task.primary_metric)
+        self.evaluated = {r["step"] for r in kept if r["split"] != "train"}
 
     def write_selection(self) -> None:
-        """Best checkpoint on ``val`` only (ties go to the earlier step)."""
-        best = max(self.history, key=lambda h: (h["value"], -h["step"]))
-        (self.stage_dir / "selection.json").write_text(json.dumps({
-            "metric": self.task.primary_metric, "split": "val", "best_step": best["step"],
-            "best_value": best["value"], "checkpoint": str(self.stage_dir / "checkpoints" / f"step-{best['step']:06d}"),
-        }, indent=2))
+        write_selection(self.stage_dir, self.task.primary_metric, self.history)
+
+    def save_snapshot(self, step: int, source: Path, restore_to: str) -> None:
+        """Keep a copy of the resumable state ``source`` at ``step``: a run that shares this stage's first
+        ``step`` steps resumes from it (the study planner copies it to ``restore_to`` in that run's stage)."""
+        target = self.stage_dir / "snapshots" / f"step-{step:06d}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target / "state")
+        (target / "snapshot.json").write_text(json.dumps({"step": step, "restore_to": restore_to}))
+
+
+def val_history(rows: list[dict], metric: str) -> list[dict]:
+    """The stage's ``val`` values of ``metric`` by step, from its metrics rows."""
+    return [{"step": r["step"], "value": r["value"]} for r in rows if r["split"] == "val" and r["metric"] == metric]
+
+
+def write_selection(stage_dir: Path, metric: str, history: list[dict]) -> None:
+    """Best checkpoint on ``val`` only (ties go to the earlier step)."""
+    best = max(history, key=lambda h: (h["value"], -h["step"]))
+    (stage_dir / "selection.json").write_text(json.dumps({
+        "metric": metric, "split": "val", "best_step": best["step"],
+        "best_value": best["value"], "checkpoint": str(stage_dir / "checkpoints" / f"step-{best['step']:06d}"),
+    }, indent=2))
 
 
 def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:
@@ -97,8 +117,13 @@ def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:
     return total, per_epoch, every
 
 
-def schedule_settings(schedule, total_updates: int) -> tuple[str, dict, int]:
-    """(transformers scheduler name, its extra kwargs, warmup steps) for a stage's schedule config."""
+def schedule_settings(schedule, total_updates: int, updates_per_step: int = 1) -> tuple[str, dict, int]:
+    """(transformers scheduler name, its extra kwargs, warmup updates) for a stage's schedule config.
+
+    ``updates_per_step``: optimizer updates per stage step (RL's ``mu``), to turn ``warmup_steps`` into updates.
+    """
     name = {"constant": "constant_with_warmup"}.get(schedule.name, schedule.name)
     kwargs = {"num_decay_steps": max(1, round(schedule.decay_ratio * total_updates))} if name == "warmup_stable_decay" else {}
+    if schedule.warmup_steps is not None:
+        return name, kwargs, schedule.warmup_steps * updates_per_step
     return name, kwargs, round(schedule.warmup_ratio * total_updates)

@@ -68,10 +68,15 @@ def run_rl(ctx: StageContext):
                "completion_length": float(batch.mask.sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
         log_train_row(ctx, step + 1, per_epoch, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
-        if (step + 1) % every == 0 or step + 1 == total:
+        eval_point = (step + 1) % every == 0 or step + 1 == total
+        if eval_point:
             ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
-        if (step + 1) % save_every == 0 and step + 1 < total:
+        if ((step + 1) % save_every == 0 and step + 1 < total) or step + 1 in ctx.snapshot_steps:
             ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
+        if step + 1 in ctx.snapshot_steps:  # kept for the study runs that branch off here
+            ctx.save_snapshot(step + 1, ResumeState.path(ctx), "resume")
+    if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
+        ctx.evaluate_and_save(policy, total, epoch=round(total / per_epoch, 4))
 
     # ---- save
     return policy.save(ctx.stage_dir / "final", ctx.task_state)
@@ -263,7 +268,7 @@ class Reference:
 
 
 def make_scheduler(stage, optimizer, total_updates: int):
-    name, kwargs, warmup = schedule_settings(stage.schedule, total_updates)
+    name, kwargs, warmup = schedule_settings(stage.schedule, total_updates, stage.mu)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_updates,
                          scheduler_specific_kwargs=kwargs)
 

@@ -20,18 +20,26 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
                        evaluate) -> None:
     """Run the Trainer over ``dataset`` calling ``evaluate(step, epoch)`` at 0, every ``every`` steps and the end."""
     args = training_arguments(ctx, total, every)
-    callbacks = [EvalCallback(ctx, evaluate, every, total, per_epoch)]
+    callback = EvalCallback(ctx, evaluate, every, total, per_epoch)
+    callbacks = [callback]
     if policy.projector_parameters():
         callbacks.append(ProjectorCallback(policy))
+    callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once the others have saved into them
     trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
     resume = last_checkpoint(ctx.stage_dir / "trainer")
-    ctx.resume_from(int(resume.name.split("-")[1]) if resume else -1)
+    done = int(resume.name.split("-")[1]) if resume else -1
+    ctx.resume_from(done)
     if resume and policy.projector_parameters():
         policy.load_projector(resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if done >= total:  # nothing left to train, and the Trainer would take one more step: just load the weights
+        trainer._load_from_checkpoint(str(resume))  # the Trainer's own loader (adapters, shards)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
+        callback.evaluate_at(total)
 
 
 class PolicyTrainer(Trainer):
@@ -114,16 +122,17 @@ class EvalCallback(TrainerCallback):
     def __init__(self, ctx: StageContext, evaluate, every: int, total: int, per_epoch: int):
         self.ctx, self.evaluate, self.every, self.total, self.per_epoch = ctx, evaluate, every, total, per_epoch
 
-    def _evaluate(self, step: int) -> None:
+    def evaluate_at(self, step: int) -> None:
         self.evaluate(step, round(step / self.per_epoch, 4))
+        self.ctx.evaluated.add(step)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0 and self.ctx.stage.eval_at_start:
-            self._evaluate(0)
+            self.evaluate_at(0)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == self.total:
-            self._evaluate(state.global_step)
+            self.evaluate_at(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -149,6 +158,23 @@ class ProjectorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class SnapshotCallback(TrainerCallback):
+    """Save a Trainer checkpoint at each of ``ctx.snapshot_steps`` and keep a copy for runs branching there."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.ctx.snapshot_steps:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step in self.ctx.snapshot_steps:
+            name = f"checkpoint-{step}"
+            self.ctx.save_snapshot(step, self.ctx.stage_dir / "trainer" / name, f"trainer/{name}")
 
 
 class QuietProgress(ProgressCallback):

@@ -1,0 +1,135 @@
+"""Start a run from the prefix it shares with an earlier run of its study (see biopost.study.plan).
+
+The run's directory is filled with what the run would have written itself up to the shared point, taken
+from the donor's directory: the complete earlier stages, then, for a stage shared up to step ``b``, its
+evaluation checkpoints, predictions and metrics rows up to ``b`` (only at the steps this run evaluates
+at), its ``selection.json`` recomputed from those val rows alone, and the donor's resumable snapshot at
+``b``. The pipeline's ordinary resume then trains the rest. ``branched_from.json`` is written last: a
+directory without it is an interrupted copy and is made again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from biopost.models.policy import CHECKPOINT_FILE
+from biopost.runlog import read_metrics
+from biopost.stages.context import val_history, write_selection
+from biopost.study.plan import PlannedRun
+
+MARKER = "branched_from.json"
+RUN_FILES = {"stages", "predictions", "metrics.jsonl", "DONE", "config.yaml", "env.json", MARKER}
+NOT_COPIED = shutil.ignore_patterns("snapshots", "trainer", "resume")
+
+
+def snapshot_dir(donor_dir: Path, run: PlannedRun) -> Path:
+    k, b = run.branch
+    return stage_dir(donor_dir, run, k) / "snapshots" / f"step-{b:06d}"
+
+
+def stage_dir(run_dir: Path, run: PlannedRun, index: int) -> Path:
+    return Path(run_dir) / "stages" / f"{index}-{run.stages[index]['name']}"
+
+
+def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
+    """Copy ``run``'s shared prefix from ``donor_dir`` into ``run_dir``; False if the donor lacks the snapshot."""
+    k, b = run.branch
+    if b and not (snapshot_dir(donor_dir, run) / "snapshot.json").is_file():
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    for entry in donor_dir.iterdir():  # the backbone built for the run, split sizes...
+        if entry.name not in RUN_FILES:
+            copy(entry, run_dir / entry.name)
+    for index in range(k):
+        shutil.copytree(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), ignore=NOT_COPIED)
+    keep = kept_steps(run)
+    if b:
+        copy_partial_stage(stage_dir(donor_dir, run, k), stage_dir(run_dir, run, k), snapshot_dir(donor_dir, run), keep)
+    rows = [r for r in read_metrics(donor_dir) if keep_row(r, k, b, keep)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "run_id": run.id}) + "\n" for r in rows))
+    copy_predictions(donor_dir / "predictions", run_dir / "predictions", run, k, b, keep)
+    for index in range(k + (1 if b else 0)):
+        reselect(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), [r for r in rows if r["stage_index"] == index])
+    repoint_checkpoints(run_dir, donor_dir)
+    (run_dir / MARKER).write_text(json.dumps({"donor": run.donor, "stage_index": k, "step": b}, indent=2))
+    return True
+
+
+def kept_steps(run: PlannedRun):
+    """Whether this run itself evaluates stage ``branch[0]`` at a step: at 0, every ``eval_every``, at its end."""
+    k, _ = run.branch
+    if k >= len(run.stages):
+        return lambda step: True
+    info, stage = run.stages[k], run.config.stages[k]
+    every, total = info["eval_every"], info["steps"]
+    return lambda step: (step == 0 and getattr(stage, "eval_at_start", True)) or step == total or (
+        step > 0 and every and step % every == 0)
+
+
+def keep_row(row: dict, k: int, b: int, keep) -> bool:
+    index = row["stage_index"]
+    if index < k:
+        return True
+    if index > k or not b or row["step"] > b:
+        return False
+    return row["split"] == "train" or keep(row["step"])
+
+
+def copy_partial_stage(src: Path, dst: Path, snapshot: Path, keep) -> None:
+    dst.mkdir(parents=True)
+    step = json.loads((snapshot / "snapshot.json").read_text())["step"]
+    for entry in src.iterdir():
+        if entry.name == "checkpoints":
+            for ckpt in entry.iterdir():
+                at = int(ckpt.name.split("-")[1])
+                if at <= step and keep(at):
+                    shutil.copytree(ckpt, dst / "checkpoints" / ckpt.name)
+        elif entry.name == "base":  # the merged model the stage's adapter checkpoints sit on
+            shutil.copytree(entry, dst / "base")
+    restore_to = json.loads((snapshot / "snapshot.json").read_text())["restore_to"]
+    shutil.copytree(snapshot / "state", dst / restore_to)
+
+
+def copy_predictions(src: Path, dst: Path, run: PlannedRun, k: int, b: int, keep) -> None:
+    if not src.is_dir():
+        return
+    earlier = {s["name"] for s in run.stages[:k]}
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        stage, _, rest = file.name.rpartition("-step")  # <stage>-step<NNNNNN>-<split>.jsonl
+        step = int(rest.split("-")[0])
+        partial = b and k < len(run.stages) and stage == run.stages[k]["name"] and step <= b and keep(step)
+        if stage in earlier or partial:
+            shutil.copy2(file, dst / file.name)
+
+
+def reselect(src: Path, dst: Path, rows: list[dict]) -> None:
+    """``selection.json`` from this run's own val rows (the donor's may have seen later steps)."""
+    chosen = src / "selection.json"
+    if not chosen.is_file():
+        return
+    metric = json.loads(chosen.read_text())["metric"]
+    history = val_history(rows, metric)
+    if history:
+        write_selection(dst, metric, history)
+
+
+def repoint_checkpoints(run_dir: Path, donor_dir: Path) -> None:
+    """Checkpoints record their base model's path: a base inside the donor's directory is now this run's."""
+    donor, own = str(Path(donor_dir).resolve()), str(Path(run_dir).resolve())
+    for marker in Path(run_dir).rglob(CHECKPOINT_FILE):
+        info = json.loads(marker.read_text())
+        base = info.get("base")
+        if isinstance(base, str) and base.startswith(donor + "/"):
+            info["base"] = own + base[len(donor):]
+            marker.write_text(json.dumps(info, indent=2))
+
+
+def copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
