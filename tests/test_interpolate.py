@@ -174,6 +174,41 @@ def test_a_lora_end_is_merged_into_the_same_model(sft_run, pbmc_splits, one_thre
                                    adapter.logits(ids["input_ids"], ids["attention_mask"]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def fused_start(tmp_path_factory, tiny_backbone):
+    """A fused checkpoint: the tiny backbone reading a tiny DNA encoder through a new projector."""
+    from biopost.config import EncoderConfig
+    from biopost.models.fusion import fuse
+    from biopost.models.tiny_encoders import build_tiny_encoder
+
+    tmp = tmp_path_factory.mktemp("fused")
+    build_tiny_encoder("tiny-dna", tmp / "encoder", seed=0, steps=3)
+    return fuse(load_policy(tiny_backbone), {"dna": EncoderConfig(name=str(tmp / "encoder"), num_tokens=3)}).save(tmp / "start")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_fused_checkpoint_interpolates_its_projectors_too(fused_start, tmp_path, lora, one_thread):
+    from biopost.config import LoraConfig
+    from biopost.models.adapters import prepare_for_training
+    from biopost.models.weights import load_weights
+
+    tuned = prepare_for_training(load_policy(fused_start), LoraConfig(rank=4, alpha=8) if lora else None, tmp_path)
+    with torch.no_grad():  # what a fused stage trains: the adapter (or the LM) and the projectors
+        for param in [*tuned.projector_parameters(), *(p for p in tuned.model.parameters() if p.requires_grad)]:
+            param.add_(0.05 * torch.randn_like(param))
+    tuned.save(tmp_path / "end")
+    start, end = (weights_of(merged(load_policy(path))) for path in (fused_start, tmp_path / "end"))
+    projectors = [k for k in start if k.startswith("projectors.")]
+    assert projectors and any(not torch.equal(start[k], end[k]) for k in projectors)
+    container = merged(load_policy(tmp_path / "end"))
+    load_weights(container, interpolate(start, end, 0.5))
+    container.save(tmp_path / "middle")
+    middle = weights_of(load_policy(tmp_path / "middle"))
+    assert middle.keys() == start.keys()
+    for key in start:
+        torch.testing.assert_close(middle[key], 0.5 * start[key] + 0.5 * end[key])
+
+
 def test_interrupted_interpolation_resumes_after_its_last_point(interp_run, tmp_path):
     config, run_dir = interp_run
     cut = shutil.copytree(run_dir, tmp_path / "cut")

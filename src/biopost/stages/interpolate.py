@@ -23,11 +23,10 @@ from biopost.stages.context import StageContext
 
 def run_interpolate(ctx: StageContext):
     stage = ctx.stage
-    dtype = ctx.config.model.dtype
     # ---- setup: both ends as plain weights; the end's policy is the container every point is loaded into
     start_ref = start_reference(ctx)
-    start = merged(load_policy(ctx.resolve(start_ref), dtype, device=ctx.device))
-    policy = merged(load_policy(ctx.init_path, dtype, device=ctx.device))
+    start = load_merged(ctx, ctx.resolve(start_ref))
+    policy = load_merged(ctx, ctx.init_path)
     if start.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
         raise ValueError(f"stage {ctx.name}: start {start_ref!r} and end {stage.end!r} have different tokenizers")
     start_w = weights_of(start)
@@ -68,7 +67,13 @@ def averaged_end(ctx: StageContext) -> dict:
     if len(found) < k:
         raise ValueError(f"stage {ctx.name}: average_last={k} but {folder} holds {len(found)} evaluation checkpoints")
     print(f"stage {ctx.name}: averaging {', '.join(p.name for p in found[-k:])}")
-    return average(weights_of(merged(load_policy(p, ctx.config.model.dtype, device=ctx.device))) for p in found[-k:])
+    return average(weights_of(load_merged(ctx, p)) for p in found[-k:])
+
+
+def load_merged(ctx: StageContext, path):
+    """A checkpoint (or the backbone) on the run's device, its adapter merged into the weights."""
+    model = ctx.config.model
+    return merged(load_policy(path, model.dtype, revision=model.revision, device=ctx.device))
 
 
 def saved_points(ctx: StageContext) -> int:
