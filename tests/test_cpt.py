@@ -98,7 +98,8 @@ def cpt_run(tmp_path_factory, tiny_backbone):
 
 
 def test_cpt_lowers_heldout_perplexity(cpt_run):
-    rows = [r for r in read_metrics(cpt_run) if r["stage"] == "cpt" and r["split"] == "heldout" and r["metric"] == "perplexity"]
+    rows = [r for r in read_metrics(cpt_run)
+            if r["stage"] == "cpt" and r["split"] == "heldout" and r["metric"] == "perplexity"]
     assert [r["step"] for r in rows] == [0, 15, 30]
     assert all(r["n"] > 0 for r in rows)
     assert rows[-1]["value"] < 0.8 * rows[0]["value"]

@@ -39,8 +39,9 @@ def test_another_task_with_the_runs_training_inputs_is_refused(fast_config, tmp_
     full.obs = adata.obs.copy()
     full.write_h5ad(tmp_path / "same-cells.h5ad")
     raw = fast_config()
-    other = {"name": "cell_type/h5ad", "options": {"path": str(tmp_path / "same-cells.h5ad"), "label_key": "bulk_labels",
-                                                    "group_key": "phase", "top_k_genes": 16}}
+    options = {"path": str(tmp_path / "same-cells.h5ad"), "label_key": "bulk_labels", "group_key": "phase",
+               "top_k_genes": 16}
+    other = {"name": "cell_type/h5ad", "options": options}
     raw["eval"]["forgetting"] = {"tasks": [other]}
     config = validate_config(raw)
     task, splits = load_task_and_splits(config)
@@ -48,7 +49,8 @@ def test_another_task_with_the_runs_training_inputs_is_refused(fast_config, tmp_
         load_forgetting(config, task, splits)
     other["split"] = {"allow_overlap": True}
     checks = load_forgetting(validate_config(raw), task, splits)
-    assert [t.task.name for t in checks.tasks] == ["cell_type/h5ad"] and set(checks.tasks[0].splits) == {"id_test", "ood_test"}
+    assert [t.task.name for t in checks.tasks] == ["cell_type/h5ad"]
+    assert set(checks.tasks[0].splits) == {"id_test", "ood_test"}
 
 
 def test_no_checks_configured_means_none(fast_config, pbmc):

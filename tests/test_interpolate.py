@@ -23,6 +23,7 @@ from biopost.runlog import read_metrics
 
 ALPHAS = [0.0, 0.5, 1.0]
 H5AD = "cell_type/h5ad"
+PBMC = "cell_type/pbmc68k"
 LABELS = ("where", "stage", "stage_index", "step", "epoch", "alpha")
 
 
@@ -139,7 +140,8 @@ def test_rows_carry_alpha_and_selection_is_on_val(interp_run):
     chosen = load_policy(here / "checkpoints" / f"step-{best:06d}").model.state_dict()
     assert all(torch.equal(final[k], chosen[k]) for k in final)
     finals = {"sft": stage_dir(run_dir, 0, "sft") / "final", "interpolate": here / "final"}
-    assert resolve_init("interpolate:best", finals["interpolate"], run_dir, finals, {}, "next") == here / "checkpoints" / f"step-{best:06d}"
+    best_path = resolve_init("interpolate:best", finals["interpolate"], run_dir, finals, {}, "next")
+    assert best_path == here / "checkpoints" / f"step-{best:06d}"
     table = metric_table(run_dir)
     assert {"general/go_ppl", f"{H5AD} ood_test", "id_test"} <= set(table.columns)
     assert table.loc[("interpolate", 2), "id_test"] == table.loc[("sft", 4), "id_test"]
@@ -183,7 +185,8 @@ def fused_start(tmp_path_factory, tiny_backbone):
 
     tmp = tmp_path_factory.mktemp("fused")
     build_tiny_encoder("tiny-dna", tmp / "encoder", seed=0, steps=3)
-    return fuse(load_policy(tiny_backbone), {"dna": EncoderConfig(name=str(tmp / "encoder"), num_tokens=3)}).save(tmp / "start")
+    encoders = {"dna": EncoderConfig(name=str(tmp / "encoder"), num_tokens=3)}
+    return fuse(load_policy(tiny_backbone), encoders).save(tmp / "start")
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -242,3 +245,46 @@ def test_interpolation_needs_val_and_a_stage_to_start_from(fast_config, tmp_path
     raw["stages"] = [{"kind": "interpolate"}]
     with pytest.raises(ConfigError, match="start: init needs a stage before it"):
         run(validate_config(raw), tmp_path / "first")
+
+
+def test_a_study_plans_interpolation_as_a_stage_without_steps_on_the_shared_sft_trunk():
+    from biopost.study.config import study_from_dict
+    from biopost.study.plan import make_plan
+
+    wsd = {"name": "warmup_stable_decay", "warmup_steps": 2, "decay_ratio": 0.25}
+    raw = {"name": "wise", "base": {"task": {"name": "cell_type/pbmc68k"}, "stages": [
+        {"kind": "sft", "max_steps": 32, "eval_every_steps": 4, "schedule": wsd}, {"kind": "interpolate"}]},
+        "pipelines": {"sft": ["sft"], "wise": ["sft", "interpolate"]},
+        "blocks": {"b": {"pipeline": ["sft", "wise"], "grid": {"stages.sft.max_steps": [16, 32]}}}}
+    plan = make_plan(study_from_dict(raw), load_data=False)
+    shapes = sorted(tuple((s["kind"], s["steps"]) for s in r.stages) for r in plan.runs)
+    assert shapes == [(("sft", 16),), (("sft", 16), ("interpolate", 0)),
+                      (("sft", 32),), (("sft", 32), ("interpolate", 0))]
+    assert plan.steps_executed == 32 + 4  # the 16-step SFT branches off the 32-step trunk where its decay starts
+
+
+def test_a_study_collects_alpha_and_forgetting_rows(fast_config, tmp_path, one_thread):
+    """Interpolation points and forgetting rows (another task's too) reach the study's results table."""
+    from biopost.study.config import study_from_dict
+    from biopost.study.execute import execute
+    from biopost.study.plan import prepare
+    from biopost.study.results import write_results
+
+    base = interpolate_config(fast_config, write_h5ad(tmp_path / "islets.h5ad"))
+    base["eval"].update(splits=["val", "ood_test"], max_examples=4, max_new_tokens=8)
+    base["eval"]["forgetting"]["corpora"]["go"].update(take=40, heldout=4)
+    base["stages"] = [{"kind": "sft", "max_steps": 2, "eval_every_steps": 2, "batch_size": 8, "eval_at_start": False},
+                      {"kind": "interpolate", "alphas": [0.0, 1.0]}]
+    raw = {"name": "wise", "base": base, "pipelines": {"wise": ["sft", "interpolate"]},
+           "blocks": {"b": {"pipeline": ["wise"]}}}
+    study_dir = tmp_path / "study"
+    assert execute(prepare(study_from_dict(raw), study_dir), study_dir) == []
+    frame = write_results(study_dir)[2]
+    points = frame[(frame.stage_kind == "interpolate") & (frame.split == "ood_test") & (frame.metric == "accuracy")]
+    assert sorted(zip(points.task, points.alpha)) == [(H5AD, 0.0), (H5AD, 1.0), (PBMC, 0.0), (PBMC, 1.0)]
+    assert frame[frame.stage_kind == "sft"].alpha.isna().all()
+    general = frame[frame.split == "general/go"]
+    assert set(zip(general.stage, general.step)) == {("sft", 2), ("interpolate", 0), ("interpolate", 1)}
+    other = frame[frame.task == H5AD]
+    own = frame[frame.task == PBMC]
+    assert other.split_fingerprint.notna().all() and not set(other.split_fingerprint) & set(own.split_fingerprint)

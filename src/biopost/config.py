@@ -225,7 +225,8 @@ class ForgettingTask(TaskConfig):
     """Another registered task whose splits are scored at every evaluation point (cross-task accuracy)."""
 
     splits: list[Literal["id_test", "ood_test"]] = Field(
-        ["id_test", "ood_test"], min_length=1, description="its test splits to score (never val: selection is on the run's task)"
+        ["id_test", "ood_test"], min_length=1,
+        description="its test splits to score (never val: selection is on the run's task)"
     )
 
 
@@ -234,9 +235,11 @@ class ForgettingConfig(Strict):
     of each corpus window) and the other tasks' split names with their ``task``, written at every evaluation point."""
 
     corpora: dict[str, CorpusConfig] = Field(
-        default_factory=dict, description="row name -> corpus window (any CPT source); scored on its last `heldout` documents"
+        default_factory=dict,
+        description="row name -> corpus window (any CPT source); scored on its last `heldout` documents"
     )
-    tasks: list[ForgettingTask] = Field(default_factory=list, description="other registered tasks, scored by the shared evaluator")
+    tasks: list[ForgettingTask] = Field(default_factory=list,
+                                        description="other registered tasks, scored by the shared evaluator")
     seq_length: int = Field(256, ge=8, description="tokens per packed block for corpus perplexity")
     batch_size: int = Field(16, ge=1)
 
@@ -349,7 +352,8 @@ class InterpolateStage(Strict):
     )
     end: str = Field("previous", description="'previous', '<stage>' or '<stage>:best' (or 'base', '<stage>:init')")
     alphas: list[float] = Field(
-        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="increasing; 0 = start, 1 = end, outside [0, 1] extrapolates"
+        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="increasing; 0 = start, 1 = end, outside [0, 1] extrapolates"
     )
     average_last: int | None = Field(
         None, ge=1, description="checkpoint averaging: end = uniform average of the last k evaluation checkpoints "
@@ -556,7 +560,8 @@ def _model_of(annotation: Any) -> type[BaseModel]:
     return None  # type: ignore[return-value]
 
 
-STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage, "interpolate": InterpolateStage,
+STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage,
+                                      "interpolate": InterpolateStage,
                                       "eval": EvalStage}
 
 

@@ -45,10 +45,12 @@ class ForgettingChecks:
             blocks = pack(tokenize_documents(policy.tokenizer, docs, eos), cfg.seq_length, eos)
             loss, tokens = heldout_loss(policy, blocks, cfg.batch_size)
             where = {"split": f"general/{name}", "n": tokens}
-            rows += [{**where, "metric": "loss", "value": loss}, {**where, "metric": "perplexity", "value": math.exp(loss)}]
+            rows += [{**where, "metric": "loss", "value": loss},
+                     {**where, "metric": "perplexity", "value": math.exp(loss)}]
         for other in self.tasks:
             found, recs = evaluate(policy, other.task, other.splits, self.eval_cfg)
-            about = {"task": other.task.name, "task_version": other.task.version, "split_fingerprints": other.fingerprints}
+            about = {"task": other.task.name, "task_version": other.task.version,
+                     "split_fingerprints": other.fingerprints}
             rows += [{**about, **row} for row in found]
             records.update({f"{other.task.name}/{split}": r for split, r in recs.items()})
         return rows, records

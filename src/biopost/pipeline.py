@@ -128,7 +128,8 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     return run_dir
 
 
-def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], inits: dict[str, Path], name: str) -> Path:
+def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], inits: dict[str, Path],
+                 name: str) -> Path:
     """'previous', 'base', '<stage>' (its final checkpoint), '<stage>:best' (its val-selected one) or
     '<stage>:init' (the checkpoint it started from)."""
     if init == "previous":

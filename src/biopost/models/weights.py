@@ -86,7 +86,7 @@ def average(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
             if key in total:
                 total[key] += value.float()
             elif not same[key]:
-                raise ValueError(f"weights differ in non-float tensor {key!r}; the checkpoints are not one architecture")
+                raise ValueError(f"weights differ in non-float tensor {key!r}; not one architecture")
     if first is None:
         raise ValueError("nothing to average")
     return {k: v if same[k] else (total[k] / count).to(v.dtype) for k, v in first.items()}

@@ -12,10 +12,12 @@ Columns, in order:
 - ``pipeline``: the arm (stage composition) name. ``blocks``: the blocks the run belongs to, joined by
   ``;``. ``budget``: the budget split as ``a:b`` weights, empty outside budget blocks; ``budget.<stage>``:
   the amount given to that stage (in the budget's unit). ``shared_from``: the run whose prefix it copied.
-- ``task``, ``task_version``: the task the row was scored on.
+- ``task``, ``task_version``: the task the row was scored on (another task's for cross-task forgetting rows).
 - ``stage``, ``stage_index``, ``stage_kind``: where in the pipeline; ``step`` (optimizer steps within the
-  stage; RL: rollout steps), ``epoch``.
-- ``split``: ``val``, ``id_test``, ``ood_val``, ``ood_test``, ``heldout`` (CPT perplexity) or ``train``.
+  stage; RL: rollout steps; interpolate: the point's index), ``epoch``; ``alpha``: the interpolation weight of
+  an ``interpolate`` stage's point (empty elsewhere).
+- ``split``: ``val``, ``id_test``, ``ood_val``, ``ood_test``, ``heldout`` (CPT perplexity), ``general/<name>``
+  (forgetting-corpus perplexity) or ``train``.
 - ``metric``, ``value``; ``ci_low``, ``ci_high``: bootstrap 95% interval of the mean (empty where not
   computed); ``n``: examples (tokens for ``heldout``); ``num_samples``: completions per example.
 - ``split_fingerprint``: fingerprint of the whole split the row's examples come from (the study refuses a
@@ -33,8 +35,8 @@ import pandas as pd
 from biopost.runlog import DONE, read_metrics
 from biopost.study.plan import Plan, PlannedRun, task_key
 
-ROW_FIELDS = ["task", "task_version", "stage", "stage_index", "stage_kind", "step", "epoch", "split", "metric",
-              "value", "ci_low", "ci_high", "n", "num_samples", "split_fingerprint", "eval_fingerprint"]
+ROW_FIELDS = ["task", "task_version", "stage", "stage_index", "stage_kind", "step", "epoch", "alpha", "split",
+              "metric", "value", "ci_low", "ci_high", "n", "num_samples", "split_fingerprint", "eval_fingerprint"]
 
 
 def load_plan(study_dir: Path) -> Plan:
@@ -73,8 +75,8 @@ def check_fingerprints(run: PlannedRun, run_dir: Path, expected: dict | None) ->
         differ = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         raise ValueError(f"run {run.id}: split fingerprints differ from the study's ({', '.join(differ)}); "
                          f"its data or split changed since the plan: rerun it or remove runs/{run.id}")
-    for row in read_metrics(run_dir):
-        if row.get("split_fingerprints") not in (None, saved):
+    for row in read_metrics(run_dir):  # rows of other tasks (forgetting checks) carry those tasks' fingerprints
+        if row.get("task") == run.config.task.name and row.get("split_fingerprints") not in (None, saved):
             raise ValueError(f"run {run.id}: metrics.jsonl holds rows scored on other splits than splits.json")
 
 
@@ -88,7 +90,8 @@ def row_values(row: dict, kinds: dict[int, str]) -> dict:
     split = row.get("split")
     return {"task": row.get("task"), "task_version": row.get("task_version"), "stage": row.get("stage"),
             "stage_index": row.get("stage_index"), "stage_kind": kinds.get(row.get("stage_index")),
-            "step": row.get("step"), "epoch": row.get("epoch"), "split": split, "metric": row.get("metric"),
+            "step": row.get("step"), "epoch": row.get("epoch"), "alpha": row.get("alpha"), "split": split,
+            "metric": row.get("metric"),
             "value": row.get("value"), "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"), "n": row.get("n"),
             "num_samples": row.get("num_samples"),
             "split_fingerprint": (row.get("split_fingerprints") or {}).get(split),
