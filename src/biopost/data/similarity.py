@@ -51,8 +51,10 @@ def kmer_codes(sequence: str, k: int) -> np.ndarray:
     >>> kmer_codes("ABAB", 2).tolist() == sorted({ord("A") * 128 + ord("B"), ord("B") * 128 + ord("A")})
     True
     """
+    if not 1 <= k <= 8:
+        raise ValueError(f"k must be 1 to 8 (k-mers are coded in 7 * k bits of an int64), got {k}")
     residues = np.frombuffer(sequence.ljust(k, "#").encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(residues & 127, k)
+    windows = np.lib.stride_tricks.sliding_window_view(residues, k)
     return np.unique(windows @ (128 ** np.arange(k - 1, -1, -1, dtype=np.int64)))
 
 
