@@ -8,7 +8,7 @@ import pytest
 
 from biopost.config import validate_config
 from biopost.pipeline import load_task_and_splits
-from biopost.tasks.proteins.amp import AMP, OTHER
+from biopost.tasks.proteins.amp import AMP, INACTIVE
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_sequences_are_unique_and_ood_holds_the_transmembrane_negatives(amp):
     tm_sequences = set(map(str, tm.sequences))
     assert {e.protein for e in splits.ood_test} == tm_sequences  # AMPs shared with the UniProt set stay here
     assert not tm_sequences & {e.protein for n in ("train", "val", "id_test") for e in splits[n]}
-    assert Counter(e.answer for e in splits.ood_test) == {AMP: 206, OTHER: 206}
+    assert Counter(e.answer for e in splits.ood_test) == {AMP: 206, INACTIVE: 206}
     assert {e.meta["negatives"] for e in splits.train} == {"uniprot"}
     assert 0.4 < Counter(e.answer for e in splits.train)[AMP] / len(splits.train) < 0.6
 
@@ -38,7 +38,8 @@ def test_rationale_comes_from_training_statistics(amp):
     assert before.startswith("Net charge") and "training medians" in before
     medians = dict(task.medians)
     try:
-        task.fit([e for e in splits.train if e.answer == AMP][:50] + [e for e in splits.train if e.answer == OTHER][:50])
+        task.fit([e for e in splits.train if e.answer == AMP][:50]
+                 + [e for e in splits.train if e.answer == INACTIVE][:50])
         assert task.medians != medians and task.reasoning(example) != before
     finally:
         task.fit(splits.train)
@@ -55,11 +56,24 @@ def test_prompt_text_or_encoder_placeholder_and_scoring(amp):
         assert "<|protein|>" in prompt and example.protein not in prompt
     finally:
         task.fused_modalities = frozenset()
-    right, wrong = (example.answer, OTHER if example.answer == AMP else AMP)
+    right, wrong = (example.answer, INACTIVE if example.answer == AMP else AMP)
     assert task.score(f"<think>\n</think>\n\nAnswer: {right}", example)["accuracy"] == 1.0
     assert task.score(f"<think>\n</think>\n\nAnswer: {wrong}", example)["accuracy"] == 0.0
-    assert task.score(f"Answer: {AMP} or {OTHER}", example)["accuracy"] == 0.0
+    assert task.score(f"Answer: {AMP} or {INACTIVE}", example)["accuracy"] == 0.0
     user = task.example_from_input({"id": "x", "sequence": " glfdivkkvv "}, "in:1")
     assert user.protein == "GLFDIVKKVV" and "GLFDIVKKVV" in task.user_prompt(user)
     with pytest.raises(ValueError, match="needs 'sequence'"):
         task.example_from_input({"id": "x"}, "in:2")
+
+
+@pytest.mark.parametrize("negated", ["non-antimicrobial", "Non antimicrobial", "not an antimicrobial peptide",
+                                     "unlikely to be antimicrobial"])
+def test_a_negated_answer_is_no_answer(amp, negated):
+    task, splits = amp
+    positive = next(e for e in splits.id_test if e.answer == AMP)
+    negative = next(e for e in splits.id_test if e.answer == INACTIVE)
+    completion = f"<think>\nweakly cationic\n</think>\n\nAnswer: {negated}"
+    assert task.prediction(completion) == {"strict": None, "lenient": None}
+    assert task.score(completion, positive)["accuracy"] == task.score(completion, negative)["accuracy"] == 0.0
+    assert task.reward([completion], [positive]) == [0.0]
+    assert AMP not in INACTIVE and INACTIVE not in AMP  # no label can be read inside the other

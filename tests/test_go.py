@@ -216,6 +216,47 @@ def test_similarity_split_keeps_families_together(cafa_files, method):
         assert held and not held & {cluster[e.id] for n in ("train", "val", "id_test") for e in splits[n]}
 
 
+@pytest.mark.parametrize("method", ["kmer", "mmseqs"])
+def test_default_similarity_split_keeps_two_thirds_identical_homologs_together(tmp_path, method):
+    if method == "mmseqs" and shutil.which("mmseqs") is None:
+        pytest.skip("MMseqs2 is not installed")
+    rng = np.random.default_rng(1)
+    seqs = {}
+    for family in range(10):  # members keep 80% of a common ancestor: ~65% identical to each other
+        ancestor = random_protein(rng, 200)
+        for member in range(4):
+            seqs[f"F{family}_{member}"] = mutate(rng, ancestor, rate=0.2)
+    (tmp_path / "s.fasta").write_text("".join(f">{p} 9606\n{s}\n" for p, s in seqs.items()))
+    (tmp_path / "t.tsv").write_text("protein\tterm\tevidence\n" + "".join(f"{p}\t{MITO}\tIDA\n" for p in seqs))
+    task = get_task("go/cafa", {"fasta": str(tmp_path / "s.fasta"), "annotations": str(tmp_path / "t.tsv"),
+                                "ood": "similarity", "similarity_method": method, "rationale": "none"})
+    examples = task.load()
+    family = lambda e: e.id.split("_")[0]  # noqa: E731
+    assert len({e.meta["cluster"] for e in examples}) == 10
+    assert all(len({e.meta["cluster"] for e in examples if family(e) == f"F{f}"}) == 1 for f in range(10))
+    for seed in range(3):
+        splits = make_splits(examples, SplitRule("cluster", 0.2, seed=seed), task.input_key)
+        assert splits.ood_test and not {family(e) for e in splits.ood_test} & {family(e) for e in splits.train}
+
+
+def test_sequences_are_cut_before_identical_ones_merge(tmp_path):
+    rng = np.random.default_rng(2)
+    head = random_protein(rng, 60)
+    seqs = {"LONG_A": head + random_protein(rng, 20), "LONG_B": head + random_protein(rng, 30),
+            **{f"P{i}": random_protein(rng, 60) for i in range(6)}}
+    taxa = {p: "10090" if p == "LONG_B" else "9606" for p in seqs}
+    (tmp_path / "s.fasta").write_text("".join(f">{p} {taxa[p]}\n{s}\n" for p, s in seqs.items()))
+    rows = [f"{p}\t{MITO}\tIDA\n" for p in seqs if p != "LONG_B"] + [f"LONG_B\t{CYTO}\tIDA\n"]
+    (tmp_path / "t.tsv").write_text("protein\tterm\tevidence\n" + "".join(rows))
+    task = get_task("go/cafa", {"fasta": str(tmp_path / "s.fasta"), "annotations": str(tmp_path / "t.tsv"),
+                                "max_residues": 60, "rationale": "none"})
+    examples = {e.id: e for e in task.load()}
+    assert "LONG_B" not in examples and len(examples) == 7  # one model input, so one protein
+    assert examples["LONG_A"].protein == head and examples["LONG_A"].answer == MITO  # mitochondrion implies cytoplasm
+    assert CYTO in task.gold_terms(examples["LONG_A"])
+    assert len({e.protein for e in examples.values()}) == len(examples)
+
+
 def test_missing_columns_and_files_are_one_line_errors(cafa_files, tmp_path):
     with pytest.raises(ValueError, match=r"no column for \['protein'\]"):
         get_task("go/cafa", {"fasta": str(cafa_files / "seqs.fasta"), "annotations": str(cafa_files / "terms.tsv")}).load()
@@ -275,7 +316,35 @@ def test_split_metrics_fmax_per_aspect_from_samples(scored):
     task, example = scored
     metrics = task.split_metrics([example], [[answer(MITO), answer(CYTO)]])
     # one protein: at t <= .5 all 8 terms (p = r = 1); above, cytoplasm's 3 terms (p = 1, r = 3/8)
-    assert metrics["fmax_CC"] == 1.0 and metrics["coverage_CC"] == 1.0 and "fmax_BP" not in metrics
+    assert metrics["fmax_CC"] == (1.0, 1) and metrics["coverage_CC"] == (1.0, 1) and "fmax_BP" not in metrics
+    assert {"naive_fmax_CC", "naive_fmax_CC_weighted", "fmax_CC_weighted"} <= set(metrics)
+
+
+def test_reward_metric_can_be_ia_weighted(cafa_files, scored):
+    task, example = scored
+    weighted = cafa_task(cafa_files, context=str(cafa_files / "context.tsv"), reward_metric="f1_weighted")
+    examples = {e.id: e for e in weighted.load()}
+    weighted.fit([examples[p] for p in ("P02", "P03", "P04", "P05", "P06", "P07", "P08")])  # as the fixture
+    score = weighted.score(answer(CYTO), example)
+    assert weighted.reward([answer(CYTO)], [example]) == [score["f1_weighted"]] != [score["f1"]]
+    assert task.reward([answer(CYTO)], [example]) == [score["f1"]]
+    with pytest.raises(ConfigError, match="f1_weighted needs IA"):
+        cafa_task(cafa_files, reward_metric="f1_weighted", ia="none")
+
+
+def test_naive_frequency_baseline_and_n_per_aspect(cafa_files):
+    task = cafa_task(cafa_files, ia="none", rationale="none")
+    examples = {e.id: e for e in task.load()}
+    task.fit([examples[p] for p in ("P02", "P05", "P06")])  # cytoplasm, mitochondrion, cytoplasm: no MF term
+    assert task.term_frequency[CYTO] == task.term_frequency[INTRA] == task.term_frequency[CELL_ENTITY] == 1.0
+    assert task.term_frequency[MITO] == task.term_frequency["GO:0043226"] == pytest.approx(1 / 3)
+    chosen = [examples["P01"], examples["P10"], examples["P04"]]  # gold: mitochondrion, cytoplasm, protein binding
+    metrics = task.split_metrics(chosen, [[answer(MITO)], [answer(CYTO)], [answer(PROTEIN_BINDING)]])
+    assert metrics["fmax_CC"] == (1.0, 2) and metrics["fmax_MF"] == (1.0, 1)  # n: proteins annotated in the aspect
+    # naive: t <= 1/3 predicts all 8 terms (P01: p = r = 1; P10: p = 3/8, r = 1), higher t the 3 cytoplasm terms
+    # (P01: p = 1, r = 3/8; P10: p = r = 1); both give p, r = 11/16, 1 or 1, 11/16: F = 22/27
+    assert metrics["naive_fmax_CC"] == (pytest.approx(22 / 27), 2)
+    assert metrics["naive_fmax_MF"] == (0.0, 1) and "naive_fmax_CC_weighted" not in metrics
 
 
 def test_neighbour_rationale_uses_training_proteins_only(scored):
@@ -310,6 +379,21 @@ def test_hf_loader_reads_the_bioreason_pro_schema(tmp_path):
         get_task("go/hf", {"dataset": "json", "data_files": [str(path)], "term_columns": ["go_terms"]}).load()
 
 
+def test_hf_loader_needs_the_organism_column_unless_told_there_is_none(tmp_path):
+    path = tmp_path / "no_organism.jsonl"
+    path.write_text(json.dumps({"protein_id": "Q1", "sequence": "MKTAYIAKQRQISFVKSHFSRQ", "go_mf": [],
+                                "go_bp": [], "go_cc": [MITO]}) + "\n")
+    options = {"dataset": "json", "data_files": [str(path)], "ood": "similarity", "rationale": "none"}
+    with pytest.raises(ValueError, match=r"no column \[.organism.\].*organism_column: null"):
+        get_task("go/hf", options).load()
+    task = get_task("go/hf", {**options, "organism_column": None})
+    (example,) = task.load()
+    prompt = task.user_prompt(example)
+    assert "Organism" not in prompt and prompt.startswith("Protein sequence: MKTAYIAKQRQISFVKSHFSRQ")
+    with pytest.raises(ConfigError, match="organism_column"):
+        get_task("go/hf", {**options, "organism_column": None, "ood": "taxon"})
+
+
 def test_registered_with_the_options_they_need():
     from biopost.registry import TASKS, task_names
 
@@ -340,4 +424,7 @@ def test_pipeline_publishes_the_time_split_and_fmax_rows(cafa_files, tmp_path, o
     rows = read_metrics(run_dir)
     metrics = {(r["split"], r["metric"]) for r in rows}
     assert {("ood_test", "f1"), ("ood_test", "f1_weighted"), ("id_test", "precision")} <= metrics
-    assert any(split == "ood_test" and m.startswith("fmax_") for split, m in metrics)
+    assert {("ood_test", "fmax_CC"), ("ood_test", "naive_fmax_CC"), ("ood_test", "naive_fmax_MF_weighted")} <= metrics
+    # ood_test: P09 mitochondrion, P10 cytoplasm, P11 DNA binding (MF) + nucleus: each Fmax row counts its aspect
+    n = {r["metric"]: r["n"] for r in rows if r["split"] == "ood_test" and r["stage"] == "sft"}
+    assert n["f1"] == n["fmax_CC"] == n["naive_fmax_CC"] == 3 and n["fmax_MF"] == n["naive_fmax_MF"] == 1

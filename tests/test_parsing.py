@@ -7,6 +7,7 @@ import time
 import pytest
 
 from biopost.data import Example
+from biopost.tasks.parsing import match_label
 
 B_CELL = Example(id="cell", fields={"organism": "Homo sapiens", "genes": ["MS4A1", "CD79A"]}, answer="CD19+ B")
 GOOD = "<think>\nMS4A1 and CD79A are high.\n</think>\n\nAnswer: CD19+ B"
@@ -117,3 +118,12 @@ def test_reward_is_the_scorers_accuracy(pbmc_task):
 def test_unknown_parse_mode_is_an_error(pbmc_task):
     with pytest.raises(ValueError, match="strict"):
         pbmc_task.parse(GOOD, "fuzzy")
+
+
+@pytest.mark.parametrize("answer", ["non-antimicrobial", "Non antimicrobial", "not an antimicrobial peptide",
+                                    "unlikely to be antimicrobial", "it isn't antimicrobial"])
+def test_a_label_after_a_negation_is_no_answer(answer):
+    labels = ["antimicrobial", "inactive"]
+    assert match_label(answer, labels, "lenient") is None
+    assert match_label("The antimicrobial.", labels, "lenient") == "antimicrobial"
+    assert match_label("not antimicrobial", ["antimicrobial", "not antimicrobial"], "lenient") == "not antimicrobial"

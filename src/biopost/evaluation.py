@@ -129,8 +129,8 @@ def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig) ->
                 "ci_low": lo, "ci_high": hi, "fingerprint": fingerprint(chosen),
                 "num_samples": cfg.num_samples,
             })
-        for metric, value in task.split_metrics(chosen, completions).items():
-            rows.append({"split": name, "metric": metric, "value": float(value), "n": len(chosen), "ci_low": None,
+        for metric, (value, n) in task.split_metrics(chosen, completions).items():
+            rows.append({"split": name, "metric": metric, "value": float(value), "n": int(n), "ci_low": None,
                          "ci_high": None, "fingerprint": fingerprint(chosen), "num_samples": cfg.num_samples})
         rows.append({"split": name, "metric": "completion_tokens", "n": len(chosen), "fingerprint": fingerprint(chosen),
                      "value": float(np.mean([len(policy.tokenizer(c, add_special_tokens=False)["input_ids"])

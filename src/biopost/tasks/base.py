@@ -155,8 +155,9 @@ class Task:
     def score(self, completion: str, example: Example) -> dict[str, float]:
         raise NotImplementedError
 
-    def split_metrics(self, examples: list[Example], completions: list[list[str]]) -> dict[str, float]:
-        """Metrics defined over a whole split rather than per example (e.g. CAFA's Fmax). Default: none."""
+    def split_metrics(self, examples: list[Example], completions: list[list[str]]) -> dict[str, tuple[float, int]]:
+        """Metrics defined over a whole split rather than per example (e.g. CAFA's Fmax), each as (value, n)
+        with n the examples it is computed over. Default: none."""
         return {}
 
     def reward(self, completions: list[str], examples: list[Example]) -> list[float]:

@@ -5,8 +5,10 @@ In-domain: antimicrobial peptides (AMPs) against peptides cut from UniProt prote
 antimicrobial activity (``load_AMPvsUniProt``). OOD: AMPs against transmembrane helices
 (``load_AMPvsTM``). Both negative sets are non-antimicrobial, but TM helices are hydrophobic like the
 amphipathic AMPs, so a classifier that learned "hydrophobic and cationic" from the UniProt negatives is
-tested on a real covariate shift of the negative class. The answer is ``antimicrobial`` or ``not
-antimicrobial``.
+tested on a real covariate shift of the negative class. The answer is ``antimicrobial`` or ``inactive``
+(no antimicrobial activity): neither label contains the other, so lenient matching cannot read a negated
+answer ("non-antimicrobial", "not an antimicrobial peptide") as the positive one; such answers, like any
+label after a negation, match no label.
 
 Sequences are deduplicated: a sequence in both sets (205 of the 206 AMPs of the TM set are also in the
 UniProt set) is kept once, in the OOD set, so it can never be in training and in a test split; the 22
@@ -32,7 +34,7 @@ from biopost.data import Example
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 
-AMP, OTHER = "antimicrobial", "not antimicrobial"
+AMP, INACTIVE = "antimicrobial", "inactive"
 
 
 class AMPOptions(TaskOptions):
@@ -46,18 +48,18 @@ class AMPOptions(TaskOptions):
 class ModlampAMP(LabelTask):
     name = "amp/modlamp"
     domain = "proteins"
-    version = "1"
+    version = "2"  # 2: negatives answer "inactive" (was "not antimicrobial")
     Options = AMPOptions
     default_ood_field = "negatives"
     default_ood_test_groups = ["transmembrane"]
     system_prompt = (
         "You are an expert in peptide biology. Think step by step inside <think> </think>, then reply with "
-        "one line 'Answer: antimicrobial' or 'Answer: not antimicrobial'."
+        "one line 'Answer: antimicrobial' or 'Answer: inactive' (no antimicrobial activity)."
     )
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.labels = [AMP, OTHER]
+        self.labels = [AMP, INACTIVE]
         self.medians: dict[str, dict[str, float]] = {}
         self._features: dict[str, dict[str, float]] = {}  # per sequence; modlamp is slow one sequence at a time
 
@@ -79,7 +81,7 @@ class ModlampAMP(LabelTask):
                 + [self.example(s, label, "transmembrane") for s, label in sorted(ood.items())])
 
     def example(self, sequence: str, label: int, negatives: str) -> Example:
-        answer = AMP if label == 1 else OTHER
+        answer = AMP if label == 1 else INACTIVE
         digest = hashlib.sha1(sequence.encode()).hexdigest()[:12]
         return Example(id=f"pep-{digest}", fields={}, answer=answer, protein=sequence,
                        meta={"negatives": negatives, "label": answer})
@@ -102,16 +104,16 @@ class ModlampAMP(LabelTask):
         f = self._features.get(example.protein)
         if f is None:
             f = self._features[example.protein] = {name: float(v[0]) for name, v in peptide_features([example.protein]).items()}
-        amp, other = self.medians.get(AMP, {}), self.medians.get(OTHER, {})
-        return (f"Net charge {f['charge']:+.0f} (training medians: antimicrobial {amp.get('charge', 0):+.0f}, other "
-                f"{other.get('charge', 0):+.0f}); hydrophobic share {f['hydrophobic']:.0%} (antimicrobial "
-                f"{amp.get('hydrophobic', 0):.0%}, other {other.get('hydrophobic', 0):.0%}).")
+        amp, inactive = self.medians.get(AMP, {}), self.medians.get(INACTIVE, {})
+        return (f"Net charge {f['charge']:+.0f} (training medians: antimicrobial {amp.get('charge', 0):+.0f}, inactive "
+                f"{inactive.get('charge', 0):+.0f}); hydrophobic share {f['hydrophobic']:.0%} (antimicrobial "
+                f"{amp.get('hydrophobic', 0):.0%}, inactive {inactive.get('hydrophobic', 0):.0%}).")
 
     # ---- prompt
     def user_prompt(self, example: Example) -> str:
         text = f"Peptide sequence: {self.sequence_text('protein', example.protein)}\nIs this peptide antimicrobial?"
         if self.options.list_choices:
-            text += f" Choose one of: {AMP}; {OTHER}."
+            text += f" Choose one of: {AMP}; {INACTIVE} (no antimicrobial activity)."
         return text
 
     def leak_keys(self, example: Example) -> list[str]:

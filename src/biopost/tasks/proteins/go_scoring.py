@@ -84,20 +84,32 @@ def fmax(scores: Sequence[Mapping[str, float]], golds: Sequence[Iterable[str]],
     best = {"fmax": 0.0, "threshold": float("nan"), "coverage": 0.0, "n": len(pairs)}
     if not pairs:
         return best
-    for t in thresholds:
-        precisions, recalls, covered = [], [], 0
-        for score, gold in pairs:
-            predicted = {term for term, s in score.items() if s >= t}
-            p, r, _ = precision_recall_f1(predicted, gold, weights)
-            recalls.append(r)
-            has_prediction = bool(predicted) if weights is None else sum(weights.get(x, 0.0) for x in predicted) > 0
-            if has_prediction:
-                precisions.append(p)
-                covered += 1
-        if not covered:
-            continue
-        p, r = float(np.mean(precisions)), float(np.mean(recalls))
-        f = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        if f > best["fmax"]:
-            best = {"fmax": f, "threshold": float(t), "coverage": covered / len(pairs), "n": len(pairs)}
+    thresholds = np.sort(np.asarray(thresholds, dtype=float))
+
+    def mass_above(values, terms) -> np.ndarray:
+        """Summed weight of the terms scoring >= each threshold (a missing score is NaN: never above)."""
+        weight = np.array([1.0 if weights is None else weights.get(t, 0.0) for t in terms])
+        return (np.asarray(values, dtype=float)[None, :] >= thresholds[:, None]) @ weight
+
+    hit, predicted = np.zeros((2, len(pairs), len(thresholds)))
+    true = np.zeros(len(pairs))
+    predicted_by_scores: dict[int, np.ndarray] = {}  # once per distinct mapping: the naive predictor shares one
+    for i, (score, gold) in enumerate(pairs):
+        if id(score) not in predicted_by_scores:
+            predicted_by_scores[id(score)] = mass_above(list(score.values()), list(score))
+        predicted[i] = predicted_by_scores[id(score)]
+        in_gold = list(gold)
+        hit[i] = mass_above([score.get(t, np.nan) for t in in_gold], in_gold)
+        true[i] = len(gold) if weights is None else sum(weights.get(t, 0.0) for t in gold)
+    covered = predicted > 0  # precision is averaged over proteins with a (positive-weight) prediction
+    precision = np.divide(hit, predicted, out=np.zeros_like(hit), where=covered)
+    recall = np.divide(hit, true[:, None], out=np.zeros_like(hit), where=true[:, None] > 0)
+    n_covered = covered.sum(axis=0)
+    p = np.divide(precision.sum(axis=0), n_covered, out=np.zeros(len(thresholds)), where=n_covered > 0)
+    r = recall.mean(axis=0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros(len(thresholds)), where=(p + r > 0) & (n_covered > 0))
+    t = int(np.argmax(f))  # the lowest threshold among ties
+    if f[t] > 0:
+        best = {"fmax": float(f[t]), "threshold": float(thresholds[t]), "coverage": float(n_covered[t] / len(pairs)),
+                "n": len(pairs)}
     return best

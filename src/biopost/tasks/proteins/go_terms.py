@@ -6,11 +6,14 @@ IDs on the ``Answer:`` line, comma-separated: ``Answer: GO:0005515, GO:0005739``
 only that list; lenient parsing takes every GO ID on the answer line (see :mod:`go_scoring`).
 
 Scores per protein (``score``): predicted and gold sets are mapped to primary ids, propagated over is_a
-and part_of, roots removed; then precision, recall and F1 (``f1`` is the primary metric and the RL
-reward), the same with IA weights when the task has them (``*_weighted``), ``f1_strict`` and ``format``.
+and part_of, roots removed; then precision, recall and F1 (``f1`` is the primary metric), the same with IA
+weights when the task has them (``*_weighted``), ``f1_strict`` and ``format``. The RL reward is ``f1`` or,
+with ``reward_metric: f1_weighted``, the IA-weighted F1 (which credits specific terms over generic ones).
 Context terms get no special treatment: a copied context term counts only when it is gold. Per split
-(``split_metrics``): CAFA's Fmax for each aspect, with a term's score the share of the k samples that
-predict it (k = ``eval.num_samples``; greedy decoding gives 0/1 scores).
+(``split_metrics``, each row's n = the proteins annotated in that aspect): CAFA's Fmax for each aspect,
+with a term's score the share of the k samples that predict it (k = ``eval.num_samples``; greedy decoding
+gives 0/1 scores), and ``naive_fmax_*``: CAFA's naive predictor (every protein gets each term's frequency
+in the training split), the level a model must beat.
 
 Targets list the gold's most specific terms (its leaves); the gold set is everything they imply.
 
@@ -21,14 +24,16 @@ field and published in ``splits.json``:
 - ``time``: CAFA's no-knowledge benchmark. With ``cutoff_date`` t0, a protein with an annotation dated
   <= t0 is in the training pool with only those annotations as gold (its later ones are ignored, as in a
   t0 snapshot); a protein whose first annotation is after t0 is held out (meta ``period``: before / after);
-- ``similarity``: held-out clusters of similar sequences (meta ``cluster``): single-linkage k-mer
-  clusters, or MMseqs2 clusters (``similarity_method: mmseqs``).
+- ``similarity``: held-out clusters of similar sequences (meta ``cluster``) at ``similarity_identity``
+  (default 0.5): single-linkage k-mer clusters (measured to split at ~50-55% identity, see
+  :mod:`biopost.data.similarity`), or MMseqs2 clusters (``similarity_method: mmseqs``, never chosen for you).
 
 Two loaders share all of this: ``go/cafa`` (a FASTA file plus an annotation table with evidence code,
 date and taxon, as CAFA and GOA distribute them) and ``go/hf`` (the BioReason-Pro Hugging Face schema:
 ``protein_id``, ``sequence``, ``organism``, ``go_mf`` / ``go_bp`` / ``go_cc``, optional ``go_pred`` and
-``reasoning``). Identical sequences are merged into one protein (their annotations united), so no input
-can sit in two splits.
+``reasoning``). Sequences are cut to ``max_residues`` first; then identical ones are merged into one protein
+(their annotations united), so no model input can sit in two splits. The prompt names the organism when
+the data does (``go/hf`` with ``organism_column: null``: never).
 
 Rationale in SFT targets (``rationale``): ``neighbour`` (default) names the training protein sharing most
 k-mers with this one and its most specific terms: homology transfer, CAFA's BLAST baseline, computed from
@@ -39,7 +44,8 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Literal
@@ -67,21 +73,27 @@ class GOOptions(TaskOptions):
     ood: Literal["taxon", "time", "similarity"] = Field("taxon", description="what the OOD split holds out")
     cutoff_date: date | None = Field(None, description="ood: time: annotations after this date form the test")
     similarity_method: Literal["kmer", "mmseqs"] = Field("kmer", description="ood: similarity: clustering method")
-    similarity_threshold: float = Field(0.5, gt=0, le=1,
-                                        description="kmer: shared k-mer fraction; mmseqs: sequence identity")
+    similarity_identity: float = Field(0.5, gt=0, le=1, description="ood: similarity: sequence identity that "
+                                       "links two proteins. mmseqs: --min-seq-id; kmer: sharing >= identity**kmer "
+                                       "of their k-mers, measured to split at ~50-55% identity for 0.5 and k = 5 "
+                                       "(unreliable below ~0.4: see biopost.data.similarity)")
     kmer: int = Field(5, ge=2, le=8, description="k for k-mer clusters and neighbour rationales")
     ia: Literal["train", "none"] | Path = Field("train", description="IA weights for *_weighted scores: from "
                                                 "the training split's annotations, none, or a CAFA IA file")
     score_roots: StrictBool = Field(False, description="count the three root terms in scores (CAFA leaves them out)")
+    reward_metric: Literal["f1", "f1_weighted"] = Field("f1", description="RL reward: propagated F1, or F1 "
+                                                        "weighted by information accretion (needs ia)")
     max_residues: int = Field(1000, ge=1, description="sequences are cut to this length")
     rationale: Literal["neighbour", "dataset", "none"] = "neighbour"
     max_proteins: int | None = Field(None, ge=1, description="seeded subsample of proteins after loading")
     seed: int = 0
 
     @model_validator(mode="after")
-    def _time_needs_cutoff(self):
+    def _consistent(self):
         if self.ood == "time" and self.cutoff_date is None:
             raise ValueError("ood: time needs task.options.cutoff_date (YYYY-MM-DD)")
+        if self.reward_metric == "f1_weighted" and self.ia == "none":
+            raise ValueError("reward_metric: f1_weighted needs IA weights; set task.options.ia: train or an IA file")
         return self
 
 
@@ -106,11 +118,18 @@ class HFOptions(GOOptions):
                                      "split is kept in meta hf_split")
     id_column: str = "protein_id"
     sequence_column: str = "sequence"
-    organism_column: str = "organism"
+    organism_column: str | None = Field("organism", description="organism per protein (shown in the prompt; "
+                                        "the taxon of ood: taxon); null: the data has none and prompts omit it")
     term_columns: list[str] = ["go_mf", "go_bp", "go_cc"]
     context_column: str | None = Field(None, description="column with context terms, e.g. go_pred")
     reasoning_column: str = "reasoning"
     date_column: str | None = Field(None, description="annotation date per row (ood: time)")
+
+    @model_validator(mode="after")
+    def _taxon_needs_organism(self):
+        if self.ood == "taxon" and self.organism_column is None:
+            raise ValueError("ood: taxon holds out organisms, so it needs task.options.organism_column")
+        return self
 
 
 @dataclass
@@ -129,7 +148,7 @@ class ProteinRecord:
 
 class GOTask(Task):
     domain = "proteins"
-    version = "1"
+    version = "2"  # 2: sequences cut before merging, similarity split by identity, no 'unknown' organism
     primary_metric = "f1"
     reward_metric = "f1"
     system_prompt = (
@@ -141,7 +160,9 @@ class GOTask(Task):
         super().__init__(options)
         self.default_ood_field = OOD_FIELDS[self.options.ood]
         self.default_ood_test_groups = ["after"] if self.options.ood == "time" else 0.2
+        self.reward_metric = self.options.reward_metric
         self.ia_weights: dict[str, float] | None = None
+        self.term_frequency: dict[str, float] | None = None  # CAFA's naive predictor, fitted on train
         self._ontology = None
         self._gold: dict[str, frozenset[str]] = {}
         self._neighbours = None
@@ -158,7 +179,9 @@ class GOTask(Task):
 
     def load(self) -> list[Example]:
         opts, onto = self.options, self.ontology
-        records = merge_identical_sequences(self.read_records())
+        # Cut first, then merge: two sequences that differ only after max_residues are one model input.
+        records = merge_identical_sequences([replace(r, sequence=r.sequence[: opts.max_residues])
+                                             for r in self.read_records()])
         examples, unknown, empty = [], 0, 0
         for rec in records:
             terms = []
@@ -178,7 +201,7 @@ class GOTask(Task):
                 fields={"organism": rec.organism, "context": list(dict.fromkeys(context))},
                 answer=", ".join(onto.leaves(gold)),
                 reasoning=rec.reasoning,
-                protein=rec.sequence[: opts.max_residues],
+                protein=rec.sequence,
                 meta={"taxon": rec.taxon, **meta, **rec.meta},
             ))
         if opts.max_proteins and opts.max_proteins < len(examples):
@@ -208,28 +231,38 @@ class GOTask(Task):
         return (before, {**meta, "period": "before"}) if before else (after, {**meta, "period": "after"})
 
     def with_clusters(self, examples: list[Example]) -> list[Example]:
-        from dataclasses import replace
-
         from biopost.data.similarity import sequence_clusters
 
         opts = self.options
-        method, threshold = opts.similarity_method, opts.similarity_threshold
-        labels = sequence_clusters([e.protein for e in examples], method, threshold, opts.kmer)
-        print(f"{self.name}: {len(set(labels))} sequence clusters ({method}, threshold {threshold})")
+        method, identity = opts.similarity_method, opts.similarity_identity
+        labels = sequence_clusters([e.protein for e in examples], method, identity, opts.kmer)
+        print(f"{self.name}: {len(set(labels))} sequence clusters ({method}, identity {identity})")
         return [replace(e, meta={**e.meta, "cluster": f"c{c}"}) for e, c in zip(examples, labels)]
 
-    # ---- train-only statistics: IA weights and the neighbour index for rationales
+    # ---- train-only statistics: IA weights, term frequencies and the neighbour index for rationales
     def fit(self, train) -> None:
         opts = self.options
         if opts.ia == "train":
             self.ia_weights = information_accretion(self.ontology, {e.id: self.gold_terms(e) for e in train})
         elif opts.ia != "none":
             self.ia_weights = read_ia_table(opts.ia)
+        self.term_frequency = self.naive_scores(train)
         if opts.rationale == "neighbour":
             from biopost.data.similarity import kmer_profiles
 
-            profiles, vectorizer = kmer_profiles([e.protein for e in train], opts.kmer)
-            self._neighbours = (profiles, vectorizer.vocabulary_, list(train), {e.id: i for i, e in enumerate(train)})
+            profiles, vocabulary = kmer_profiles([e.protein for e in train], opts.kmer)
+            self._neighbours = (profiles, vocabulary, list(train), {e.id: i for i, e in enumerate(train)})
+
+    def naive_scores(self, train) -> dict[str, float]:
+        """CAFA's naive predictor: a term's score is the share of training proteins annotated in its aspect
+        that carry it (propagated), the same for every protein."""
+        carrying: Counter[str] = Counter()
+        annotated: Counter[str] = Counter()
+        for example in train:
+            gold = self.gold_terms(example)
+            carrying.update(gold)
+            annotated.update({self.ontology.aspects[t] for t in gold})
+        return {t: n / annotated[self.ontology.aspects[t]] for t, n in carrying.items()}
 
     def reasoning(self, example: Example) -> str:
         if self.options.rationale == "dataset":
@@ -241,14 +274,14 @@ class GOTask(Task):
         return self.neighbour_rationale(example)
 
     def neighbour_rationale(self, example: Example) -> str:
-        from biopost.data.similarity import kmer_profiles
+        from biopost.data.similarity import kmer_codes, kmer_profiles
 
         profiles, vocabulary, train, index = self._neighbours
         k = self.options.kmer
         query, _ = kmer_profiles([example.protein], k, vocabulary)
         shared = np.asarray((profiles @ query.T).todense()).ravel().astype(float)
         sizes = np.asarray(profiles.sum(axis=1)).ravel()
-        own = max(len(set(example.protein[i : i + k] for i in range(len(example.protein) - k + 1))), 1)
+        own = len(kmer_codes(example.protein, k))
         share = shared / np.maximum(np.minimum(sizes, own), 1)
         if example.id in index:
             share[index[example.id]] = -1.0  # a training protein is not its own neighbour
@@ -263,7 +296,9 @@ class GOTask(Task):
     # ---- prompt
     def user_prompt(self, example: Example) -> str:
         aspects = ", ".join(ASPECT_WORDS[a] for a in self.options.aspects)
-        text = f"Organism: {example.fields['organism']}.\nProtein sequence: {self.sequence_text('protein', example.protein)}\n"
+        organism = example.fields.get("organism")
+        text = f"Organism: {organism}.\n" if organism else ""  # no line where the data names none
+        text += f"Protein sequence: {self.sequence_text('protein', example.protein)}\n"
         context = example.fields.get("context") or []
         if context:
             named = "; ".join(f"{t} {self.ontology.names.get(t, '')}".strip() for t in context)
@@ -275,13 +310,14 @@ class GOTask(Task):
         return [example.protein]
 
     def example_from_input(self, record: dict, where: str) -> Example:
-        """A user's protein: ``{"id": ..., "sequence": ..., "organism": ..., "context": [GO IDs]}``."""
+        """A user's protein: ``{"id": ..., "sequence": ..., "organism": ..., "context": [GO IDs]}`` (organism and
+        context optional)."""
         if not record.get("sequence"):
             raise ValueError(f"{where}: a protein needs 'sequence' (amino acids)")
         context = [c for t in record.get("context", []) if (c := self.ontology.canonical(str(t))) is not None]
         return Example(
             id=str(record.get("id", where)),
-            fields={"organism": str(record.get("organism", "unknown")), "context": context},
+            fields={"organism": str(record.get("organism") or ""), "context": context},
             answer="", protein=str(record["sequence"]).strip()[: self.options.max_residues],
         )
 
@@ -314,8 +350,9 @@ class GOTask(Task):
     def prediction(self, completion: str) -> dict:
         return {mode: self.predicted_terms(completion, mode) for mode in ("strict", "lenient")}
 
-    def split_metrics(self, examples: list[Example], completions: list[list[str]]) -> dict[str, float]:
-        """CAFA Fmax per aspect (and IA-weighted), a term's score being the share of samples predicting it."""
+    def split_metrics(self, examples: list[Example], completions: list[list[str]]) -> dict[str, tuple[float, int]]:
+        """CAFA Fmax per aspect (and IA-weighted), a term's score being the share of samples predicting it, over
+        the proteins annotated in that aspect; ``naive_*``: the same for CAFA's naive predictor (after ``fit``)."""
         per_protein = []
         for samples in completions:
             counts: dict[str, float] = {}
@@ -330,10 +367,16 @@ class GOTask(Task):
             if not any(golds):
                 continue
             result = fmax(scores, golds)
-            out[f"fmax_{aspect}"] = result["fmax"]
-            out[f"coverage_{aspect}"] = result["coverage"]
+            out[f"fmax_{aspect}"] = (result["fmax"], result["n"])
+            out[f"coverage_{aspect}"] = (result["coverage"], result["n"])
             if self.ia_weights is not None:
-                out[f"fmax_{aspect}_weighted"] = fmax(scores, golds, self.ia_weights)["fmax"]
+                out[f"fmax_{aspect}_weighted"] = (fmax(scores, golds, self.ia_weights)["fmax"], result["n"])
+            if self.term_frequency is not None:
+                frequency = {t: s for t, s in self.term_frequency.items() if self.ontology.aspects[t] == aspect}
+                naive = [frequency] * len(golds)
+                out[f"naive_fmax_{aspect}"] = (fmax(naive, golds)["fmax"], result["n"])
+                if self.ia_weights is not None:
+                    out[f"naive_fmax_{aspect}_weighted"] = (fmax(naive, golds, self.ia_weights)["fmax"], result["n"])
         return out
 
 
@@ -440,7 +483,7 @@ class CafaGOTask(GOTask):
             taxon = first[cols["taxon"]].removeprefix("taxon:") if has["taxon"] else header_taxa.get(protein, "")
             if not taxon and opts.ood == "taxon":
                 raise ValueError(f"protein {protein} has no taxon: add a taxon column or CAFA FASTA headers '>ID TAXON'")
-            organism = first[cols["organism"]] if has["organism"] else (f"NCBI taxon {taxon}" if taxon else "unknown")
+            organism = first[cols["organism"]] if has["organism"] else (f"NCBI taxon {taxon}" if taxon else "")
             dates = [parse_date(d) for d in group[cols["date"]]] if has["date"] else [None] * len(group)
             annotations = list(zip(group[cols["term"]], dates))
             records.append(ProteinRecord(protein, sequences[protein], taxon, organism, annotations, context.get(protein, [])))
@@ -469,17 +512,19 @@ class HFGOTask(GOTask):
         for split in names:
             table = data[split]
             need = [opts.id_column, opts.sequence_column, *opts.term_columns]
-            need += [c for c in (opts.context_column, opts.date_column) if c]
-            need += [opts.organism_column] if opts.ood == "taxon" else []
+            need += [c for c in (opts.organism_column, opts.context_column, opts.date_column) if c]
             need += [opts.reasoning_column] if opts.rationale == "dataset" else []
             missing = [c for c in need if c not in table.column_names]
             if missing:
+                hint = " (organism_column: null if it names no organism)" if opts.organism_column in missing else ""
                 raise ValueError(f"dataset split {split!r} has no column {missing}; columns: {table.column_names}; "
-                                 "set the *_column options")
+                                 f"set the *_column options{hint}")
             for row in table:
                 when = parse_date(row[opts.date_column]) if opts.date_column else None
                 terms = [t for c in opts.term_columns for t in go_ids(row[c])]
-                organism = str(row.get(opts.organism_column) or "unknown")
+                organism = str(row[opts.organism_column] or "") if opts.organism_column else ""
+                if not organism and opts.ood == "taxon":
+                    raise ValueError(f"protein {row[opts.id_column]} has no {opts.organism_column}; ood: taxon needs it")
                 records.append(ProteinRecord(
                     id=str(row[opts.id_column]), sequence=str(row[opts.sequence_column]).strip().upper(),
                     taxon=organism, organism=organism, annotations=[(t, when) for t in terms],
