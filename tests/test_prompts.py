@@ -54,10 +54,6 @@ def test_paraphrased_prompt_changes_what_the_model_reads(pbmc_task, pbmc_splits,
 
 def test_leakage_check_reads_the_rendered_prompt():
     """A paraphrase that drops the genes makes every prompt the same: the leakage check must see that."""
-    from biopost.tasks.base import Task
-
-    if not hasattr(Task, "input_key"):
-        pytest.skip("the leakage check on rendered prompts (Task.input_key) lands with issue 15")
     with pytest.raises((LeakageError, ConfigError), match="identical"):
         pbmc_with_prompt(user="A cell of {{ organism }}. Which cell type?")
 
