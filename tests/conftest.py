@@ -39,6 +39,19 @@ def digest_dir(path: Path) -> str:
     return h.hexdigest()
 
 
+def assert_prompt_shows_placeholder(task, example, modality: str) -> None:
+    """With ``modality`` read through an encoder, the prompt holds its placeholder instead of the sequence."""
+    from biopost.data.example import PLACEHOLDERS
+
+    sequence = getattr(example, modality)
+    task.fused_modalities = frozenset({modality})
+    try:
+        prompt = task.user_prompt(example)
+        assert PLACEHOLDERS[modality] in prompt and sequence not in prompt
+    finally:
+        task.fused_modalities = frozenset()
+
+
 @pytest.fixture(scope="session")
 def pbmc():
     """The embedded task with its default split: (task, splits)."""

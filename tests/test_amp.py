@@ -9,6 +9,7 @@ import pytest
 from biopost.config import validate_config
 from biopost.pipeline import load_task_and_splits
 from biopost.tasks.proteins.amp import AMP, INACTIVE
+from conftest import assert_prompt_shows_placeholder
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,7 @@ def test_prompt_text_or_encoder_placeholder_and_scoring(amp):
     task, splits = amp
     example = splits.train[0]
     assert example.protein in task.user_prompt(example)
-    task.fused_modalities = frozenset({"protein"})
-    try:
-        prompt = task.user_prompt(example)
-        assert "<|protein|>" in prompt and example.protein not in prompt
-    finally:
-        task.fused_modalities = frozenset()
+    assert_prompt_shows_placeholder(task, example, "protein")
     right, wrong = (example.answer, INACTIVE if example.answer == AMP else AMP)
     assert task.score(f"<think>\n</think>\n\nAnswer: {right}", example)["accuracy"] == 1.0
     assert task.score(f"<think>\n</think>\n\nAnswer: {wrong}", example)["accuracy"] == 0.0

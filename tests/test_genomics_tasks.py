@@ -14,6 +14,7 @@ from biopost.data.example import PLACEHOLDERS
 from biopost.pipeline import load_task_and_splits
 from biopost.registry import get_task
 from biopost.tasks.genomics.dna import reverse_complement
+from conftest import assert_prompt_shows_placeholder
 
 
 def load(name: str, split: dict | None = None, **options):
@@ -181,11 +182,7 @@ def test_tf_class_prompt_and_input(tf):
     task, splits = tf
     example = splits.id_test[0]
     assert example.dna in task.user_prompt(example) and all(label in task.user_prompt(example) for label in task.labels)
-    task.fused_modalities = frozenset({"dna"})
-    try:
-        assert PLACEHOLDERS["dna"] in task.user_prompt(example) and example.dna not in task.user_prompt(example)
-    finally:
-        task.fused_modalities = frozenset()
+    assert_prompt_shows_placeholder(task, example, "dna")
     assert task.example_from_input({"id": "s", "sequence": "acgtac"}, "x").dna == "ACGTAC"
     with pytest.raises(ValueError, match="A, C, G, T"):
         task.example_from_input({"sequence": "ACGU"}, "x:1")

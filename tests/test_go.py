@@ -17,6 +17,7 @@ from biopost.data import SplitRule, make_splits
 from biopost.registry import get_task
 from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
 from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology
+from conftest import assert_prompt_shows_placeholder
 
 MITO, CYTO, INTRA, CELL_ENTITY = "GO:0005739", "GO:0005737", "GO:0005622", "GO:0110165"
 MEMBRANE, PROTEIN_BINDING, BINDING = "GO:0016020", "GO:0005515", "GO:0005488"
@@ -360,12 +361,7 @@ def test_neighbour_rationale_uses_training_proteins_only(scored):
     task, example = scored
     text = task.reasoning(example)  # P01's family members in the fitted split: P05 (mitochondrion)
     assert text.startswith("The closest training protein, P05,") and "GO:0005739 mitochondrion" in text
-    task.fused_modalities = frozenset({"protein"})
-    try:
-        prompt = task.user_prompt(example)
-        assert "<|protein|>" in prompt and example.protein not in prompt
-    finally:
-        task.fused_modalities = frozenset()
+    assert_prompt_shows_placeholder(task, example, "protein")
 
 
 # ---------------------------------------------------------------- BioReason-Pro schema
