@@ -211,8 +211,6 @@ def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") ->
     task, splits = load_task_and_splits(config)
     if not isinstance(task, LabelTask):
         raise ConfigError(f"baseline: task {task.name} is not a single-label task; a classifier baseline needs one label")
-    if not splits.train or not splits.val:
-        raise ConfigError("baseline: needs non-empty train and val splits (val chooses the regularisation)")
     featurizer, features = build_featurizer(features, config, task, list(splits.train))
     transform = lambda examples: featurizer.transform(list(examples))  # noqa: E731
     model, C, val_scores = fit_and_select(transform(splits.train), [e.answer for e in splits.train],

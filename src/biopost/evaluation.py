@@ -15,16 +15,7 @@ from tqdm.auto import tqdm
 
 from biopost.config import EvalConfig
 from biopost.data import Example
-from biopost.data.splits import fingerprint
-
-
-def subset(examples, max_examples: int | None, seed: int) -> list[Example]:
-    """A seeded, order-stable subset so every checkpoint is scored on the same examples."""
-    examples = list(examples)
-    if max_examples is None or len(examples) <= max_examples:
-        return examples
-    keep = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
-    return [examples[i] for i in keep]
+from biopost.data.splits import fingerprint, subset
 
 
 def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig, desc: str = "generate") -> list[list[str]]:

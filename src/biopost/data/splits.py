@@ -72,6 +72,15 @@ def fingerprint(examples: tuple[Example, ...] | list[Example]) -> str:
     return digest[:16]
 
 
+def subset(items, max_items: int | None, seed: int) -> list:
+    """A seeded, order-stable subset (every checkpoint is scored on the same examples; capped datasets too)."""
+    items = list(items)
+    if max_items is None or len(items) <= max_items:
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), max_items, replace=False))
+    return [items[i] for i in keep]
+
+
 def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[Example], str],
                 remedy: str = "deduplicate the examples") -> Splits:
     """Cut ``examples`` by ``rule``; unless ``rule.allow_overlap``, no two splits may share an input.

@@ -13,7 +13,6 @@ import re
 
 from biopost.tasks.parsing import match_label, normalize
 
-ANSWER_KINDS = ("label", "multilabel", "number", "exact")
 NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 

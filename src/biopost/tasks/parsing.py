@@ -98,5 +98,6 @@ def match_label(answer: str | None, labels: list[str], mode: str = "strict") -> 
     if answer is None:
         return None
     form = normalize if mode == "strict" else lenient_form
-    matches = [label for label in labels if form(label) == form(answer)]
+    key = form(answer)
+    matches = [label for label in labels if form(label) == key]
     return matches[0] if len(matches) == 1 else None

@@ -43,7 +43,6 @@ class PromptTemplate:
     """
 
     def __init__(self, source: str):
-        self.source = source
         try:
             self.variables = frozenset(meta.find_undeclared_variables(ENV.parse(source)))
             self.template = ENV.from_string(source)

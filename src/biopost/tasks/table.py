@@ -26,6 +26,7 @@ name any of them; ``columns.group`` is the default.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,6 +144,7 @@ class TableTask(LabelTask):
         self.labels: list[str] = list(opts.labels or [])
         self.answers: set[str] = set()  # every gold label in the table, checked against the label set
         self.field_columns: list[str] | None = None  # the prompt's columns, set by load()
+        self.payload_columns = opts.columns.payloads()  # modality -> its columns
         self.split_on = opts.separator.strip() or opts.separator  # multilabel: items are stripped anyway
         self.join_with = opts.separator if opts.separator.isspace() else self.split_on + " "
         self.primary_metric = self.reward_metric = "f1" if opts.answer_kind == "multilabel" else "accuracy"
@@ -157,7 +159,7 @@ class TableTask(LabelTask):
         examples = [self._example(row, i, where, self.field_columns) for i, row in enumerate(rows)]
         ids = [e.id for e in examples]
         if len(set(ids)) != len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            repeated = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]
             raise ValueError(f"{where}: column {self.options.columns.id!r} (columns.id) repeats ids, e.g. {repeated}")
         if self.options.answer_kind in ("label", "multilabel"):
             self.answers = {a for e in examples for a in self._gold_items(e)}
@@ -182,7 +184,7 @@ class TableTask(LabelTask):
         cmap = self.options.columns
         if cmap.fields is not None:
             return list(cmap.fields)
-        taken = {cmap.answer, cmap.id, cmap.reasoning} | {c for cols in cmap.payloads().values() for c in cols}
+        taken = {cmap.answer, cmap.id, cmap.reasoning} | {c for cols in self.payload_columns.values() for c in cols}
         return [c for c in columns if c not in taken]
 
     def _example(self, row: dict[str, Any], index: int, where: str, field_columns: list[str],
@@ -195,7 +197,7 @@ class TableTask(LabelTask):
             rid = fallback_id or f"row-{index}"
         rid = str(rid)
         payloads = {}
-        for modality, cols in cmap.payloads().items():
+        for modality, cols in self.payload_columns.items():
             values = []
             for col in cols:
                 if is_missing(row.get(col)):
@@ -214,7 +216,7 @@ class TableTask(LabelTask):
         if answer_required and is_missing(row.get(cmap.group)):
             raise ValueError(f"{where}: example {rid!r} has no group in column {cmap.group!r} (columns.group)")
         # Split metadata: every column but payloads and the rationale (the answer as scored), so any can be ood_field.
-        skip = {cmap.reasoning} | {col for cols in cmap.payloads().values() for col in cols}
+        skip = {cmap.reasoning} | {col for cols in self.payload_columns.values() for col in cols}
         meta = {**{c: v for c, v in row.items() if c not in skip}, cmap.answer: answer}
         return Example(id=rid, fields={c: row.get(c) for c in field_columns}, answer=answer,
                        reasoning="" if is_missing(reasoning) else str(reasoning).strip(), **payloads, meta=meta)
@@ -248,7 +250,7 @@ class TableTask(LabelTask):
     # ---- prompt
     def prompt_variables(self, example: Example) -> dict:
         variables = dict(example.fields)
-        for modality, cols in self.options.columns.payloads().items():
+        for modality, cols in self.payload_columns.items():
             payload = getattr(example, modality)
             if modality == "cell":
                 variables[cols[0]] = self.sequence_text("cell", " ".join(payload["genes"]))

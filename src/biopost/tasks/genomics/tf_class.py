@@ -26,6 +26,8 @@ markers; a site's rationale names the markers of its class that it contains, or 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from pydantic import Field, StrictBool
 
@@ -194,19 +196,16 @@ def enriched_kmers(sites: list[str], labels: list[str], k: int, top: int, min_si
     """
     canonical = lambda s: min(s, reverse_complement(s))  # noqa: E731
     present = [{canonical(s[i : i + k]) for i in range(len(s) - k + 1)} for s in sites]
+    total = Counter(kmer for p in present for kmer in p)  # sites holding each k-mer, over all labels
     out = {}
     for label in sorted(set(labels)):
         mine = [p for p, y in zip(present, labels) if y == label]
-        other = [p for p, y in zip(present, labels) if y != label]
-        counts: dict[str, int] = {}
-        for p in mine:
-            for kmer in p:
-                counts[kmer] = counts.get(kmer, 0) + 1
+        n_others = len(present) - len(mine)
+        counts = Counter(kmer for p in mine for kmer in p)
         score = {}
         for kmer, n in counts.items():
             if n >= min_sites:
-                n_other = sum(kmer in p for p in other)
-                score[kmer] = np.log((n + 1) / (len(mine) + 2)) - np.log((n_other + 1) / (len(other) + 2))
+                score[kmer] = np.log((n + 1) / (len(mine) + 2)) - np.log((total[kmer] - n + 1) / (n_others + 2))
         ranked = sorted((kmer for kmer in score if score[kmer] > 0), key=lambda x: (-score[x], x))
         out[label] = ranked[:top]
     return out

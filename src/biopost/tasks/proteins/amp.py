@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field, StrictBool
 
 from biopost.data import Example
+from biopost.data.splits import subset
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 
@@ -71,10 +72,7 @@ class ModlampAMP(LabelTask):
         ood, ood_clash = _labelled(tm.sequences, tm.target)
         pool, clash = _labelled(uniprot.sequences, uniprot.target)
         in_domain = {s: label for s, label in pool.items() if s not in ood}
-        if self.options.max_peptides and self.options.max_peptides < len(in_domain):
-            order = sorted(in_domain)
-            keep = np.random.default_rng(self.options.seed).choice(len(order), self.options.max_peptides, replace=False)
-            in_domain = {order[i]: in_domain[order[i]] for i in sorted(keep)}
+        in_domain = dict(subset(sorted(in_domain.items()), self.options.max_peptides, self.options.seed))
         print(f"{self.name}: {len(in_domain)} in-domain and {len(ood)} OOD peptides; dropped {clash + ood_clash} "
               f"labelled both ways and {sum(s in ood for s in pool)} in-domain ones also in the OOD set")
         return ([self.example(s, label, "uniprot") for s, label in sorted(in_domain.items())]

@@ -54,6 +54,7 @@ import numpy as np
 from pydantic import Field, StrictBool, model_validator
 
 from biopost.data import Example
+from biopost.data.splits import subset
 from biopost.registry import register_task
 from biopost.tasks.base import Task, TaskOptions
 from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
@@ -204,9 +205,7 @@ class GOTask(Task):
                 protein=rec.sequence,
                 meta={"taxon": rec.taxon, **meta, **rec.meta},
             ))
-        if opts.max_proteins and opts.max_proteins < len(examples):
-            keep = np.random.default_rng(opts.seed).choice(len(examples), opts.max_proteins, replace=False)
-            examples = [examples[i] for i in sorted(keep)]
+        examples = subset(examples, opts.max_proteins, opts.seed)
         if opts.ood == "similarity":
             examples = self.with_clusters(examples)
         if opts.rationale == "dataset" and not any(e.reasoning for e in examples):
@@ -251,7 +250,8 @@ class GOTask(Task):
             from biopost.data.similarity import kmer_profiles
 
             profiles, vocabulary = kmer_profiles([e.protein for e in train], opts.kmer)
-            self._neighbours = (profiles, vocabulary, list(train), {e.id: i for i, e in enumerate(train)})
+            sizes = np.asarray(profiles.sum(axis=1)).ravel()  # distinct k-mers per training protein
+            self._neighbours = (profiles, vocabulary, sizes, list(train), {e.id: i for i, e in enumerate(train)})
 
     def naive_scores(self, train) -> dict[str, float]:
         """CAFA's naive predictor: a term's score is the share of training proteins annotated in its aspect
@@ -276,11 +276,10 @@ class GOTask(Task):
     def neighbour_rationale(self, example: Example) -> str:
         from biopost.data.similarity import kmer_codes, kmer_profiles
 
-        profiles, vocabulary, train, index = self._neighbours
+        profiles, vocabulary, sizes, train, index = self._neighbours
         k = self.options.kmer
         query, _ = kmer_profiles([example.protein], k, vocabulary)
         shared = np.asarray((profiles @ query.T).todense()).ravel().astype(float)
-        sizes = np.asarray(profiles.sum(axis=1)).ravel()
         own = len(kmer_codes(example.protein, k))
         share = shared / np.maximum(np.minimum(sizes, own), 1)
         if example.id in index:

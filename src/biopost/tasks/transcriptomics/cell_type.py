@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import Field, StrictBool
 
 from biopost.data import Example
+from biopost.data.splits import subset
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 
@@ -87,9 +88,7 @@ class CellTypeTask(LabelTask):
         genes = np.asarray(adata.var_names).astype(str)
         labels = adata.obs[label_key].astype(str).to_numpy()
         groups = adata.obs[group_key].astype(str).to_numpy()
-        rows = np.arange(adata.n_obs)
-        if self.options.max_cells and self.options.max_cells < adata.n_obs:
-            rows = np.sort(np.random.default_rng(self.options.seed).choice(adata.n_obs, self.options.max_cells, replace=False))
+        rows = subset(range(adata.n_obs), self.options.max_cells, self.options.seed)
         self.labels = sorted(set(labels[rows]))
         examples = []
         for i in rows:
