@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from biopost.config import DEVICES, ConfigError
-from biopost.data.splits import TEST_SPLITS
+from biopost.config import DEVICES, TEST_SPLITS, ConfigError
 
 
 class Parser(argparse.ArgumentParser):

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")  # held-out splits (no numpy import for the CLI)
 
 
 class Strict(BaseModel):
@@ -570,6 +571,11 @@ STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": 
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
+    write_yaml(config.model_dump(mode="json"), path)
+
+
+def write_yaml(data: dict, path: Path) -> None:
+    """``data`` as YAML 1.2 in ``path`` (the one writer of config files)."""
     out = io.StringIO()
-    yaml12().dump(config.model_dump(mode="json"), out)
+    yaml12().dump(data, out)
     path.write_text(out.getvalue())

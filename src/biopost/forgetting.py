@@ -12,8 +12,7 @@ Both kinds are ordinary metrics rows, so reports and studies read them unchanged
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from biopost.config import ConfigError, EvalConfig, RunConfig
 from biopost.data import Example, LeakageError
@@ -33,20 +32,21 @@ class ForgettingChecks:
     eval_cfg: EvalConfig
     corpora: dict[str, list[str]]  # name -> held-out documents
     tasks: list[CrossTask]
+    packed: dict = field(default_factory=dict, compare=False, repr=False)  # name -> (tokenizer, blocks)
 
     def evaluate(self, policy) -> tuple[list[dict], dict[str, list[dict]]]:
         """Rows for every check, and per-example records of the other tasks keyed ``<task>/<split>``."""
-        from biopost.stages.cpt import heldout_loss, pack, tokenize_documents
+        from biopost.stages.cpt import heldout_loss, pack, perplexity_rows, tokenize_documents
 
         cfg = self.eval_cfg.forgetting
         rows, records = [], {}
         eos = policy.tokenizer.eos_token_id
         for name, docs in self.corpora.items():
-            blocks = pack(tokenize_documents(policy.tokenizer, docs, eos), cfg.seq_length, eos)
-            loss, tokens = heldout_loss(policy, blocks, cfg.batch_size)
-            where = {"split": f"general/{name}", "n": tokens}
-            rows += [{**where, "metric": "loss", "value": loss},
-                     {**where, "metric": "perplexity", "value": math.exp(loss)}]
+            tokenizer, blocks = self.packed.get(name, (None, None))
+            if tokenizer is not policy.tokenizer:  # tokenized once per stage (each stage loads its own tokenizer)
+                blocks = pack(tokenize_documents(policy.tokenizer, docs, eos), cfg.seq_length, eos)
+                self.packed[name] = (policy.tokenizer, blocks)
+            rows += perplexity_rows(f"general/{name}", *heldout_loss(policy, blocks, cfg.batch_size))
         for other in self.tasks:
             found, recs = evaluate(policy, other.task, other.splits, self.eval_cfg)
             about = {"task": other.task.name, "task_version": other.task.version,

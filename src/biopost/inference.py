@@ -11,20 +11,31 @@ from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy, task_state_of
 
 
-def task_for_checkpoint(checkpoint: Path, name: str):
-    """The task with the options, label set and split settings saved in the checkpoint."""
-    from biopost.registry import get_task
-
+def checkpoint_state(checkpoint: Path, name: str) -> dict:
+    """The task state a checkpoint saved; it must be a biopost checkpoint of task ``name``."""
     state = task_state_of(checkpoint)
     if state is None:
         raise FileNotFoundError(f"{checkpoint} is not a biopost checkpoint (no biopost_checkpoint.json)")
     if state["name"] != name:
         raise ConfigError(f"checkpoint was trained on task {state['name']!r}, not {name!r}; pass --task {state['name']}")
-    task = get_task(name, state["options"], state["config_task"].get("prompt"))
+    return state
+
+
+def restore_task_state(task, state: dict):
+    """The label set, rationale statistics and fused modalities the checkpoint was trained with."""
     task.labels = state.get("labels") or []
     task.markers = state.get("markers") or {}
     task.fused_modalities = frozenset(state.get("fused_modalities") or [])
-    return task, state
+    return task
+
+
+def task_for_checkpoint(checkpoint: Path, name: str):
+    """The task with the options, label set and split settings saved in the checkpoint."""
+    from biopost.registry import get_task
+
+    state = checkpoint_state(checkpoint, name)
+    task = get_task(name, state["options"], state["config_task"].get("prompt"))
+    return restore_task_state(task, state), state
 
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
@@ -32,12 +43,12 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
-    task, state = task_for_checkpoint(checkpoint, name)
+    state = checkpoint_state(checkpoint, name)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
-    _, data = load_task_and_splits(config)
+    task, data = load_task_and_splits(config)  # fitted on train: the statistics some scores use (e.g. IA weights)
     if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
-    task.fit(data.train)  # train-only statistics some scores use (e.g. IA weights), as in training
+    restore_task_state(task, state)
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
     policy = load_policy(checkpoint, device=device)
     rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)

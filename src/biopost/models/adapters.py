@@ -7,6 +7,7 @@ from pathlib import Path
 
 from biopost.config import LoraConfig
 from biopost.models.policy import Policy
+from biopost.models.weights import merged
 
 
 def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path, mode: str = "new",
@@ -29,8 +30,7 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
             param.requires_grad = "lora_" in name
         return policy
     if policy.is_adapter:
-        merged = policy.model.merge_and_unload()
-        policy = replace(policy, model=merged, base_path=None)
+        policy = merged(policy)
         policy.save(workdir / "base")
         policy.base_path = workdir / "base"
     elif policy.base_path is None:

@@ -53,6 +53,10 @@ class Encoder(ABC):
         """The items of one example's payload, one prompt placeholder each (in payload order)."""
         return payload_items(payload)
 
+    def to(self, device) -> "Encoder":
+        """Run on ``device`` (encoders outside transformers place themselves: no-op by default)."""
+        return self
+
     def item_key(self, item: Any) -> str:
         """Text that identifies an item (hashed for the cache)."""
         return item if isinstance(item, str) else json.dumps(item, sort_keys=True, default=str)
@@ -152,6 +156,10 @@ class TransformersEncoder(Encoder):
         return self.tokenizer(items, truncation=True, max_length=self.max_length, **kwargs)
 
     @torch.no_grad()
+    def to(self, device) -> "TransformersEncoder":
+        self.model.to(device)
+        return self
+
     def encode(self, items: list[str]) -> list[torch.Tensor]:
         out = []
         for start in range(0, len(items), self.batch_size):
@@ -184,6 +192,10 @@ class FeatureCache(Encoder):
 
     def items(self, payload):
         return self.encoder.items(payload)
+
+    def to(self, device) -> "FeatureCache":
+        self.encoder.to(device)
+        return self
 
     def item_key(self, item) -> str:
         return self.encoder.item_key(item)

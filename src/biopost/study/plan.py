@@ -14,7 +14,6 @@ says so.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
-from biopost.config import ConfigError, RunConfig, yaml12
+from biopost.config import ConfigError, RunConfig, write_yaml
 from biopost.study.config import Study, expand, get_field
 
 SHAREABLE = ("constant", "warmup_stable_decay")
@@ -348,8 +347,6 @@ def prepare(study: Study, study_dir: Path) -> Plan:
             return plan
         print(f"{study_dir}: the study changed since its plan; planning again (finished runs are kept)")
     plan = make_plan(study, load_data=True)
-    out = io.StringIO()
-    yaml12().dump(study.resolved(), out)
-    (study_dir / "study.yaml").write_text(out.getvalue())
+    write_yaml(study.resolved(), study_dir / "study.yaml")
     saved.write_text(json.dumps(plan.to_json(), indent=1))
     return plan

@@ -58,24 +58,25 @@ def collect(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             unfinished.append(run.id)
             continue
         expected = plan.tasks.get(task_key(run.config), {}).get("fingerprints")
-        check_fingerprints(run, run_dir, expected)
+        rows = read_metrics(run_dir)
+        check_fingerprints(run, run_dir, expected, rows)
         labels = run_labels(run, budget_stages)
         kinds = {i: s.kind for i, s in enumerate(run.config.stages)}
-        for row in read_metrics(run_dir):
+        for row in rows:
             records.append({**labels, **row_values(row, kinds)})
     columns = ["run_id", *plan.runs[0].axes, "pipeline", "blocks", "budget", *[f"budget.{s}" for s in budget_stages],
                "shared_from", *ROW_FIELDS] if plan.runs else ["run_id", *ROW_FIELDS]
     return pd.DataFrame.from_records(records, columns=columns), unfinished
 
 
-def check_fingerprints(run: PlannedRun, run_dir: Path, expected: dict | None) -> None:
+def check_fingerprints(run: PlannedRun, run_dir: Path, expected: dict | None, rows: list[dict]) -> None:
     """Refuse a run whose splits are not the study's (changed data or split settings)."""
     saved = json.loads((run_dir / "splits.json").read_text())["fingerprints"]
     if expected is not None and saved != expected:
         differ = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         raise ValueError(f"run {run.id}: split fingerprints differ from the study's ({', '.join(differ)}); "
                          f"its data or split changed since the plan: rerun it or remove runs/{run.id}")
-    for row in read_metrics(run_dir):  # rows of other tasks (forgetting checks) carry those tasks' fingerprints
+    for row in rows:  # rows of other tasks (forgetting checks) carry those tasks' fingerprints
         if row.get("task") == run.config.task.name and row.get("split_fingerprints") not in (None, saved):
             raise ValueError(f"run {run.id}: metrics.jsonl holds rows scored on other splits than splits.json")
 
@@ -87,14 +88,9 @@ def run_labels(run: PlannedRun, budget_stages: list[str]) -> dict:
 
 
 def row_values(row: dict, kinds: dict[int, str]) -> dict:
-    split = row.get("split")
-    return {"task": row.get("task"), "task_version": row.get("task_version"), "stage": row.get("stage"),
-            "stage_index": row.get("stage_index"), "stage_kind": kinds.get(row.get("stage_index")),
-            "step": row.get("step"), "epoch": row.get("epoch"), "alpha": row.get("alpha"), "split": split,
-            "metric": row.get("metric"),
-            "value": row.get("value"), "ci_low": row.get("ci_low"), "ci_high": row.get("ci_high"), "n": row.get("n"),
-            "num_samples": row.get("num_samples"),
-            "split_fingerprint": (row.get("split_fingerprints") or {}).get(split),
+    """A metrics row as table columns; three are derived, the rest copied as recorded."""
+    return {**{f: row.get(f) for f in ROW_FIELDS}, "stage_kind": kinds.get(row.get("stage_index")),
+            "split_fingerprint": (row.get("split_fingerprints") or {}).get(row.get("split")),
             "eval_fingerprint": row.get("fingerprint")}
 
 
