@@ -59,10 +59,11 @@ def test_leakage_check_reads_the_rendered_prompt():
 
 
 @pytest.mark.parametrize("user, message", [
-    ("Genes: {{ genez }}", "task.prompt.user: the template uses genez, which the task does not provide; variables: "
-                           "cell, choices, genes, organism"),
-    ("{{ cell.__class__.__mro__ }}", "task.prompt.user: the template fails on the first example (SecurityError"),
-    ("{{ genes[40] }}", "task.prompt.user: the template fails on the first example (UndefinedError"),
+    ("Genes: {{ genez }}", "task.prompt.user: the template uses genez, which example "),
+    ("Genes: {{ genez }}", "does not provide; its variables: cell, choices, genes, organism"),
+    ("{{ cell.__class__.__mro__ }}", "task.prompt.user: the template fails on example "),
+    ("{{ cell.__class__.__mro__ }}", "(SecurityError"),
+    ("{{ genes[40] }}", "(UndefinedError"),
 ])
 def test_bad_user_templates_fail_at_load_in_one_line(user, message):
     with pytest.raises(ValueError) as err:

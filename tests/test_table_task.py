@@ -13,6 +13,7 @@ from biopost.cli import main
 from biopost.config import ConfigError, load_config, validate_config
 from biopost.pipeline import load_task_and_splits
 from biopost.registry import get_task
+from biopost.tasks.answer_kinds import parse_number
 
 TYPES = ["B", "T", "NK", "Mono"]
 MARKERS = {"B": "MS4A1 CD79A", "T": "CD3E CD3D", "NK": "NKG7 GNLY", "Mono": "LYZ CD14"}
@@ -158,15 +159,114 @@ def test_number_and_exact_answers(tmp_path):
     example = next(e for e in splits.ood_test if e.id == "g1")  # gold 51.0
     score = lambda text: task.score(f"<think>\nx\n</think>\n\nAnswer: {text}", example)  # noqa: E731
     assert score("51.4")["accuracy"] == 1.0 and score("51.6")["accuracy"] == 0.0
-    assert score("about 51 percent") == {"accuracy": 1.0, "accuracy_strict": 0.0, "format": 1.0}
+    assert score("51 percent") == {"accuracy": 1.0, "accuracy_strict": 0.0, "format": 1.0}
     assert score("51 or 52")["accuracy"] == 0.0
-    assert task.prediction("<think></think>Answer: 51.00") == {"strict": "51", "lenient": "51"}
+    assert task.prediction("<think></think>Answer: 51.00") == {"strict": "51.00", "lenient": "51.00"}
 
     task, splits = load(table_config(path, columns={"id": "id", "answer": "name", "group": "batch"},
                                      answer_kind="exact", **common))
     example = next(e for e in splits.ood_test if e.id == "g3")
     assert task.score("<think>\nx\n</think>\n\nAnswer: gene 3.", example)["accuracy_strict"] == 1.0
     assert task.score("<think>\nx\n</think>\n\nAnswer: Gene 33", example)["accuracy"] == 0.0
+
+
+def number_task(tmp_path, golds: list[str], **options):
+    """A number task over rows whose gold answers are ``golds`` (one OOD batch of each parity)."""
+    rows = [{"id": f"g{i}", "seq": "ACGT" * (i + 1), "value": gold, "batch": str(i % 2)} for i, gold in enumerate(golds)]
+    task, splits = load(table_config(write_jsonl(tmp_path / "values.jsonl", rows), answer_kind="number",
+                                     columns={"id": "id", "answer": "value", "group": "batch"},
+                                     split={"ood_test_groups": ["1"]}, prompt="{{ seq }}", **options))
+    return task, {e.id: e for s in ("train", "val", "id_test", "ood_test") for e in splits[s]}
+
+
+def answer(text: str) -> str:
+    return f"<think>\nx\n</think>\n\nAnswer: {text}"
+
+
+@pytest.mark.parametrize("text", ["not 3.5", "< 3.5", "<3.5", "≤ 3.5", "~3.5", "3.5?", "about 3.5", "3.5 or 4",
+                                  "3.5 maybe", "maybe 3.5", "3.5-4", "3.5 ± 0.1", "at least 3.5"])
+def test_hedged_negated_or_questioned_numbers_get_no_credit(tmp_path, text):
+    task, examples = number_task(tmp_path, ["3.5"] * 20)
+    assert task.score(answer(text), examples["g1"])["accuracy"] == 0.0
+    assert task.prediction(answer(text))["lenient"] is None
+
+
+@pytest.mark.parametrize("text, strict", [("3.5 kb", 0.0), ("3.5kb", 0.0), ("**3.5**", 1.0), ("(3.5).", 0.0),
+                                          (" 3.50 ", 1.0), ("3.5 mg/mL", 0.0), ("35e-1 %", 0.0)])
+def test_lenient_numbers_forgive_units_spacing_and_punctuation(tmp_path, text, strict):
+    task, examples = number_task(tmp_path, ["3.5"] * 20)
+    assert task.score(answer(text), examples["g1"]) == {"accuracy": 1.0, "accuracy_strict": strict, "format": 1.0}
+
+
+def test_thousands_separators_group_three_digits(tmp_path):
+    task, examples = number_task(tmp_path, ["15", "1500"] * 10)
+    assert task.score(answer("1,5"), examples["g0"])["accuracy"] == 0.0  # was read as 15
+    assert task.score(answer("1,500"), examples["g1"])["accuracy_strict"] == 1.0
+    assert [task.score(answer(a), examples["g1"])["accuracy"] for a in ("1,50,0", "15,00", "1,5000")] == [0.0] * 3
+    with pytest.raises(ValueError, match=r"values.jsonl: example 'g0': answer '1,5' is not a number"):
+        number_task(tmp_path, ["1,5"] * 20)
+
+
+def test_tolerance_zero_is_exact_equality_and_tolerances_are_decimal(tmp_path):
+    task, examples = number_task(tmp_path, ["3.5"] * 20)
+    assert task.score(answer("3.5000000000001"), examples["g1"])["accuracy"] == 0.0  # 1e-13 off: was credited
+    assert task.score(answer("3.50"), examples["g1"])["accuracy_strict"] == 1.0
+    task, examples = number_task(tmp_path, ["3.5"] * 20, tolerance=0.1)
+    assert task.score(answer("3.6"), examples["g1"])["accuracy"] == 1.0  # 3.6 - 3.5 is 0.1, not 0.10000000000000009
+    assert task.score(answer("3.6000001"), examples["g1"])["accuracy"] == 0.0
+
+
+def test_predicted_numbers_are_written_as_parsed(tmp_path):
+    task, _ = number_task(tmp_path, ["3.5"] * 20)
+    for text in ("1234567", "0.1000000001", "-2.5e-12", "1,234,567.25"):
+        value = task.prediction(answer(text))["strict"]
+        assert value == text.replace(",", "") or float(value) == float(text)  # was "1.23457e+06" (six digits)
+        assert parse_number(value) == parse_number(text)
+
+
+def test_label_collision_prefers_the_closest_label(tmp_path):
+    rows = [{"cell_id": f"c{i}", "genes": f"G{i}", "cell_type": ["B", "B cell", "T"][i % 3], "phase": "GS"[i % 2]}
+            for i in range(36)]
+    task, splits = load(table_config(write_csv(tmp_path / "cells.csv", rows), split={"ood_test_groups": ["S"]}))
+    b, b_cell = (next(e for e in splits.ood_test if e.answer == label) for label in ("B", "B cell"))
+    scores = lambda text, example: task.score(answer(text), example)["accuracy"]  # noqa: E731
+    assert scores("B cell", b_cell) == 1.0 and scores("B cell", b) == 0.0  # was 0 for both: a shared lenient form
+    assert scores("B", b) == 1.0 and scores("B", b_cell) == 0.0
+    assert scores("the B cell.", b_cell) == 1.0 and scores("the B cell.", b) == 0.0
+    assert scores("B cells", b) == scores("B cells", b_cell) == 0.0  # fits both: ambiguous, no credit
+    assert task.prediction(answer("B-cells"))["lenient"] is None
+
+
+def test_multilabel_rows_without_labels_are_refused_at_load(tmp_path):
+    rows = [{"id": f"s{i}", "seq": "ACGT" * (i + 1), "tfs": "MYC; MAX", "batch": str(i % 2)} for i in range(20)]
+    for empty in (" ; ", []):
+        rows[7]["tfs"] = empty
+        with pytest.raises(ValueError, match=r"^values.jsonl: example 's7' has no labels in column 'tfs' "
+                                             r"\(columns.answer\); give every row at least one label"):
+            load(table_config(write_jsonl(tmp_path / "values.jsonl", rows), answer_kind="multilabel",
+                              columns={"id": "id", "answer": "tfs", "group": "batch"},
+                              split={"ood_test_groups": ["1"]}, prompt="{{ seq }}"))
+
+
+def test_prompt_errors_on_a_later_row_name_the_row_at_load(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = cell_rows()
+    rows[30].pop("genes")  # a JSON row without the key the prompt uses
+    write_jsonl(tmp_path / "cells.jsonl", rows)
+    with pytest.raises(ValueError, match=r"^task.options.prompt: the template uses genes, which example 'c030' does "
+                                         r"not provide; its variables: choices, phase$"):
+        load(table_config("cells.jsonl"))
+    rows = cell_rows()
+    rows[41]["genes"] = None
+    write_jsonl(tmp_path / "cells.jsonl", rows)
+    raw = table_config("cells.jsonl", prompt="First gene: {{ genes.split()[0] }}")
+    with pytest.raises(ValueError, match=r"^task.options.prompt: the template fails on example 'c041' \(UndefinedError"):
+        load(raw)
+    raw["task"]["split"]["allow_overlap"] = True  # no leakage check: the prompts are still all rendered at load
+    (tmp_path / "run.yaml").write_text(json.dumps(raw))
+    assert main(["train", "run.yaml", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "example 'c041'" in err and len(err.splitlines()) == 1 and not (tmp_path / "run" / "stages").exists()
 
 
 def test_cell_payload_column_shows_through_sequence_text(tmp_path):
@@ -227,9 +327,10 @@ def test_hub_id_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
     ({"columns": {"id": "cell_id", "answer": "cell_type", "group": "phase", "dna": "seq"}},
      "cells.csv has no column 'seq' (task.options.columns.dna); columns: cell_id, genes, cell_type, phase"),
     ({"prompt": "Genes: {{ gene }}."},
-     "task.options.prompt: the template uses gene, which the task does not provide; variables: choices, genes, phase"),
+     "task.options.prompt: the template uses gene, which example 'c000' does not provide; its variables: choices, "
+     "genes, phase"),
     ({"prompt": "Genes: {{ genes }."}, "'task.options.prompt': template syntax error (line 1): unexpected '}'"),
-    ({"prompt": "{{ genes.__class__.__mro__ }}"}, "task.options.prompt: the template fails on the first example"),
+    ({"prompt": "{{ genes.__class__.__mro__ }}"}, "task.options.prompt: the template fails on example 'c000' (Security"),
     ({"columns": {"answer": "cell_type", "group": "phase", "fields": ["genes", "cell_type"]}},
      "fields include 'cell_type', the answer or reasoning column"),
     ({"columns": {"answer": "cell_type", "group": "phase", "label": "x"}},

@@ -55,8 +55,7 @@ def load_task_and_splits(config: RunConfig):
     task = get_task(config.task.name, config.task.options, config.task.prompt.model_dump())
     task.fused_modalities = frozenset(config.model.encoders)  # these payloads become prompt placeholders
     examples = task.load()
-    if examples:
-        task.check_prompt(examples[0])
+    task.check_prompts(examples)
     try:
         splits = make_splits(examples, split_rule(config, task), task.input_key, task.overlap_remedy)
     except ValueError as err:

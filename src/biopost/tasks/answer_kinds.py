@@ -8,47 +8,69 @@ precision rather than everything.
 
 from __future__ import annotations
 
-import math
 import re
+from decimal import Decimal
 
-from biopost.tasks.parsing import match_label, normalize
+from biopost.tasks.parsing import SURROUNDING, match_label, normalize
 
-NUMBER = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+# A decimal number; thousands separators only in groups of three ("1,500", "12,345.6"; "1,5" is no number).
+NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# Lenient: one number, then at most one unit word ("kb", "mg/mL", "%", "°C"), and nothing else.
+LENIENT_NUMBER = re.compile(rf"(?P<number>{NUMBER})(?:\s?(?P<unit>(?:[^\W\d_]|[%°µ])[\w/·^°µ%.\-]*))?")
+# Words that turn a number into a hedge or a range, never a unit.
+NOT_UNITS = {"or", "and", "to", "not", "nor", "maybe", "perhaps", "probably", "possibly", "about", "approx",
+             "approximately", "around", "roughly", "nearly", "almost", "ish", "more", "less", "fewer", "plus",
+             "minus", "max", "min", "at", "least", "most", "over", "under", "above", "below", "than", "up"}
 
 
-def parse_number(text: str | None, mode: str = "strict") -> float | None:
-    """The one number an answer gives. Strict: the answer is a number. Lenient: it contains exactly one
-    number (units and words around it are forgiven). Thousands separators are read as such.
+def parse_number(text: str | None, mode: str = "strict") -> Decimal | None:
+    """The number an answer gives, exactly as written (a :class:`~decimal.Decimal`, never rounded), or None.
 
-    >>> parse_number("3.5"), parse_number("about 3.5 kb"), parse_number("about 3.5 kb", "lenient")
-    (3.5, None, 3.5)
-    >>> parse_number("1,200", "lenient"), parse_number("-2e-3"), parse_number("3 or 4", "lenient")
-    (1200.0, -0.002, None)
-    >>> parse_number(None) is None, parse_number("nan") is None
-    (True, True)
+    Strict: the answer is a number. Lenient forgives form only: quotes, emphasis or brackets around it, a
+    final period, and one unit word after it. A hedge, a negation, an inequality, a question, a range or a
+    second number is content, not form: no number. Thousands separators must group three digits.
+
+    >>> parse_number("3.5"), parse_number("3.5 kb"), parse_number("**3.5 kb.**", "lenient")
+    (Decimal('3.5'), None, Decimal('3.5'))
+    >>> parse_number("1,200", "lenient"), parse_number("-2e-3"), parse_number("0.1000000000000000001")
+    (Decimal('1200'), Decimal('-0.002'), Decimal('0.1000000000000000001'))
+    >>> [parse_number(a, "lenient") for a in ["not 3.5", "< 3.5", "~3.5", "3.5?", "about 3.5", "3.5 or 4",
+    ...     "3 to 4 kb", "3.5 maybe", "1,5", "1,5000", "1 500"]]
+    [None, None, None, None, None, None, None, None, None, None, None]
+    >>> parse_number(None) is None, parse_number("nan") is None, parse_number("1e999") is None
+    (True, True, True)
     """
     if text is None:
         return None
     text = normalize(text)
     if mode == "strict":
-        found = [text] if NUMBER.fullmatch(text) else []
+        number = text if re.fullmatch(NUMBER, text) else None
     else:
-        found = NUMBER.findall(text)
-    if len(found) != 1:
+        # Not "." on the left: it may start the number (".5").
+        match = LENIENT_NUMBER.fullmatch(text.lstrip(SURROUNDING.replace(".", "")).rstrip(SURROUNDING))
+        ok = match is not None and (match["unit"] or "").rstrip(SURROUNDING) not in NOT_UNITS
+        number = match["number"] if ok else None
+    if number is None:
         return None
-    value = float(found[0].replace(",", ""))
-    return value if math.isfinite(value) else None
+    value = Decimal(number.replace(",", ""))
+    return value if abs(value) <= Decimal(1.7976931348623157e308) else None  # no overflow in later arithmetic
 
 
-def within(predicted: float | None, gold: float, tolerance: float, relative_tolerance: float) -> bool:
-    """``|predicted - gold| <= tolerance + relative_tolerance * |gold|``.
+def within(predicted: Decimal | None, gold: Decimal, tolerance: float, relative_tolerance: float) -> bool:
+    """``|predicted - gold| <= tolerance + relative_tolerance * |gold|``, in decimal arithmetic: the
+    tolerances mean what the config writes (0.1 is one tenth), and tolerance 0 is exact equality.
 
-    >>> within(10.4, 10.0, 0.5, 0.0), within(10.6, 10.0, 0.5, 0.0), within(105.0, 100.0, 0.0, 0.05)
+    >>> d = Decimal
+    >>> within(d("10.4"), d("10"), 0.5, 0.0), within(d("10.6"), d("10"), 0.5, 0.0), within(d("105"), d("100"), 0, 0.05)
     (True, False, True)
-    >>> within(None, 1.0, 1.0, 1.0)
-    False
+    >>> within(d("3.6"), d("3.5"), 0.1, 0.0), within(d("3.5000000000001"), d("3.5"), 0.0, 0.0), within(None, d(1), 1, 1)
+    (True, False, False)
     """
-    return predicted is not None and abs(predicted - gold) <= tolerance + relative_tolerance * abs(gold) + 1e-12
+    if predicted is None:
+        return False
+    if tolerance == 0 and relative_tolerance == 0:
+        return predicted == gold
+    return abs(predicted - gold) <= Decimal(repr(tolerance)) + Decimal(repr(relative_tolerance)) * abs(gold)
 
 
 def split_labels(text: str | None, separator: str) -> list[str]:
@@ -68,17 +90,22 @@ def split_labels(text: str | None, separator: str) -> list[str]:
 
 def set_scores(predicted: set[str], gold: set[str]) -> dict[str, float]:
     """Precision, recall, F1 and exact match of a predicted set against the gold set (empty prediction: 0).
+    Two empty sets agree perfectly (the table task refuses empty gold sets at load, since no answer is empty).
 
     >>> set_scores({"a", "b"}, {"a", "c"})
     {'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'exact_match': 0.0}
-    >>> set_scores(set(), {"a"})["f1"], set_scores({"a"}, {"a"})["f1"]
-    (0.0, 1.0)
+    >>> set_scores(set(), {"a"})["f1"], set_scores({"a"}, {"a"})["f1"], set_scores({"a"}, set())["f1"]
+    (0.0, 1.0, 0.0)
+    >>> set_scores(set(), set())
+    {'precision': 1.0, 'recall': 1.0, 'f1': 1.0, 'exact_match': 1.0}
     """
+    if not predicted and not gold:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "exact_match": 1.0}
     hits = len(predicted & gold)
     precision = hits / len(predicted) if predicted else 0.0
     recall = hits / len(gold) if gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "exact_match": float(bool(predicted) and predicted == gold)}
+    return {"precision": precision, "recall": recall, "f1": f1, "exact_match": float(predicted == gold)}
 
 
 def label_set(answer: str | None, labels: list[str], separator: str, mode: str) -> set[str]:

@@ -83,14 +83,14 @@ class Task:
         """The task's default user prompt: ``user_template`` rendered, unless a subclass writes it in code."""
         if self.user_template is None:
             raise NotImplementedError
-        return compile_template(self.user_template).render(self.prompt_variables(example))
+        return compile_template(self.user_template).render(self.prompt_variables(example), self.user_template_key,
+                                                           example.id)
 
-    def check_prompt(self, example: Example) -> None:
-        """Fail before training, in one line, when a prompt template names a variable the task lacks."""
-        if self.user_override is not None:
-            self.user_override.check(self.prompt_variables(example), "task.prompt.user")
-        elif self.user_template is not None:
-            compile_template(self.user_template).check(self.prompt_variables(example), self.user_template_key)
+    def check_prompts(self, examples) -> None:
+        """Fail before training, in one line naming the example, when a prompt template does not fit one of
+        ``examples`` (a variable it lacks, or a failure while rendering): every prompt is rendered once."""
+        for example in examples:
+            self.messages(example)
 
     def sequence_text(self, modality: str, text: str) -> str:
         """How one payload appears in the prompt: its text serialization, or the modality's placeholder
@@ -111,7 +111,7 @@ class Task:
         if self.user_override is None:
             user = self.user_prompt(example)
         else:
-            user = self.user_override.render(self.prompt_variables(example))
+            user = self.user_override.render(self.prompt_variables(example), "task.prompt.user", example.id)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def reasoning(self, example: Example) -> str:

@@ -61,28 +61,33 @@ def normalize(text: str) -> str:
     return text.casefold()
 
 
-FORM_WORDS = {"a", "an", "the", "cell", "cells", "type"}
+ARTICLES = {"a", "an", "the"}
+FORM_WORDS = ARTICLES | {"cell", "cells", "type"}
 SURROUNDING = "\"'`*_()[]{}.,;:! "
 
 
-def lenient_form(text: str) -> str:
-    """The strict form without articles, "cell(s)" / "type", or punctuation around it (see the module doc).
+def lenient_form(text: str, words: set[str] = FORM_WORDS) -> str:
+    """The strict form without articles, "cell(s)" / "type", or punctuation around it (see the module doc);
+    ``words=ARTICLES`` drops only articles and punctuation.
 
     >>> lenient_form("The CD8+ Cytotoxic T-cells.")
     'cd8+ cytotoxic t'
-    >>> lenient_form("(Dendritic cell type)"), lenient_form("not a B cell")
-    ('dendritic', 'not b')
+    >>> lenient_form("(Dendritic cell type)"), lenient_form("not a B cell"), lenient_form("The B cell.", ARTICLES)
+    ('dendritic', 'not b', 'b cell')
     """
-    words = normalize(text).strip(SURROUNDING).split()
-    words = [re.sub(r"-(cells?|type)$", "", w) for w in words if w not in FORM_WORDS]
-    return " ".join(words)
+    kept = [w for w in normalize(text).strip(SURROUNDING).split() if w not in words]
+    if words is FORM_WORDS:
+        kept = [re.sub(r"-(cells?|type)$", "", w) for w in kept]
+    return " ".join(kept)
 
 
 def match_label(answer: str | None, labels: list[str], mode: str = "strict") -> str | None:
     """Map a parsed answer to exactly one label, or None.
 
     Strict: the answer is a label in strict form (:func:`normalize`). Lenient: the answer is a label in
-    lenient form (:func:`lenient_form`): form is forgiven, nothing else; a form two labels share matches none.
+    lenient form (:func:`lenient_form`): form is forgiven, nothing else. The closest match wins: the strict
+    form, then without articles and punctuation, then without "cell(s)" / "type" too; so with labels "B"
+    and "B cell", "the B cell" is "B cell" and "B" is "B", while "B cells", which fits both, matches none.
 
     >>> labels = ["CD4+/CD25 T Reg", "CD4+/CD45RO+ Memory", "CD14+ Monocyte", "CD19+ B", "Dendritic"]
     >>> match_label("dendritic.", labels)
@@ -94,10 +99,16 @@ def match_label(answer: str | None, labels: list[str], mode: str = "strict") -> 
     >>> [match_label(a, labels, "lenient") for a in ["CD4+/CD25 T Regulatory or CD4+/CD45RO+ Memory T",
     ...     "Dendritic or CD19+ B", "not CD14+ Monocyte", "probably Dendritic", "CD19+ B, Dendritic"]]
     [None, None, None, None, None]
+    >>> [match_label(a, ["B", "B cell"], "lenient") for a in ["B cell", "b", "The B cell.", "B cells"]]
+    ['B cell', 'B', 'B cell', None]
     """
     if answer is None:
         return None
-    form = normalize if mode == "strict" else lenient_form
-    key = form(answer)
-    matches = [label for label in labels if form(label) == key]
-    return matches[0] if len(matches) == 1 else None
+    # Closest form first: a label matched as written wins over one that only matches once "cell" is dropped.
+    forms = (normalize,) if mode == "strict" else (normalize, lambda text: lenient_form(text, ARTICLES), lenient_form)
+    for form in forms:
+        key = form(answer)
+        matches = [label for label in labels if form(label) == key]
+        if matches:
+            return matches[0] if len(matches) == 1 else None
+    return None

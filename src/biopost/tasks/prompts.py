@@ -49,27 +49,32 @@ class PromptTemplate:
         except TemplateSyntaxError as err:
             raise ValueError(f"template syntax error (line {err.lineno}): {err.message}") from None
 
-    def render(self, variables: dict) -> str:
-        return self.template.render(variables).strip()
+    def render(self, variables: dict, where: str = "the prompt", example: str | None = None) -> str:
+        """The prompt for one example's ``variables``; a variable the template names but the example lacks,
+        or a failure while rendering, is a one-line :class:`PromptError` naming ``where`` and the example.
 
-    def check(self, variables: dict, where: str) -> None:
-        """Raise a one-line error when the template names a variable not in ``variables`` or fails to render.
-
-        >>> PromptTemplate("{{ genez }}").check({"genes": "A B", "choices": []}, "task.prompt.user")
+        >>> PromptTemplate("{{ genez }}").render({"genes": "A B", "choices": []}, "task.prompt.user", "c7")
         Traceback (most recent call last):
         ...
-        ValueError: task.prompt.user: the template uses genez, which the task does not provide; variables: choices, genes
+        biopost.tasks.prompts.PromptError: task.prompt.user: the template uses genez, which example 'c7' does not provide; its variables: choices, genes
+        >>> PromptTemplate("{{ n + 1 }}").render({"n": "5"}, "task.options.prompt", "r2")
+        Traceback (most recent call last):
+        ...
+        biopost.tasks.prompts.PromptError: task.options.prompt: the template fails on example 'r2' (TypeError: can only concatenate str (not "int") to str)
         """
         unknown = sorted(self.variables - set(variables))
         if unknown:
-            raise ValueError(
-                f"{where}: the template uses {', '.join(unknown)}, which the task does not provide; "
-                f"variables: {', '.join(sorted(variables))}"
-            )
+            raise PromptError(f"{where}: the template uses {', '.join(unknown)}, which example {example!r} does not "
+                              f"provide; its variables: {', '.join(sorted(variables))}")
         try:
-            self.render(variables)
-        except (TemplateError, TypeError, ValueError) as err:
-            raise ValueError(f"{where}: the template fails on the first example ({type(err).__name__}: {err})") from None
+            return self.template.render(variables).strip()
+        except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as err:
+            message = " ".join(str(err).split())
+            raise PromptError(f"{where}: the template fails on example {example!r} ({type(err).__name__}: {message})") from None
+
+
+class PromptError(ValueError):
+    """A prompt template that does not fit an example (reported in one line, naming the example)."""
 
 
 @lru_cache(maxsize=64)

@@ -218,14 +218,18 @@ class TableTask(LabelTask):
         # Split metadata: every column but payloads and the rationale (the answer as scored), so any can be ood_field.
         skip = {cmap.reasoning} | {col for cols in self.payload_columns.values() for col in cols}
         meta = {**{c: v for c, v in row.items() if c not in skip}, cmap.answer: answer}
-        return Example(id=rid, fields={c: row.get(c) for c in field_columns}, answer=answer,
+        # A column a JSON row lacks stays absent (a prompt naming it fails on that row); null is an empty value.
+        return Example(id=rid, fields={c: row[c] for c in field_columns if c in row}, answer=answer,
                        reasoning="" if is_missing(reasoning) else str(reasoning).strip(), **payloads, meta=meta)
 
     def _answer_text(self, value: Any, rid: str, where: str) -> str:
         kind = self.options.answer_kind
         if kind == "multilabel":
-            items = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else split_labels(
+            items = [t for t in (str(v).strip() for v in value) if t] if isinstance(value, (list, tuple)) else split_labels(
                 str(value), self.options.separator)
+            if not items:  # no completion can say "nothing" (an empty Answer: line is no answer): refuse, don't score 0
+                raise ValueError(f"{where}: example {rid!r} has no labels in column {self.options.columns.answer!r} "
+                                 "(columns.answer); give every row at least one label, e.g. 'none' for no label")
             return self.join_with.join(items)
         text = str(value).strip()
         if kind == "number" and parse_number(text) is None:
@@ -291,7 +295,7 @@ class TableTask(LabelTask):
                 parsed = self.join_with.join(sorted(label_set(parsed, self.labels, self.split_on, mode))) or None
             elif kind == "number":
                 value = parse_number(parsed, mode)
-                parsed = None if value is None else f"{value:g}"
+                parsed = None if value is None else str(value)  # exactly as parsed, never rounded
             out[mode] = parsed
         return out
 
