@@ -88,3 +88,78 @@ def test_rl_resumes_from_a_save_point_between_eval_points(fast_config, tmp_path,
     a = load_policy(reference / "stages" / "0-rl" / "final").model.state_dict()
     b = load_policy(resumed / "stages" / "0-rl" / "final").model.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+# ---------------------------------------------------------------- resuming over changed data is refused
+def cut_after_splits(monkeypatch):
+    """Interrupt every run right after it wrote splits.json (before any model is built)."""
+    import biopost.pipeline
+
+    def interrupt(*args, **kwargs):
+        raise Interrupt
+    monkeypatch.setattr(biopost.pipeline, "resolve_backbone", interrupt)
+
+
+def resume_error(config, run_dir) -> str:
+    """Start a run, then resume it after ``edit`` changed its data: the one-line error (or '' when it resumed)."""
+    from biopost.config import ConfigError
+
+    try:
+        run(config, run_dir)
+    except Interrupt:
+        return ""
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError("the run was expected to stop")
+
+
+def test_resume_refuses_an_edited_table(tmp_path, monkeypatch):
+    import csv
+
+    cut_after_splits(monkeypatch)
+    rows = [{"cell_id": f"c{i:02d}", "genes": f"G{i} M{i % 3}", "cell_type": "ABC"[i % 3], "phase": "G1 S".split()[i % 2]}
+            for i in range(40)]
+
+    def write(rows):
+        with (tmp_path / "cells.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader(), writer.writerows(rows)
+
+    write(rows)
+    config = validate_config({"task": {"name": "table", "options": {
+        "source": str(tmp_path / "cells.csv"), "columns": {"id": "cell_id", "answer": "cell_type", "group": "phase"},
+        "prompt": "Genes: {{ genes }}"}, "split": {"ood_test_groups": ["S"]}}, "stages": [{"kind": "sft"}]})
+    run_dir = tmp_path / "run"
+    assert resume_error(config, run_dir) == ""  # started, then cut
+    assert resume_error(config, run_dir) == ""  # the same data resumes
+    rows[1]["cell_type"] = "A"  # a corrected label, same ids (c01 is in ood_test: phase S)
+    write(rows)
+    assert resume_error(config, run_dir) == (
+        f"{run_dir}: the ood_test split's examples differ from those this run started on (splits.json): the task's "
+        "data changed; rerun into a new --output-dir")
+    write(rows[:-2])  # rows dropped: other ids
+    assert "split's example ids differ" in resume_error(config, run_dir)
+
+
+def test_resume_refuses_an_edited_h5ad(tmp_path, monkeypatch):
+    import anndata
+    import numpy as np
+    import pandas as pd
+
+    cut_after_splits(monkeypatch)
+    counts = np.random.default_rng(0).poisson(2.0, size=(36, 12)).astype(np.float32) + np.eye(36, 12, dtype=np.float32)
+    obs = pd.DataFrame({"cell_type": list("TBN" * 12), "donor": [f"d{i % 3}" for i in range(36)]},
+                       index=[f"cell{i}" for i in range(36)])
+    var = pd.DataFrame(index=[f"GENE{j}" for j in range(12)])
+    path = tmp_path / "cells.h5ad"
+    anndata.AnnData(counts, obs=obs, var=var).write_h5ad(path)
+    config = validate_config({"task": {"name": "cell_type/h5ad", "options": {
+        "path": str(path), "label_key": "cell_type", "group_key": "donor"}, "split": {"ood_test_groups": ["d2"]}},
+        "stages": [{"kind": "sft"}]})
+    run_dir = tmp_path / "run"
+    assert resume_error(config, run_dir) == resume_error(config, run_dir) == ""
+    counts[0, :] = counts[0, ::-1]  # one cell's expression re-measured (cell0: donor d0, in-domain)
+    anndata.AnnData(counts, obs=obs, var=var).write_h5ad(path)
+    message = resume_error(config, run_dir)
+    assert message.startswith(f"{run_dir}: the ") and "split's examples differ" in message
+    assert message.split()[2] in ("train", "val", "id_test") and "new --output-dir" in message

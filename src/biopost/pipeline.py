@@ -2,7 +2,8 @@
 
 Run directory: ``config.yaml`` (resolved), ``env.json``, ``splits.json``, ``metrics.jsonl``,
 ``predictions/``, and per stage ``stages/<i>-<name>/`` with ``checkpoints/``, ``final/`` and
-``selection.json``. Rerunning a finished run is a no-op; finished stages of an interrupted run are kept.
+``selection.json``. Rerunning a finished run is a no-op; finished stages of an interrupted run are kept, and
+resuming it is refused when its splits (ids or content) differ from those in ``splits.json``.
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     (run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
 
     task, splits = load_task_and_splits(config)
+    check_same_splits(splits, run_dir)
     forgetting = load_forgetting(config, task, splits)
     (run_dir / "splits.json").write_text(json.dumps({
         "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
+        "content_fingerprints": splits.content_fingerprints(),
         "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
     }, indent=2))
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
@@ -184,6 +187,21 @@ def check_run_dir(config: RunConfig, run_dir: Path) -> None:
                 f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}); "
                 "choose another --output-dir"
             )
+
+
+def check_same_splits(splits, run_dir: Path) -> None:
+    """Resuming needs the data the run started on: the same config over an edited table, h5ad or FASTA file
+    would otherwise reuse stages trained on the old data next to evaluations on the new."""
+    recorded = run_dir / "splits.json"
+    if not recorded.is_file():
+        return
+    saved = json.loads(recorded.read_text())
+    now = {"fingerprints": splits.fingerprints(), "content_fingerprints": splits.content_fingerprints()}
+    for kind, what in (("fingerprints", "example ids"), ("content_fingerprints", "examples")):
+        changed = [name for name, value in saved.get(kind, {}).items() if now[kind].get(name) != value]
+        if changed:
+            raise ConfigError(f"{run_dir}: the {changed[0]} split's {what} differ from those this run started on "
+                              "(splits.json): the task's data changed; rerun into a new --output-dir")
 
 
 def environment() -> dict:

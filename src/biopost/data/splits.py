@@ -7,8 +7,10 @@ The in-domain rest is split at random with a seed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ class Splits:
     def fingerprints(self) -> dict[str, str]:
         return {name: self.fingerprint(name) for name in SPLIT_NAMES}
 
+    def content_fingerprints(self) -> dict[str, str]:
+        return {name: content_fingerprint(self[name]) for name in SPLIT_NAMES}
+
     def sizes(self) -> dict[str, int]:
         return {name: len(self[name]) for name in SPLIT_NAMES}
 
@@ -70,6 +75,19 @@ def fingerprint(examples: tuple[Example, ...] | list[Example]) -> str:
     """
     digest = hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
     return digest[:16]
+
+
+def content_fingerprint(examples: tuple[Example, ...] | list[Example]) -> str:
+    """Order-free hash of everything a split's examples hold (fields, answer, rationale, payloads, meta): it
+    changes when a data file is edited under the same ids, which :func:`fingerprint` does not see.
+
+    >>> a, b = Example("a", {"x": 1}, "y"), Example("a", {"x": 1}, "z")
+    >>> content_fingerprint([a]) == content_fingerprint([a]) != content_fingerprint([b])
+    True
+    """
+    plain = lambda value: value.tolist() if hasattr(value, "tolist") else str(value)  # noqa: E731  (numpy: all of it)
+    rows = sorted(json.dumps(dataclasses.astuple(e), sort_keys=True, default=plain) for e in examples)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def subset(items, max_items: int | None, seed: int) -> list:
