@@ -112,6 +112,68 @@ def test_broken_plugin_fails_in_one_line_only_when_asked_for(tmp_path, monkeypat
                               "1.0) failed to import: ModuleNotFoundError: No module named 'biopost_toy_broken'")
 
 
+def fake_plugin(site: Path, package: str, entry_name: str, module_text: str, target: str = "Task") -> None:
+    """A package installed in ``site`` as pip leaves it (dist-info with an entry point, and its module)."""
+    info = site / f"{package}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f'[biopost.tasks]\n{entry_name} = {package}:{target}\n')
+    (site / f"{package}.py").write_text(module_text)
+
+
+FAULTY = PLUGIN.replace('name = "toy/motifs"', 'name = "toy/faulty"') + '''
+
+class Task(MotifTask):
+    def __init__(self, options=None):
+        super().__init__(options)
+        raise RuntimeError("needs a licence file")
+
+
+class Loads(MotifTask):
+    name = "toy/loads"
+
+    def load(self):
+        return {}["motifs"]
+'''
+
+
+def test_plugin_that_fails_to_build_or_load_names_its_package(tmp_path, monkeypatch, clean_registry, capsys):
+    fake_plugin(tmp_path, "biopost_toy_faulty", "toy/faulty", FAULTY)
+    fake_plugin(tmp_path / "other", "biopost_toy_loads", "toy/loads", FAULTY.replace("toy/faulty", "toy/other"), "Loads")
+    monkeypatch.syspath_prepend(str(tmp_path)), monkeypatch.syspath_prepend(str(tmp_path / "other"))
+    with pytest.raises(ConfigError) as err:  # was: the plug-in's RuntimeError, as a traceback
+        registry.get_task("toy/faulty")
+    assert str(err.value) == ("plug-in task 'toy/faulty' (biopost_toy_faulty:Task from biopost-toy-faulty 1.0) failed "
+                              "to build: RuntimeError: needs a licence file; fix the package or pip uninstall "
+                              "biopost-toy-faulty")
+    (tmp_path / "run.yaml").write_text(json.dumps({"task": {"name": "toy/loads"}, "stages": [{"kind": "sft"}]}))
+    assert main(["train", str(tmp_path / "run.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "biopost train: plug-in task 'toy/loads' (biopost_toy_loads:Loads from biopost-toy-loads 1.0) failed to load "
+        "its data: KeyError: 'motifs'; fix the package or pip uninstall biopost-toy-loads")
+
+
+def test_plugin_named_like_a_builtin_task_or_another_plugin_is_refused(tmp_path, monkeypatch, clean_registry, capsys):
+    fake_plugin(tmp_path, "biopost_toy_table", "table", PLUGIN.replace('"toy/motifs"', '"table"'), "MotifTask")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    clash = ("plug-in task 'table' (biopost_toy_table:MotifTask from biopost-toy-table 1.0) has the name of a "
+             "built-in task; rename the plug-in's entry point and task (e.g. '<package>/table'), or pip uninstall "
+             "biopost-toy-table")
+    with pytest.raises(ConfigError) as err:  # was: the built-in silently kept, and `biopost tasks` a traceback
+        registry.get_task("table", {"source": "x.csv", "columns": {"answer": "a", "group": "g"}, "prompt": "x"})
+    assert str(err.value) == clash
+    assert main(["tasks"]) == 2 and capsys.readouterr().err.strip() == f"biopost tasks: {clash}"
+    assert registry.TASKS["table"].__module__ == "biopost.tasks.table"  # never replaced
+
+    monkeypatch.syspath_prepend(str(tmp_path / "b")), monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    for package in ("a", "b"):
+        fake_plugin(tmp_path / package, f"biopost_toy_{package}", "toy/motifs", PLUGIN, "MotifTask")
+    with pytest.raises(ConfigError, match=r"^plug-in task 'toy/motifs' \(biopost_toy_b:MotifTask from biopost-toy-b "
+                                          r"1.0\) and plug-in task 'toy/motifs' \(biopost_toy_a:MotifTask from "
+                                          r"biopost-toy-a 1.0\) have the same name; uninstall one of them"):
+        registry.get_task("toy/motifs")
+
+
 # ---------------------------------------------------------------- reward functions by module:function
 REWARDS = '''
 import json, os

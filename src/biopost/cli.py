@@ -199,11 +199,11 @@ def cmd_summary(args) -> int:
 def cmd_tasks(args) -> int:
     from biopost.config import RunConfig
     from biopost.pipeline import load_task_and_splits
-    from biopost.registry import PLUGINS, TASKS, task_names
+    from biopost.registry import PLUGINS, TASKS, distribution, task_names
 
     for name in task_names():
         cls = TASKS[name]
-        origin = f"  (plug-in: {PLUGINS[name]})" if name in PLUGINS else ""
+        origin = f"  (plug-in: {distribution(PLUGINS[name])})" if name in PLUGINS else ""
         required = [k for k, f in cls.Options.model_fields.items() if f.is_required()]
         if required:
             print(f"{name:24s} [{cls.domain}] needs task.options: {', '.join(required)}{origin}")

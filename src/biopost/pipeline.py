@@ -23,7 +23,7 @@ from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
-from biopost.registry import get_task
+from biopost.registry import get_task, plugin_errors
 from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
 
@@ -55,7 +55,8 @@ def split_rule(config: RunConfig, task) -> SplitRule:
 def load_task_and_splits(config: RunConfig):
     task = get_task(config.task.name, config.task.options, config.task.prompt.model_dump())
     task.fused_modalities = frozenset(config.model.encoders)  # these payloads become prompt placeholders
-    examples = task.load()
+    with plugin_errors(task.name, "load its data"):
+        examples = task.load()
     task.check_prompts(examples)
     try:
         splits = make_splits(examples, split_rule(config, task), task.input_key, task.overlap_remedy)
