@@ -168,9 +168,9 @@ def test_an_index_without_a_list_says_why(config_file, override, fragment):
 
 
 def test_dumped_configs_read_back_identically(tmp_path):
-    raw = apply_override(minimal(), "name=010")  # YAML 1.2 reads 10; the name field wants a string
-    with pytest.raises(ConfigError, match="'name'"):
-        validate_config(raw)
+    assert validate_config(apply_override(minimal(), "name=010")).name == "010"  # a text field keeps the text
+    with pytest.raises(ConfigError, match="'name': Input should be a valid string .*; quote it"):
+        validate_config({**minimal(), "name": 10})  # in a file, YAML has read a number already
     config = validate_config({**minimal(), "name": "1e3",
                               "task": {"name": "cell_type/pbmc68k", "options": {"x": "yes"}}})
     dump_config(config, tmp_path / "config.yaml")
@@ -187,3 +187,58 @@ def test_every_boolean_field_refuses_yaml_1_1_words(override, tmp_path):
     path.write_text("task: {name: cell_type/pbmc68k}\nmodel: {encoders: {dna: {name: tiny-dna}}}\nstages: [{kind: sft}]\n")
     with pytest.raises(ConfigError, match="valid boolean"):
         load_config(path, [override])
+
+
+# ---------------------------------------------------------------- YAML 1.2 core schema; typed overrides
+@pytest.mark.parametrize("override, key", [
+    ("stages.0.max_steps=1_000", "'stages.0.max_steps'"),  # was 1000
+    ("stages.0.max_steps=0b11", "'stages.0.max_steps'"),  # was 3
+    ("stages.0.lr=1_0e-4", "'stages.0.lr'"),
+    ("eval.max_examples=2024-01-01", "'eval.max_examples'"),  # was a date
+    ("task.options.top_k_genes=1_6", "'task.options.top_k_genes'"),  # a task's own number option
+])
+def test_non_core_numbers_are_text_that_number_fields_refuse(config_file, override, key):
+    from biopost.registry import get_task
+
+    value = override.split("=", 1)[1]
+    try:  # a task's options are validated when the task is built
+        config = load_config(config_file, [override])
+        get_task(config.task.name, config.task.options)
+    except ConfigError as err:
+        message = str(err)
+    assert message == (f'config error: {key}: a number is expected (got "{value}"); YAML 1.2 reads this as text: '
+                       "write digits with an optional sign, point and exponent, e.g. 1000 or 1e-4")
+
+
+def test_errors_in_the_eval_section_name_it(config_file):
+    assert "unknown key 'eval.batchsize'; valid keys here: batch_size, bootstrap" in error_of(config_file, "eval.batchsize=2")
+
+
+def test_non_core_numbers_in_a_file_are_refused_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: {name: cell_type/pbmc68k}\nstages:\n  - kind: sft\n    max_steps: 1_000\n")
+    assert "'stages.0.max_steps': a number is expected (got \"1_000\")" in error_of(path)
+    path.write_text("task: {name: cell_type/pbmc68k}\nstages:\n  - kind: sft\n    name: 2024-01-01\n")
+    assert load_config(path).stages[0].name == "2024-01-01"  # a date is text, which a text field takes
+
+
+@pytest.mark.parametrize("override, path, expected", [
+    ("model.revision=1234567", ("model", "revision"), "1234567"),  # a short git sha: was the int 1234567, refused
+    ("model.revision=0123456", ("model", "revision"), "0123456"),  # was 123456
+    ("model.revision=1234e56", ("model", "revision"), "1234e56"),  # was the float 1.234e59
+    ("model.encoders.dna.revision=20240101", ("model", "encoders", "dna", "revision"), "20240101"),
+    ("name=1e3", ("name",), "1e3"),
+    ("model.revision=null", ("model", "revision"), None),
+    ("task.options.revision=0123", ("task", "options", "revision"), "0123"),  # a task's own text option
+])
+def test_text_fields_keep_override_text_as_typed(override, path, expected):
+    raw = {"task": {"name": "table"}, "model": {"encoders": {"dna": {"name": "tiny-dna"}}}, "stages": [{"kind": "sft"}]}
+    node = apply_override(raw, override)
+    for part in path:
+        node = node[part]
+    assert node == expected
+
+
+def test_numbers_stay_numbers_where_a_field_takes_both(config_file):
+    config = load_config(config_file, ["task.split.ood_test_groups=0.25", "stages.0.lr=1e-3", "model.lora.rank=010"])
+    assert config.task.split.ood_test_groups == 0.25 and config.stages[0].lr == 1e-3 and config.model.lora.rank == 10

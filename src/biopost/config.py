@@ -2,9 +2,10 @@
 
 A YAML file plus dotted ``KEY=VALUE`` overrides becomes a validated :class:`RunConfig` before any model
 or dataset loads. Unknown keys and wrong types raise :class:`ConfigError` with a one-line message that
-names the key and what would have been valid. Files and override values read as YAML 1.2 (ruamel.yaml):
-``1e-4`` is a float, ``010`` is ten, and ``yes`` / ``on`` / ``off`` are strings, which a boolean or number
-field refuses.
+names the key and what would have been valid. Files and override values read as the YAML 1.2 core schema:
+``1e-4`` is a float, ``010`` is ten, and ``yes`` / ``on`` / ``off``, ``1_000``, ``0b11`` and ``2024-01-01``
+are strings, which a boolean or number field refuses. An override of a text field keeps the text as typed
+(``model.revision=0123456`` is the string ``"0123456"``); in a file, quote such values.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.resolver import VersionedResolver
 
 
 class ConfigError(ValueError):
@@ -29,8 +31,58 @@ DEVICES: tuple[str, ...] = get_args(Device)
 TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")  # held-out splits (no numpy import for the CLI)
 
 
+def scalar_kinds(annotation: Any) -> set:
+    """The plain types a field annotation admits (Optional, Union, Annotated and Literal unwrapped); a
+    model, list or dict shows as ``object``.
+
+    >>> sorted(k.__name__ for k in scalar_kinds(int | None)), scalar_kinds(Literal["a", 1]) == {str, int}
+    (['NoneType', 'int'], True)
+    """
+    import typing
+
+    if annotation is None or annotation is type(None):
+        return {type(None)}
+    if typing.get_origin(annotation) is Literal:
+        return {type(v) for v in get_args(annotation)}
+    if typing.get_origin(annotation) in (Union, Annotated) or type(annotation).__name__ == "UnionType":
+        args = get_args(annotation)[:1] if typing.get_origin(annotation) is Annotated else get_args(annotation)
+        return set().union(*(scalar_kinds(a) for a in args))
+    return {annotation} if annotation in (str, int, float, bool) else {object}
+
+
+class TextForNumber(ValueError):
+    """Text where a number field wants a number (YAML 1.2 reads ``1_000``, ``0b11`` or ``"5"`` as text)."""
+
+    def __init__(self, field: str, value: str):
+        self.field = field
+        super().__init__(f"a number is expected (got {json.dumps(value)}); YAML 1.2 reads this as text: write "
+                         "digits with an optional sign, point and exponent, e.g. 1000 or 1e-4")
+
+
+def numbers_are_numbers(model: type[BaseModel], data: Any) -> Any:
+    """Refuse text for a number field, which pydantic would otherwise read as Python does ("1_000" is 1000)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            field = model.model_fields.get(name) if isinstance(name, str) else None
+            kinds = scalar_kinds(field.annotation) - {type(None)} if field else set()
+            if isinstance(value, str) and kinds and kinds <= {int, float}:
+                raise TextForNumber(name, value)
+    return data
+
+
+def error_location(error: dict) -> tuple:
+    """Where a validation error points; a :class:`TextForNumber` raised for a whole model points at its field."""
+    cause = (error.get("ctx") or {}).get("error")
+    return tuple(error["loc"]) + ((cause.field,) if isinstance(cause, TextForNumber) else ())
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        return numbers_are_numbers(cls, data)
 
 
 # ---------------------------------------------------------------- data and task
@@ -417,13 +469,39 @@ class RunConfig(Strict):
 
 
 # ---------------------------------------------------------------- loading
-def yaml12() -> YAML:
-    """Safe YAML 1.2 for reading and writing configs (PyYAML reads 1.1: ``010`` is 8 and ``yes`` is true).
+CORE_SCHEMA: dict[str, list] = {}  # first character -> (tag, pattern): the YAML 1.2 core schema's plain scalars
+for _tag, _pattern, _first in [
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+     "-+0123456789."),
+    ("merge", r"<<", "<"),  # YAML anchors' merge keys, as every YAML reader has them
+]:
+    for _char in _first:
+        CORE_SCHEMA.setdefault(_char, []).append((f"tag:yaml.org,2002:{_tag}", re.compile(rf"^(?:{_pattern})$")))
 
-    >>> [yaml12().load(v) for v in ("010", "1e-4", "yes", "off", "true", "[a, b]")]
-    [10, 0.0001, 'yes', 'off', True, ['a', 'b']]
+
+class CoreResolver(VersionedResolver):
+    """The YAML 1.2 core schema and nothing more: ruamel's own 1.2 resolver also reads ``1_000`` and ``0b11``
+    as integers and ``2024-01-01`` as a date, which the core schema leaves as strings."""
+
+    @property
+    def versioned_resolver(self) -> dict[str, list]:
+        return CORE_SCHEMA
+
+
+def yaml12() -> YAML:
+    """Safe YAML 1.2 core schema for reading and writing configs (PyYAML reads 1.1: ``010`` is 8 and ``yes``
+    is true).
+
+    >>> [yaml12().load(v) for v in ("010", "1e-4", "yes", "off", "true", "[a, b]", "0o17", "~")]
+    [10, 0.0001, 'yes', 'off', True, ['a', 'b'], 15, None]
+    >>> [yaml12().load(v) for v in ("1_000", "0b11", "2024-01-01", "1:20", "0123456e")]
+    ['1_000', '0b11', '2024-01-01', '1:20', '0123456e']
     """
     loader = YAML(typ="safe")
+    loader.Resolver = CoreResolver
     loader.default_flow_style = False
     loader.sort_base_mapping_type_on_output = False  # keep the config's field order
     return loader
@@ -456,7 +534,11 @@ def validate_config(raw: dict) -> RunConfig:
 
 def apply_override(raw: dict, item: str) -> dict:
     """Set ``a.b.0.c=value`` in a nested dict/list; the value is parsed as YAML 1.2 (so 1e-4, true, [a, b]
-    work). An index into a list the config leaves at its default (``eval.splits.0=val``) edits that default.
+    work), except that a text field (``name``, ``model.revision``, a task's text options) keeps the text as
+    typed. An index into a list the config leaves at its default (``eval.splits.0=val``) edits that default.
+
+    >>> apply_override({}, "model.revision=0123456")["model"], apply_override({}, "model.lora.rank=010")["model"]
+    ({'revision': '0123456'}, {'lora': {'rank': 10}})
     """
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not KEY=VALUE (for example model.lora.rank=64)")
@@ -468,12 +550,21 @@ def apply_override(raw: dict, item: str) -> dict:
         where = ".".join(parts[: depth + 1])
         if isinstance(node, dict) and part not in node and parts[depth + 1].isdigit():
             node[part] = _default_list(model, part, where)
+        parent = model
         node, model = _child(node, model, part, where)
+        if parent is TaskConfig and part == "options":  # the task's own options class types these keys
+            from biopost.registry import options_model
+
+            model = options_model((raw.get("task") or {}).get("name"))
     last = parts[-1]
     try:
         parsed = yaml12().load(value) if value != "" else None
     except YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
+    field = model.model_fields.get(last) if isinstance(node, dict) and isinstance(model, type) else None
+    kinds = scalar_kinds(field.annotation) if field else set()
+    if parsed is not None and not isinstance(parsed, (str, list, dict)) and str in kinds and type(parsed) not in kinds:
+        parsed = value  # a text field keeps the text as typed: model.revision=0123456 stays "0123456", not 123456
     if isinstance(node, list):
         node[_index(node, last, key)] = parsed
     elif isinstance(node, dict):
@@ -491,8 +582,19 @@ def _child(node: Any, model: type[BaseModel] | None, part: str, where: str) -> t
         return child, STAGE_KINDS.get(kind, model)
     if not isinstance(node, dict):
         raise ConfigError(f"override key {where!r}: parent is a value, not a section")
+    if isinstance(model, SectionsOf):  # every key of a dict of sections (model.encoders.<modality>) is one
+        return node.setdefault(part, {}), model.model
     field = model.model_fields.get(part) if model else None
-    return node.setdefault(part, {}), _model_of(field.annotation) if field else None
+    inner = _model_of(field.annotation) if field else None
+    if inner is not None and dict in {get_origin(a) for a in (field.annotation, *get_args(field.annotation))}:
+        return node.setdefault(part, {}), SectionsOf(inner)
+    return node.setdefault(part, {}), inner
+
+
+class SectionsOf(NamedTuple):
+    """A dict whose values are config sections of one class (for typing overrides below it)."""
+
+    model: type[BaseModel]
 
 
 def _default_list(model: type[BaseModel] | None, part: str, where: str) -> list:
@@ -514,7 +616,8 @@ def _index(node: list, part: str, where: str) -> int:
 def describe_error(err: ValidationError, raw: dict) -> str:
     """First validation error as one line naming the dotted key and the valid choices."""
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"] if not _is_union_tag(p)]
+    where = error_location(first)
+    loc = [str(p) for i, p in enumerate(where) if not _is_union_tag(p, where[i - 1] if i else None)]
     key = ".".join(loc) or "<root>"
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(first["loc"][:-1], raw)
@@ -525,27 +628,38 @@ def describe_error(err: ValidationError, raw: dict) -> str:
         return f"config error: '{key}': {first['ctx']['error']}"
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
-    hint = "; write true or false (configs read as YAML 1.2)" if first["type"] == "bool_type" else ""
+    hint = type_hint(first)
     return f"config error: '{key}': {first['msg'].removeprefix('Value error, ')} (got {shown}){hint}"
 
 
-def _is_union_tag(part: Any) -> bool:
-    """Pydantic puts the chosen union member in error locations (a stage kind, a class or type name)."""
+def type_hint(error: dict) -> str:
+    """What to write instead, for the type errors YAML's reading of a value causes."""
+    if error["type"] == "bool_type":
+        return "; write true or false (configs read as YAML 1.2)"
+    if error["type"] == "string_type" and isinstance(error.get("input"), (int, float)):
+        return "; quote it: YAML reads unquoted digits as a number (and drops leading zeros)"
+    return ""
+
+
+def _is_union_tag(part: Any, previous: Any = None) -> bool:
+    """Pydantic puts the chosen union member in error locations (a stage kind after a list index, a class
+    or type name); a section named like a stage kind (``eval``) is not one."""
     if not isinstance(part, str):
         return False
-    return part in STAGE_KINDS or part[:1].isupper() or "[" in part or part in {"float", "int", "str", "bool"}
+    return (part in STAGE_KINDS and isinstance(previous, int)) or part[:1].isupper() or "[" in part or \
+        part in {"float", "int", "str", "bool"}
 
 
 def _valid_keys(loc: tuple, raw: dict) -> list[str]:
     model: type[BaseModel] = RunConfig
     node: Any = raw
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             node = node[part]
             if isinstance(node, dict) and "kind" in node:
                 model = STAGE_KINDS.get(node["kind"], model)
             continue
-        if _is_union_tag(part):
+        if _is_union_tag(part, loc[i - 1] if i else None):
             continue
         field = model.model_fields.get(part)
         node = node.get(part, {}) if isinstance(node, dict) else {}

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from biopost.config import ConfigError
+from biopost.config import ConfigError, error_location, type_hint
 
 TASKS: dict[str, type] = {}
 PLUGINS: dict[str, EntryPoint] = {}  # task name -> the entry point of the installed package that provides it
@@ -104,6 +104,17 @@ def plugin_errors(name: str, doing: str):
                           f"package or {_uninstall(ep)}") from None
 
 
+def options_model(name: Any) -> type | None:
+    """The options class of task ``name``, or None when there is no such task (for typed overrides)."""
+    _load_builtin()
+    if isinstance(name, str) and name not in TASKS:
+        try:
+            _load_plugins(name)
+        except ConfigError:
+            return None  # the config's validation reports it
+    return TASKS[name].Options if isinstance(name, str) and name in TASKS else None
+
+
 def task_names() -> list[str]:
     _load_builtin()
     _load_plugins()
@@ -121,13 +132,14 @@ def get_task(name: str, options: dict[str, Any] | None = None, prompt: dict[str,
         opts = cls.Options.model_validate(options or {})
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        key = ".".join(str(p) for p in error_location(first))
         if first["type"] == "extra_forbidden":
             raise ConfigError(
                 f"config error: unknown key 'task.options.{key}' for task {name}; valid keys here: "
                 f"{', '.join(sorted(_options_model(cls.Options, first['loc'][:-1]).model_fields))}"
             ) from None
-        raise ConfigError(f"config error: 'task.options.{key}': {first['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"config error: 'task.options.{key}': {first['msg'].removeprefix('Value error, ')}"
+                          f"{type_hint(first)}") from None
     with plugin_errors(name, "build"):
         task = cls(opts)
     task.use_prompt(**(prompt or {}))

@@ -9,7 +9,9 @@ import hashlib
 import json
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from biopost.config import numbers_are_numbers
 
 from biopost.data import Example, format_target
 from biopost.data.example import PLACEHOLDERS
@@ -21,6 +23,11 @@ class TaskOptions(BaseModel):
     """Task-specific options (``task.options`` in a config); subclasses add fields."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data):
+        return numbers_are_numbers(cls, data)
 
 
 class Task:
