@@ -32,10 +32,10 @@ class PromptTemplate:
     'Genes: CD3E LCK. Choose one of: T; B.'
     >>> sorted(t.variables)
     ['choices', 'genes']
-    >>> PromptTemplate("{{ x.__class__ }}").render({"x": 1})
+    >>> PromptTemplate("{{ x.__class__ }}").render({"x": 1}, "task.prompt.user", "c1")
     Traceback (most recent call last):
     ...
-    jinja2.exceptions.SecurityError: access to attribute '__class__' of 'int' object is unsafe.
+    biopost.tasks.prompts.PromptError: task.prompt.user: the template fails on example 'c1' (SecurityError: access to attribute '__class__' of 'int' object is unsafe.)
     >>> PromptTemplate("Genes: {{ genes }")
     Traceback (most recent call last):
     ...
@@ -62,15 +62,16 @@ class PromptTemplate:
         ...
         biopost.tasks.prompts.PromptError: task.options.prompt: the template fails on example 'r2' (TypeError: can only concatenate str (not "int") to str)
         """
+        which = "an example" if example is None else f"example {example!r}"
         unknown = sorted(self.variables - set(variables))
         if unknown:
-            raise PromptError(f"{where}: the template uses {', '.join(unknown)}, which example {example!r} does not "
+            raise PromptError(f"{where}: the template uses {', '.join(unknown)}, which {which} does not "
                               f"provide; its variables: {', '.join(sorted(variables))}")
         try:
             return self.template.render(variables).strip()
         except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as err:
             message = " ".join(str(err).split())
-            raise PromptError(f"{where}: the template fails on example {example!r} ({type(err).__name__}: {message})") from None
+            raise PromptError(f"{where}: the template fails on {which} ({type(err).__name__}: {message})") from None
 
 
 class PromptError(ValueError):
