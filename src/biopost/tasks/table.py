@@ -225,8 +225,10 @@ class TableTask(LabelTask):
     def _answer_text(self, value: Any, rid: str, where: str) -> str:
         kind = self.options.answer_kind
         if kind == "multilabel":
-            items = [t for t in (str(v).strip() for v in value) if t] if isinstance(value, (list, tuple)) else split_labels(
-                str(value), self.options.separator)
+            if isinstance(value, (list, tuple)):
+                items = [text for text in (str(v).strip() for v in value) if text]
+            else:
+                items = split_labels(str(value), self.options.separator)
             if not items:  # no completion can say "nothing" (an empty Answer: line is no answer): refuse, don't score 0
                 raise ValueError(f"{where}: example {rid!r} has no labels in column {self.options.columns.answer!r} "
                                  "(columns.answer); give every row at least one label, e.g. 'none' for no label")
