@@ -132,7 +132,7 @@ def mlflow_scalars(run_dir: Path) -> tuple[object, dict[tuple[str, str, int], fl
 def same(got: dict, want: dict) -> None:
     assert got.keys() == want.keys(), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
     for key, value in want.items():  # TensorBoard keeps scalars as float32
-        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), key
 
 
 # ---------------------------------------------------------------- a tiny SFT run with every tracker
@@ -185,6 +185,29 @@ def test_trainer_reports_to_no_tracker_itself(tmp_path):
     ctx = SimpleNamespace(stage=SFTStage(), stage_dir=tmp_path, device="cpu",
                           config=SimpleNamespace(model=SimpleNamespace(dtype="float32")))
     assert training_arguments(ctx, total=4, every=2).report_to in ([], "none", ["none"])
+
+
+@needs["tensorboard"]
+def test_every_stage_kind_reaches_tensorboard(fast_config, tmp_path):
+    """CPT perplexity, SFT loss and lr, RL rewards, and the evaluations of each: one TensorBoard run per stage."""
+    raw = fast_config()
+    raw["report_to"] = ["tensorboard"]
+    raw["eval"].update(splits=["val"], max_examples=4, max_new_tokens=8)
+    raw["stages"] = [
+        {"kind": "cpt", "corpus": {"source": "go", "take": 60, "heldout": 20}, "seq_length": 32, "batch_size": 4,
+         "max_steps": 2, "eval_every_steps": 2, "eval_task": True},
+        {"kind": "sft", "max_steps": 2, "eval_every_steps": 2, "batch_size": 8},
+        {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "prompts_per_step": 2, "num_generations": 2,
+         "max_completion_length": 8},
+    ]
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    rows = read_metrics(run_dir)
+    want = expected(rows, rows[0]["task"])
+    same(tensorboard_scalars(run_dir), want)
+    tags = {(stage, tag) for stage, tag, _ in want}
+    assert {("cpt", "heldout/perplexity"), ("cpt", "train/lr"), ("sft", "train/loss"), ("rl", "train/reward"),
+            ("rl", "train/reward_correctness"), ("rl", "val/accuracy_ci_low")} <= tags
+    assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == ["cpt", "rl", "sft"]
 
 
 # ---------------------------------------------------------------- resume, backlog, naming

@@ -14,8 +14,9 @@ knows about them and a tracker shows exactly what the run directory holds. A row
 
 W&B and MLflow cannot delete points: after a resume they keep an interrupted attempt's points past the
 resume step next to the new ones. Each tracker's run id is kept in ``trackers.json`` so a resumed run (or a
-baseline written into the run directory) continues the same tracker run. In a study a run is named by its
-run id and grouped by the study's name (W&B group, MLflow experiment).
+baseline written into the run directory) continues the same tracker run; a tracker whose store starts empty
+is first sent the rows metrics.jsonl already holds (a study run's copied prefix). In a study a run is named
+by its run id and grouped by the study's name (W&B group, MLflow experiment).
 """
 
 from __future__ import annotations
