@@ -27,7 +27,6 @@ class ConfigError(ValueError):
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
-TRACKERS: tuple[str, ...] = get_args(Tracker)
 TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")  # held-out splits (no numpy import for the CLI)
 
 

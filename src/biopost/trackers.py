@@ -32,15 +32,14 @@ from typing import Any, Iterable
 
 from biopost.config import ConfigError
 
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # tracker -> what it imports
 IDS_FILE = "trackers.json"
 STORES = ("tensorboard", "wandb", "mlruns", IDS_FILE)  # what trackers keep in a run directory
 
 
 def check_installed(names: Iterable[str]) -> None:
     """A requested tracker that is not installed is a config error, raised before any model loads."""
-    for name in names:
-        if importlib.util.find_spec(MODULES[name]) is None:
+    for name in names:  # each tracker's module and biopost extra share its name
+        if importlib.util.find_spec(name) is None:
             raise ConfigError(f"config error: 'report_to': {name} is not installed; pip install biopost[{name}]")
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from biopost.runlog import DONE
-from biopost.trackers import check_installed
 from biopost.study.plan import Plan, PlannedRun
+from biopost.trackers import check_installed
 
 EXECUTORS = ("local", "ray", "slurm")
 
