@@ -37,6 +37,7 @@ from biopost.data import Example
 from biopost.data.splits import fingerprint
 from biopost.evaluation import bootstrap_ci, subset
 from biopost.runlog import RunLog
+from biopost.trackers import check_installed, open_trackers
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 STAGE = "baseline"
@@ -204,9 +205,10 @@ def fit_and_select(X_train, y_train, X_val, y_val, grid=C_GRID):
 
 def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") -> list[dict]:
     """Fit, select on val, write ``stage: baseline`` rows; returns the rows written."""
-    from biopost.pipeline import load_task_and_splits
+    from biopost.pipeline import load_task_and_splits, tracker_identity
     from biopost.tasks.base import LabelTask
 
+    check_installed(config.report_to)
     started = time.time()
     task, splits = load_task_and_splits(config)
     if not isinstance(task, LabelTask):
@@ -218,23 +220,24 @@ def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") ->
 
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
-    log = RunLog(Path(output_dir), common)
-    log.drop_rows(STAGE)
-    cfg, rows = config.eval, []
-    for name in cfg.splits:
-        chosen = subset(splits[name], cfg.max_examples, cfg.seed)
-        if not chosen:
-            continue
-        predicted = model.predict(transform(chosen))
-        correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
-        lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
-        rows.append({**common, "stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name, "metric": "accuracy",
-                     "value": float(correct.mean()), "n": len(chosen), "ci_low": lo, "ci_high": hi,
-                     "fingerprint": fingerprint(chosen), "num_samples": 1, "features": features,
-                     "classifier": "logistic_regression", "C": C})
-        log.write_predictions(f"{STAGE}-{name}", [{"id": e.id, "answer": e.answer, "prediction": str(p)}
-                                                   for e, p in zip(chosen, predicted)])
-    log.write(rows)
+    trackers = open_trackers(config.report_to, Path(output_dir), tracker_identity(config, task.name))
+    with RunLog(Path(output_dir), common, trackers) as log:
+        log.drop_rows(STAGE)
+        cfg, rows = config.eval, []
+        for name in cfg.splits:
+            chosen = subset(splits[name], cfg.max_examples, cfg.seed)
+            if not chosen:
+                continue
+            predicted = model.predict(transform(chosen))
+            correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
+            lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
+            rows.append({**common, "stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name,
+                         "metric": "accuracy", "value": float(correct.mean()), "n": len(chosen), "ci_low": lo,
+                         "ci_high": hi, "fingerprint": fingerprint(chosen), "num_samples": 1, "features": features,
+                         "classifier": "logistic_regression", "C": C})
+            log.write_predictions(f"{STAGE}-{name}", [{"id": e.id, "answer": e.answer, "prediction": str(p)}
+                                                       for e, p in zip(chosen, predicted)])
+        log.write(rows)
     (Path(output_dir) / "baseline.json").write_text(json.dumps({
         "task": task.name, "features": features, "classifier": "logistic_regression (MaxAbsScaler, lbfgs)",
         "C_grid": list(C_GRID), "val_accuracy_by_C": {str(c): s for c, s in val_scores.items()}, "C": C,

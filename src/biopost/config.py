@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TEST_SPLITS = ("val", "id_test", "ood_val", "ood_test")  # held-out splits (no numpy import for the CLI)
 
 
@@ -447,6 +448,18 @@ class RunConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[Stage] = Field(..., min_length=1)
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers that receive every metrics.jsonl row as it is "
+        "written (tensorboard, wandb, mlflow; stores inside the run directory); not part of the run's identity"
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, report_to: list[str]) -> list[str]:
+        repeated = sorted({t for t in report_to if report_to.count(t) > 1})
+        if repeated:
+            raise ValueError(f"each tracker is named once, repeated: {repeated}")
+        return report_to
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "RunConfig":
@@ -463,8 +476,9 @@ class RunConfig(Strict):
         return stage.name or stage.kind
 
     def run_id(self) -> str:
-        """Hash of the resolved config: the run's identity."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the resolved config: the run's identity. Trackers change no result, so turning one on
+        neither makes a finished run new nor splits a study's shared prefixes."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

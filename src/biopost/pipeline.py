@@ -26,6 +26,7 @@ from biopost.models.policy import load_policy
 from biopost.registry import get_task, plugin_errors
 from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
+from biopost.trackers import Identity, check_installed, open_trackers
 
 
 def stage_runners():
@@ -74,11 +75,14 @@ def task_state(config: RunConfig, task, splits) -> dict:
             "labels": getattr(task, "labels", None), "markers": getattr(task, "markers", None)}
 
 
-def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None = None) -> Path:
+def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None = None,
+        group: str | None = None) -> Path:
     """Run (or resume) ``config`` in ``run_dir``. ``snapshots``: stage index -> steps at which to keep a
-    resumable state for runs that share this one's prefix (see biopost.study.plan); it changes no result."""
+    resumable state for runs that share this one's prefix (see biopost.study.plan); it changes no result.
+    ``group``: the study this run belongs to, for experiment trackers (the run is then named by its id)."""
     run_dir = Path(run_dir)
     check_run_dir(config, run_dir)
+    check_installed(config.report_to)
     device = resolve_device(config.model.device)
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
@@ -97,38 +101,47 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     }, indent=2))
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
-    log = RunLog(run_dir, common)
-    state = task_state(config, task, splits)
-    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
-    if config.model.think_tokens == "add":
-        base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
-    if config.model.encoders:
-        check_encoder_inputs(config, splits)
-        base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
+    trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group))
+    with RunLog(run_dir, common, trackers) as log:
+        state = task_state(config, task, splits)
+        base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train),
+                                config.seed)
+        if config.model.think_tokens == "add":
+            base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
+        if config.model.encoders:
+            check_encoder_inputs(config, splits)
+            base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
 
-    finals: dict[str, Path] = {}
-    inits: dict[str, Path] = {}
-    previous = base
-    for index, stage in enumerate(config.stages):
-        name = config.stage_name(index)
-        stage_dir = run_dir / "stages" / f"{index}-{name}"
-        resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits), name=name)
-        init = inits[name] = resolve(stage.init)
-        if (stage_dir / DONE).is_file():
-            print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
-        else:
-            print(f"stage {name} ({stage.kind}) from {init}")
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
-                               resolve=resolve, forgetting=forgetting,
-                               snapshot_steps=tuple((snapshots or {}).get(index, ())))
-            set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
-            stage_runners()[stage.kind](ctx)
-            (stage_dir / DONE).write_text("")
-        finals[name] = stage_dir / "final"
-        previous = finals[name]
-    (run_dir / DONE).write_text("")
+        finals: dict[str, Path] = {}
+        inits: dict[str, Path] = {}
+        previous = base
+        for index, stage in enumerate(config.stages):
+            name = config.stage_name(index)
+            stage_dir = run_dir / "stages" / f"{index}-{name}"
+            resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits),
+                              name=name)
+            init = inits[name] = resolve(stage.init)
+            if (stage_dir / DONE).is_file():
+                print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
+            else:
+                print(f"stage {name} ({stage.kind}) from {init}")
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state),
+                                   device=device, resolve=resolve, forgetting=forgetting,
+                                   snapshot_steps=tuple((snapshots or {}).get(index, ())))
+                set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
+                stage_runners()[stage.kind](ctx)
+                (stage_dir / DONE).write_text("")
+            finals[name] = stage_dir / "final"
+            previous = finals[name]
+        (run_dir / DONE).write_text("")
     return run_dir
+
+
+def tracker_identity(config: RunConfig, task: str, group: str | None = None) -> Identity:
+    """A lone run is named by its config's name; a study's run by its id, grouped under the study."""
+    return Identity(name=config.run_id() if group else config.name, run_id=config.run_id(), task=task, group=group,
+                    config=config.model_dump(mode="json", exclude={"report_to"}))
 
 
 def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path], inits: dict[str, Path],

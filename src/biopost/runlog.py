@@ -1,27 +1,45 @@
 """The run directory's data files: ``metrics.jsonl`` (one JSON object per line) and ``predictions/``.
 
-Every number a report compares is written here as data, never scraped from logs.
+Every number a report compares is written here as data, never scraped from logs. Experiment trackers
+(``report_to``) get each row as it is written here, the one place every stage writes through.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from biopost.trackers import Tracker
 
 DONE = "DONE"  # written in a run (or stage) directory once it has finished
 
 class RunLog:
-    def __init__(self, run_dir: Path, common: dict[str, Any] | None = None):
+    """Appends rows to ``metrics.jsonl`` (each with the ``common`` fields) and sends them to ``trackers``.
+
+    Use it as a context manager when it has trackers: leaving closes them (marked failed on an exception).
+    """
+
+    def __init__(self, run_dir: Path, common: dict[str, Any] | None = None, trackers: list[Tracker] = ()):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.common = dict(common or {})
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.trackers = list(trackers)
+        backlog = [t for t in self.trackers if t.fresh]
+        if backlog:  # rows from before the tracker existed: a prefix copied from a donor run, an earlier attempt
+            rows = read_metrics(self.run_dir)
+            for tracker in backlog:
+                tracker.write(rows)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
+        rows = [{**self.common, **row} for row in rows]
         with self.metrics_path.open("a") as fh:
             for row in rows:
-                fh.write(json.dumps({**self.common, **row}) + "\n")
+                fh.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.write(rows)
 
     def drop_rows(self, stage: str, after_step: int = -1) -> list[dict[str, Any]]:
         """Forget a stage's rows past ``after_step`` (an interrupted attempt is redone from there)."""
@@ -30,7 +48,21 @@ class RunLog:
         with self.metrics_path.open("w") as fh:
             for row in kept:
                 fh.write(json.dumps(row) + "\n")
+        if len(kept) < len(rows):
+            for tracker in self.trackers:
+                tracker.purge(stage, after_step)
         return [r for r in kept if r.get("stage") == stage]
+
+    def close(self, failed: bool = False) -> None:
+        for tracker in self.trackers:
+            tracker.close(failed)
+        self.trackers = []
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.close(failed=kind is not None)
 
     def write_predictions(self, name: str, records: list[dict[str, Any]]) -> Path:
         path = self.run_dir / "predictions" / f"{name}.jsonl"

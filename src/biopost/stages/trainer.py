@@ -104,7 +104,7 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         save_strategy="steps",
         save_steps=stage.save_every_steps or every,
         save_total_limit=1,
-        report_to="none",
+        report_to="none",  # rows reach trackers through RunLog alone (report_to in the run config), never twice
         seed=stage.seed,
         data_seed=stage.seed,
         remove_unused_columns=False,
@@ -117,7 +117,7 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
 
 
 class EvalCallback(TrainerCallback):
-    """Evaluate at step 0, every ``every`` steps and at the end; log training loss as data."""
+    """Evaluate at step 0, every ``every`` steps and at the end; log training loss and learning rate as data."""
 
     def __init__(self, ctx: StageContext, evaluate, every: int, total: int, per_epoch: int):
         self.ctx, self.evaluate, self.every, self.total, self.per_epoch = ctx, evaluate, every, total, per_epoch
@@ -135,9 +135,11 @@ class EvalCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.ctx.log.write([{"stage": self.ctx.name, "stage_index": self.ctx.index, "step": state.global_step,
-                                 "epoch": round(state.global_step / self.per_epoch, 4), "split": "train",
-                                 "metric": "loss", "value": float(logs["loss"]), "n": None}])
+            where = {"stage": self.ctx.name, "stage_index": self.ctx.index, "step": state.global_step,
+                     "epoch": round(state.global_step / self.per_epoch, 4), "split": "train", "n": None}
+            named = {"loss": "loss", "learning_rate": "lr"}  # RL's train rows name the learning rate lr too
+            self.ctx.log.write([{**where, "metric": ours, "value": float(logs[theirs])}
+                                for theirs, ours in named.items() if theirs in logs])
 
 
 class ProjectorCallback(TrainerCallback):

@@ -5,7 +5,8 @@ from the donor's directory: the complete earlier stages, then, for a stage share
 evaluation checkpoints, predictions and metrics rows up to ``b`` (only at the steps this run evaluates
 at), its ``selection.json`` recomputed from those val rows alone, and the donor's resumable snapshot at
 ``b``. The pipeline's ordinary resume then trains the rest. ``branched_from.json`` is written last: a
-directory without it is an interrupted copy and is made again.
+directory without it is an interrupted copy and is made again. Experiment trackers are not copied: the
+run's own tracker runs start with the copied rows (see biopost.runlog).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from biopost.models.policy import CHECKPOINT_FILE
 from biopost.runlog import read_metrics
 from biopost.stages.context import val_history, write_selection
 from biopost.study.plan import PlannedRun
+from biopost.trackers import STORES as TRACKER_STORES
 
 MARKER = "branched_from.json"
 RUN_FILES = {"stages", "predictions", "metrics.jsonl", "DONE", "config.yaml", "env.json", MARKER}
@@ -40,8 +42,8 @@ def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    for entry in donor_dir.iterdir():  # the backbone built for the run, split sizes...
-        if entry.name not in RUN_FILES:
+    for entry in donor_dir.iterdir():  # the backbone built for the run, split sizes... (not its tracker runs)
+        if entry.name not in RUN_FILES and entry.name not in TRACKER_STORES:
             copy(entry, run_dir / entry.name)
     for index in range(k):
         shutil.copytree(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), ignore=NOT_COPIED)

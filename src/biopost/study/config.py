@@ -9,6 +9,7 @@ pipelines:                          # arms: which base stages run, in order, wit
   sft-rl: [sft, rl]
   rl-cold: {stages: [rl], set: {stages.rl.init: base}}
 pipeline: [sft-rl]                  # arms of every block that names none (default: every arm)
+report_to: [tensorboard]            # trackers of every run (default: the base's); grouped by the study's name
 zip: [{seed: [0, 1], stages.*.seed: [0, 1]}]   # crossed into every block: two seeds, run and stages alike
 blocks:                             # sub-grids, united; a run in several blocks is one run
   sft-length: {pipeline: [sft], grid: {stages.sft.max_steps: [40, 80, 160]}}
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, describe_error, read_yaml
+from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, Tracker, describe_error, read_yaml
 
 LENGTH_FIELDS = ("epochs", "max_steps")
 
@@ -78,6 +79,10 @@ class StudyConfig(Strict):
     train_examples: dict[str, int] = Field(
         default_factory=dict, description="training-split size by task name, to count epochs as steps in "
         "`study plan --dry-run` (no data loaded); a real plan counts the loaded split"
+    )
+    report_to: list[Tracker] | None = Field(
+        None, description="experiment trackers of every run (default: the base's report_to); each run is named by "
+        "its id and grouped under the study's name"
     )
 
     @field_validator("pipelines", mode="before")
@@ -166,6 +171,11 @@ def describe_study_error(err: ValidationError) -> str:
 
 def check_names(study: Study) -> None:
     arms = arms_of(study)
+    varied = study.axis_fields() + [key for arm in arms.values() for key in arm.set]
+    trackers = [key for key in varied if key.split(".")[0] == "report_to"]
+    if trackers:
+        raise ConfigError(f"{trackers[0]}: trackers are not an axis (they change no result and no run id); "
+                          "set report_to in the study or its base")
     for block_name, block in study.config.blocks.items():
         for arm in block.pipeline or study.config.pipeline or []:
             if arm not in arms:
@@ -217,6 +227,8 @@ def make_cell(study: Study, block: str, arm_name: str, arm: Arm, values: dict, b
               share: list[float] | None, where: str, applied: dict[str, bool]) -> Cell:
     raw = copy.deepcopy(study.base)
     raw["name"] = study.name
+    if study.config.report_to is not None:
+        raw["report_to"] = study.config.report_to
     raw["stages"] = select_stages(study.base["stages"], arm, arm_name)
     for key, value in arm.set.items():
         if not set_field(raw, key, value, f"pipeline {arm_name}, set {key}"):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from biopost.runlog import DONE
 from biopost.study.plan import Plan, PlannedRun
+from biopost.trackers import check_installed
 
 EXECUTORS = ("local", "ray", "slurm")
 
@@ -44,11 +45,12 @@ def is_done(study_dir: Path, run_id: str) -> bool:
     return (run_dir_of(study_dir, run_id) / DONE).is_file()
 
 
-def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after) -> str:
+def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after, study: str | None = None) -> str:
     """Run one planned run, first copying the prefix it shares with its donor; safe to call again.
 
     ``threads``: torch threads (small models on a busy machine run several times faster on one).
     ``after``: the donors' results (Ray passes them so a branch waits for its donor).
+    ``study``: the study's name, the group of the run in experiment trackers.
     """
     import torch
 
@@ -77,7 +79,7 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after)
                 (run_dir / MARKER).write_text(json.dumps({"donor": None, "reason": "donor kept no snapshot"}))
             else:
                 print(f"run {run.id}: copied {run.branch} from {run.donor}")
-        run_pipeline(run.config, run_dir, snapshots=run.snapshots)
+        run_pipeline(run.config, run_dir, snapshots=run.snapshots, group=study)
     return run.id
 
 
@@ -90,11 +92,12 @@ def execute(plan: Plan, study_dir: Path, executor: str = "local", resources: Res
     if not todo:
         print(f"all {len(plan.runs)} runs of study {plan.study} have finished; nothing to do")
         return []
+    check_installed(sorted({name for r in todo for name in r.config.report_to}))  # once, before any run starts
     print(f"study {plan.study}: {len(todo)} of {len(plan.runs)} runs to do ({executor}); logs in {study_dir / 'logs'}")
     progress = Progress(plan, todo)
     runner = {"local": run_local, "ray": run_ray, "slurm": run_slurm}[executor]
     try:
-        failed = runner(study_dir, todo, resources or Resources(), progress)
+        failed = runner(study_dir, plan.study, todo, resources or Resources(), progress)
     finally:
         progress.close()
     for run_id, reason in failed.items():
@@ -125,7 +128,8 @@ def blocked(run: PlannedRun, failed: dict[str, str]) -> str | None:
 
 
 # ---------------------------------------------------------------- local
-def run_local(study_dir: Path, todo: list[PlannedRun], resources: Resources, progress: Progress) -> dict[str, str]:
+def run_local(study_dir: Path, study: str, todo: list[PlannedRun], resources: Resources,
+              progress: Progress) -> dict[str, str]:
     failed: dict[str, str] = {}
     for run in todo:  # plan order: every donor comes before its branches
         reason = blocked(run, failed)
@@ -133,7 +137,7 @@ def run_local(study_dir: Path, todo: list[PlannedRun], resources: Resources, pro
             failed[run.id] = reason
             continue
         try:
-            execute_run(str(study_dir), run.to_json(), resources.cpus)
+            execute_run(str(study_dir), run.to_json(), resources.cpus, study=study)
         except Exception as err:  # one failed run must not stop the others; it is reported at the end
             failed[run.id] = f"{err.__class__.__name__}: {err}"
             with (study_dir / "logs" / f"{run.id}.log").open("a") as out:
@@ -144,7 +148,8 @@ def run_local(study_dir: Path, todo: list[PlannedRun], resources: Resources, pro
 
 
 # ---------------------------------------------------------------- ray
-def run_ray(study_dir: Path, todo: list[PlannedRun], resources: Resources, progress: Progress) -> dict[str, str]:
+def run_ray(study_dir: Path, study: str, todo: list[PlannedRun], resources: Resources,
+            progress: Progress) -> dict[str, str]:
     """Each run a Ray task with its CPUs/GPUs; a branch's task takes its donor's result, so Ray orders them."""
     import ray
 
@@ -157,7 +162,7 @@ def run_ray(study_dir: Path, todo: list[PlannedRun], resources: Resources, progr
         refs: dict[str, object] = {}
         for run in todo:
             after = [refs[run.donor]] if run.donor in refs else []
-            refs[run.id] = task.remote(str(study_dir), run.to_json(), cpus, *after)
+            refs[run.id] = task.remote(str(study_dir), run.to_json(), cpus, *after, study=study)
         ids = {ref: run_id for run_id, ref in refs.items()}
         failed: dict[str, str] = {}
         pending = list(refs.values())
@@ -176,7 +181,8 @@ def run_ray(study_dir: Path, todo: list[PlannedRun], resources: Resources, progr
 
 
 # ---------------------------------------------------------------- slurm
-def run_slurm(study_dir: Path, todo: list[PlannedRun], resources: Resources, progress: Progress) -> dict[str, str]:
+def run_slurm(study_dir: Path, study: str, todo: list[PlannedRun], resources: Resources,
+              progress: Progress) -> dict[str, str]:
     """One job per run through submitit, a job array per wave (runs whose donors are all done)."""
     import submitit
 
@@ -198,7 +204,7 @@ def run_slurm(study_dir: Path, todo: list[PlannedRun], resources: Resources, pro
             else:
                 runs.append(run)
         with executor.batch():
-            jobs = [executor.submit(execute_run, str(study_dir), run.to_json(), cpus) for run in runs]
+            jobs = [executor.submit(execute_run, str(study_dir), run.to_json(), cpus, study=study) for run in runs]
         waiting = dict(zip(jobs, runs))
         while waiting:
             for job in [j for j in waiting if j.done()]:

@@ -1,0 +1,268 @@
+"""Experiment trackers (TensorBoard, Weights & Biases, MLflow) fed with the rows of ``metrics.jsonl``.
+
+:class:`biopost.runlog.RunLog` hands every row it writes to the trackers named in ``report_to``, so no stage
+knows about them and a tracker shows exactly what the run directory holds. A row becomes scalars named
+``<split>/<metric>`` (``<task>/<split>/<metric>`` for another task's forgetting rows) plus ``..._ci_low`` and
+``..._ci_high`` where the row has an interval, at the row's ``step``, grouped by stage:
+
+- TensorBoard: one event directory per stage, ``tensorboard/<stage>/``, so stages are TensorBoard runs; a
+  resumed stage purges the points an interrupted attempt logged past its resume step, as metrics.jsonl does.
+- W&B: keys ``<stage>/<split>/<metric>`` plotted against ``<stage>/step`` (each stage counts its own steps,
+  and W&B's own step must only grow); files in ``wandb/``; ``WANDB_MODE=offline`` works without a network.
+- MLflow: keys ``<stage>/<split>/<metric>`` (characters MLflow refuses, such as ``@``, become ``_``); a file
+  store in ``mlruns/`` unless ``MLFLOW_TRACKING_URI`` names another.
+
+W&B and MLflow cannot delete points: after a resume they keep an interrupted attempt's points past the
+resume step next to the new ones. Each tracker's run id is kept in ``trackers.json`` so a resumed run (or a
+baseline written into the run directory) continues the same tracker run; a tracker whose store starts empty
+is first sent the rows metrics.jsonl already holds (a study run's copied prefix). In a study a run is named
+by its run id and grouped by the study's name (W&B group, MLflow experiment).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from biopost.config import ConfigError
+
+IDS_FILE = "trackers.json"
+STORES = ("tensorboard", "wandb", "mlruns", IDS_FILE)  # what trackers keep in a run directory
+
+
+def check_installed(names: Iterable[str]) -> None:
+    """A requested tracker that is not installed is a config error, raised before any model loads."""
+    for name in names:  # each tracker's module and biopost extra share its name
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"config error: 'report_to': {name} is not installed; pip install biopost[{name}]")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a run appears in a tracker: a name, a group (its study), and what it is."""
+
+    name: str
+    run_id: str
+    task: str
+    group: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def scalars(row: dict[str, Any], task: str) -> dict[str, float]:
+    """The scalars of one metrics row, by tag; a row without a numeric value has none.
+
+    >>> scalars({"task": "t", "split": "val", "metric": "accuracy", "value": 0.5, "ci_low": 0.2, "ci_high": 0.8}, "t")
+    {'val/accuracy': 0.5, 'val/accuracy_ci_low': 0.2, 'val/accuracy_ci_high': 0.8}
+    >>> scalars({"task": "other", "split": "id_test", "metric": "accuracy", "value": 1, "ci_low": None}, "t")
+    {'other/id_test/accuracy': 1.0}
+    >>> scalars({"split": "train", "metric": "loss", "value": None}, "t")
+    {}
+    """
+    value = row.get("value")
+    if not is_number(value):
+        return {}
+    other = row.get("task")
+    tag = f"{row['split']}/{row['metric']}"
+    tag = f"{other}/{tag}" if other and other != task else tag
+    out = {tag: float(value)}
+    for bound in ("ci_low", "ci_high"):
+        if is_number(row.get(bound)):
+            out[f"{tag}_{bound}"] = float(row[bound])  # beside the tag: MLflow's file store refuses a/b and a/b/c
+    return out
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def by_point(rows: list[dict[str, Any]], task: str) -> list[tuple[str, int, dict[str, float]]]:
+    """Rows gathered into (stage, step, scalars), in the order they were written."""
+    points: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        values = scalars(row, task)
+        if values:
+            points.setdefault((str(row.get("stage", "run")), int(row.get("step") or 0)), {}).update(values)
+    return [(stage, step, values) for (stage, step), values in points.items()]
+
+
+def open_trackers(names: Iterable[str], run_dir: Path, identity: Identity) -> list["Tracker"]:
+    kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+    names = list(names)
+    check_installed(names)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return [kinds[name](Path(run_dir), identity) for name in names]
+
+
+class Tracker:
+    """Receives metrics rows as the run writes them (see :class:`biopost.runlog.RunLog`). ``fresh``: its
+    store started empty, so it is also sent the rows the run directory held before."""
+
+    fresh = True
+
+    def __init__(self, run_dir: Path, identity: Identity):
+        self.run_dir, self.identity = run_dir, identity
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def purge(self, stage: str, after_step: int) -> None:
+        """Rows of ``stage`` past ``after_step`` were dropped from metrics.jsonl (a resumed stage)."""
+
+    def close(self, failed: bool = False) -> None:
+        raise NotImplementedError
+
+    def saved_id(self, key: str) -> str | None:
+        path = self.run_dir / IDS_FILE
+        return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+    def save_id(self, key: str, value: str) -> None:
+        path = self.run_dir / IDS_FILE
+        ids = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**ids, key: value}, indent=2))
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in ``tensorboard/<stage>/`` (torch's SummaryWriter, read by TensorBoard)."""
+
+    def __init__(self, run_dir: Path, identity: Identity):
+        super().__init__(run_dir, identity)
+        self.writers: dict[str, Any] = {}
+        self.fresh = not (run_dir / "tensorboard").is_dir()
+
+    def writer(self, stage: str, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        if stage not in self.writers or purge_step is not None:
+            if stage in self.writers:
+                self.writers[stage].close()
+            self.writers[stage] = SummaryWriter(str(self.run_dir / "tensorboard" / stage), purge_step=purge_step)
+        return self.writers[stage]
+
+    def write(self, rows):
+        for stage, step, values in by_point(rows, self.identity.task):
+            writer = self.writer(stage)
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, step)
+        for writer in self.writers.values():
+            writer.flush()  # the event files stay as current as metrics.jsonl, even if the process dies
+
+    def purge(self, stage, after_step):
+        self.writer(stage, purge_step=after_step + 1)  # TensorBoard drops this stage's points from there on
+
+    def close(self, failed=False):
+        for writer in self.writers.values():
+            writer.close()
+        self.writers = {}
+
+
+class WandbTracker(Tracker):
+    """A W&B run in ``wandb/``, resumed by its saved id; each stage plotted against its own step."""
+
+    def __init__(self, run_dir: Path, identity: Identity):
+        super().__init__(run_dir, identity)
+        import wandb
+
+        saved = self.saved_id("wandb")
+        self.fresh = saved is None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "biopost"), name=identity.name, group=identity.group,
+            id=saved, resume="allow", dir=str(run_dir), config={**identity.config, "run_id": identity.run_id},
+            tags=[identity.task], reinit="create_new",
+            settings=wandb.Settings(console="off"),  # the run's output already goes to its log; leave stdout be
+        )
+        self.save_id("wandb", self.run.id)
+        self.stages: set[str] = set()
+
+    def write(self, rows):
+        for stage, step, values in by_point(rows, self.identity.task):
+            if stage not in self.stages:
+                self.run.define_metric(f"{stage}/step", hidden=True)
+                self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+                self.stages.add(stage)
+            self.run.log({**{f"{stage}/{tag}": v for tag, v in values.items()}, f"{stage}/step": step})
+
+    def close(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class MlflowTracker(Tracker):
+    """An MLflow run (a file store in ``mlruns/`` unless MLFLOW_TRACKING_URI says otherwise)."""
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(self, run_dir: Path, identity: Identity):
+        super().__init__(run_dir, identity)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # MLflow keeps its file store in maintenance mode behind this switch; a database store would
+            # cost every run a schema migration (~20 s on a CPU) for a few hundred numbers
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        run_id = self.saved_id("mlflow")
+        if run_id:
+            try:
+                self.run_id = self.client.get_run(run_id).info.run_id
+                self.fresh = False
+                return
+            except MlflowException:  # the store was moved or cleared: start a new tracker run
+                pass
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or identity.group or identity.name
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        tags = {"biopost.run_id": identity.run_id, "biopost.task": identity.task}
+        if identity.group:
+            tags["biopost.study"] = identity.group
+        self.run_id = self.client.create_run(experiment_id, run_name=identity.name, tags=tags).info.run_id
+        params = [Param(k, v) for k, v in flatten(identity.config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.save_id("mlflow", self.run_id)
+
+    def write(self, rows):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(mlflow_key(f"{stage}/{tag}"), value, now, step)
+                   for stage, step, values in by_point(rows, self.identity.task) for tag, value in values.items()]
+        for start in range(0, len(metrics), self.BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + self.BATCH])
+
+    def close(self, failed=False):
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow allows letters, digits and ``_-. :/`` in names.
+
+    >>> mlflow_key("sft/val/accuracy_pass@4")
+    'sft/val/accuracy_pass_4'
+    """
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}`` (MLflow params are flat strings of at most 6000 characters).
+
+    >>> flatten({"model": {"lora": {"rank": 4}}, "stages": [{"kind": "sft"}], "name": "x"})
+    {'model.lora.rank': '4', 'stages.0.kind': 'sft', 'name': 'x'}
+    """
+    out: dict[str, str] = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list)) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[mlflow_key(name)] = json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000]
+    return out

@@ -1,0 +1,330 @@
+"""Experiment trackers (``report_to``) receive exactly the rows of metrics.jsonl, read back offline: TensorBoard
+event files, W&B offline run files, an MLflow file store. Resumes, study grouping and config errors too."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import biopost.trackers
+from biopost.cli import main
+from biopost.config import ConfigError, SFTStage, validate_config
+from biopost.pipeline import run
+from biopost.runlog import RunLog, read_metrics
+from biopost.stages.context import StageContext
+from biopost.stages.trainer import training_arguments
+from biopost.trackers import Identity, open_trackers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs = {name: pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} is not installed")
+         for name in ("tensorboard", "wandb", "mlflow")}
+INSTALLED = [name for name in ("tensorboard", "wandb", "mlflow") if importlib.util.find_spec(name)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """W&B in offline mode, MLflow on its file store in the run directory, neither phoning home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
+            patch.delenv(name, raising=False)
+        yield
+
+
+# ---------------------------------------------------------------- what the trackers should hold, and readers
+def expected(rows: list[dict], task: str) -> dict[tuple[str, str, int], float]:
+    """(stage, tag, step) -> value: ``<split>/<metric>`` (after the task if it is another task's row), and the
+    interval bounds beside it."""
+    out = {}
+    for r in rows:
+        if r["value"] is None:
+            continue
+        tag = f"{r['split']}/{r['metric']}" if r["task"] == task else f"{r['task']}/{r['split']}/{r['metric']}"
+        out[(r["stage"], tag, r["step"])] = r["value"]
+        for bound in ("ci_low", "ci_high"):
+            if r.get(bound) is not None:
+                out[(r["stage"], f"{tag}_{bound}", r["step"])] = r[bound]
+    return out
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[tuple[str, str, int], float]:
+    """Every scalar TensorBoard shows for the run; a (tag, step) seen twice fails (a resume must not duplicate)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    out = {}
+    for stage_dir in sorted((run_dir / "tensorboard").iterdir()):
+        events = EventAccumulator(str(stage_dir), size_guidance={SCALARS: 0}).Reload()
+        for tag in events.Tags()["scalars"]:
+            points = events.Scalars(tag)
+            steps = [p.step for p in points]
+            assert len(steps) == len(set(steps)), f"{stage_dir.name}/{tag}: a step logged twice: {steps}"
+            out.update({(stage_dir.name, tag, p.step): p.value for p in points})
+    return out
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of the run's offline W&B files (W&B's log format: 7-byte header, 32 KiB blocks of chunks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    records = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, chunk = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, size, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if kind == 0:
+                break
+            chunk, pos = chunk + data[pos + 7 : pos + 7 + size], pos + 7 + size
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                record = pb.Record()
+                record.ParseFromString(chunk)
+                records.append(record)
+                chunk = b""
+    return records
+
+
+def wandb_scalars(run_dir: Path) -> dict[tuple[str, str, int], float]:
+    out = {}
+    for record in wandb_records(run_dir):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        logged = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        keys = [k for k in logged if not k.startswith("_")]
+        stage = keys[0].split("/")[0]
+        assert all(k.startswith(f"{stage}/") for k in keys), keys  # one stage per call, no Trainer keys
+        step = logged.pop(f"{stage}/step")
+        out.update({(stage, k.split("/", 1)[1], step): v for k, v in logged.items() if k in keys and k != f"{stage}/step"})
+    return out
+
+
+def wandb_run(run_dir: Path):
+    return next(r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run")
+
+
+def mlflow_client(run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+
+
+def mlflow_scalars(run_dir: Path) -> tuple[object, dict[tuple[str, str, int], float]]:
+    client = mlflow_client(run_dir)
+    [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
+    [found] = client.search_runs([experiment.experiment_id])
+    out = {}
+    for key in found.data.metrics:
+        stage, tag = key.split("/", 1)
+        out.update({(stage, tag, m.step): m.value for m in client.get_metric_history(found.info.run_id, key)})
+    return SimpleNamespace(experiment=experiment, run=found), out
+
+
+def same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys(), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
+    for key, value in want.items():  # TensorBoard keeps scalars as float32
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), key
+
+
+# ---------------------------------------------------------------- a tiny SFT run with every tracker
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, fast_config):
+    raw = fast_config()
+    raw["report_to"] = INSTALLED
+    config = validate_config(raw)
+    run_dir = run(config, tmp_path_factory.mktemp("tracked") / "run")
+    rows = read_metrics(run_dir)
+    return SimpleNamespace(dir=run_dir, rows=rows, want=expected(rows, rows[0]["task"]), config=config)
+
+
+def test_the_rows_cover_training_and_evaluation(tracked):
+    metrics = {(r["split"], r["metric"]) for r in tracked.rows}
+    assert {("train", "loss"), ("train", "lr"), ("val", "accuracy"), ("ood_test", "accuracy")} <= metrics
+    assert any(r["ci_low"] is not None for r in tracked.rows if r["split"] == "val")
+    assert {step for stage, tag, step in tracked.want if tag == "val/accuracy"} == {0, 3, 6}
+
+
+@needs["tensorboard"]
+def test_tensorboard_event_files_hold_the_metrics_rows(tracked):
+    assert [p.name for p in (tracked.dir / "tensorboard").iterdir()] == ["sft"]
+    same(tensorboard_scalars(tracked.dir), tracked.want)
+
+
+@needs["wandb"]
+def test_wandb_offline_run_holds_the_metrics_rows(tracked):
+    same(wandb_scalars(tracked.dir), tracked.want)
+    record = wandb_run(tracked.dir)
+    ids = json.loads((tracked.dir / "trackers.json").read_text())
+    assert record.display_name == "fast" and record.run_group == "" and record.run_id == ids["wandb"]
+
+
+@needs["mlflow"]
+def test_mlflow_file_store_holds_the_metrics_rows_and_moves_with_the_run(tracked, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tracked.dir, moved)
+    found, values = mlflow_scalars(moved)
+    same(values, tracked.want)
+    assert found.experiment.name == "fast" and found.run.info.run_name == "fast"
+    assert found.run.info.status == "FINISHED" and found.run.data.params["model.lora.rank"] == "4"
+    assert found.run.data.tags["biopost.run_id"] == tracked.config.run_id()
+    if "tensorboard" in INSTALLED:
+        same(tensorboard_scalars(moved), tracked.want)
+
+
+def test_trainer_reports_to_no_tracker_itself(tmp_path):
+    """SFT and CPT train in transformers' Trainer: its own tracker callbacks stay off, so no row arrives twice."""
+    ctx = SimpleNamespace(stage=SFTStage(), stage_dir=tmp_path, device="cpu",
+                          config=SimpleNamespace(model=SimpleNamespace(dtype="float32")))
+    assert training_arguments(ctx, total=4, every=2).report_to in ([], "none", ["none"])
+
+
+@needs["tensorboard"]
+def test_every_stage_kind_reaches_tensorboard(fast_config, tmp_path):
+    """CPT perplexity, SFT loss and lr, RL rewards, and the evaluations of each: one TensorBoard run per stage."""
+    raw = fast_config()
+    raw["report_to"] = ["tensorboard"]
+    raw["eval"].update(splits=["val"], max_examples=4, max_new_tokens=8)
+    raw["stages"] = [
+        {"kind": "cpt", "corpus": {"source": "go", "take": 60, "heldout": 20}, "seq_length": 32, "batch_size": 4,
+         "max_steps": 2, "eval_every_steps": 2, "eval_task": True},
+        {"kind": "sft", "max_steps": 2, "eval_every_steps": 2, "batch_size": 8},
+        {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "prompts_per_step": 2, "num_generations": 2,
+         "max_completion_length": 8},
+    ]
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    rows = read_metrics(run_dir)
+    want = expected(rows, rows[0]["task"])
+    same(tensorboard_scalars(run_dir), want)
+    tags = {(stage, tag) for stage, tag, _ in want}
+    assert {("cpt", "heldout/perplexity"), ("cpt", "train/lr"), ("sft", "train/loss"), ("rl", "train/reward"),
+            ("rl", "train/reward_correctness"), ("rl", "val/accuracy_ci_low")} <= tags
+    assert sorted(p.name for p in (run_dir / "tensorboard").iterdir()) == ["cpt", "rl", "sft"]
+
+
+# ---------------------------------------------------------------- resume, backlog, naming
+class Interrupt(Exception):
+    pass
+
+
+@needs["tensorboard"]
+def test_a_resumed_stage_leaves_tensorboard_equal_to_metrics(fast_config, tmp_path, monkeypatch):
+    raw = fast_config()
+    raw["report_to"] = ["tensorboard"]
+    raw["eval"]["splits"] = ["val"]
+    raw["stages"][0].update(max_steps=4, eval_every_steps=2)
+    config = validate_config(raw)
+    original = StageContext.evaluate_and_save
+
+    def crash_at_step_4(self, policy, step, epoch, *args, **kwargs):
+        if step == 4:
+            raise Interrupt
+        return original(self, policy, step, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
+    with pytest.raises(Interrupt):
+        run(config, tmp_path / "run")
+    logged = tensorboard_scalars(tmp_path / "run")
+    assert ("sft", "train/loss", 3) in logged  # steps 3 and 4 were logged, then dropped by the resume from 2
+    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    run(config, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    same(tensorboard_scalars(tmp_path / "run"), expected(rows, rows[0]["task"]))  # each step once
+
+
+def test_rows_written_before_a_tracker_existed_reach_it_once(tmp_path):
+    """A study run whose prefix was copied from a donor, or trackers turned on for an interrupted run."""
+    names = INSTALLED
+    rows = [{"stage": "sft", "step": s, "split": "train", "metric": "loss", "value": 1 / (s + 1)} for s in range(3)]
+    RunLog(tmp_path, {"task": "t"}).write(rows)
+    identity = Identity(name="r", run_id="abc", task="t")
+    with RunLog(tmp_path, {"task": "t"}, open_trackers(names, tmp_path, identity)) as log:
+        log.write([{"stage": "sft", "step": 3, "split": "val", "metric": "accuracy_pass@2", "value": 0.5,
+                    "ci_low": 0.25, "ci_high": 0.75},
+                   {"stage": "sft", "step": 3, "split": "id_test", "metric": "accuracy", "value": 0.125, "task": "go"},
+                   {"stage": "sft", "step": 3, "split": "val", "metric": "note", "value": None}])
+    with RunLog(tmp_path, {"task": "t"}, open_trackers(names, tmp_path, identity)) as log:  # reopened: no replay
+        log.write([{"stage": "baseline", "step": 0, "split": "val", "metric": "accuracy", "value": 0.25}])
+    want = expected(read_metrics(tmp_path), "t")
+    assert ("sft", "go/id_test/accuracy", 3) in want and ("sft", "val/accuracy_pass@2_ci_high", 3) in want
+    if "tensorboard" in names:
+        same(tensorboard_scalars(tmp_path), want)
+    if "wandb" in names:
+        same(wandb_scalars(tmp_path), want)
+        runs = [r.run.run_id for r in wandb_records(tmp_path) if r.WhichOneof("record_type") == "run"]
+        assert len(runs) == 2 and set(runs) == {json.loads((tmp_path / "trackers.json").read_text())["wandb"]}
+    if "mlflow" in names:  # MLflow refuses "@" in names
+        values = mlflow_scalars(tmp_path)[1]
+        same(values, {(s, t.replace("@", "_"), n): v for (s, t, n), v in want.items()})
+
+
+# ---------------------------------------------------------------- config
+def test_report_to_is_typed_and_not_part_of_the_run_id():
+    raw = {"task": {"name": "cell_type/pbmc68k"}, "stages": [{"kind": "sft"}]}
+    plain = validate_config(raw)
+    assert plain.report_to == []
+    assert validate_config({**raw, "report_to": ["tensorboard", "mlflow"]}).run_id() == plain.run_id()
+    with pytest.raises(ConfigError, match=r"'report_to.0'.*'tensorboard', 'wandb' or 'mlflow'.*\"neptune\""):
+        validate_config({**raw, "report_to": ["neptune"]})
+    with pytest.raises(ConfigError, match="each tracker is named once"):
+        validate_config({**raw, "report_to": ["wandb", "wandb"]})
+
+
+def test_a_tracker_not_installed_is_a_one_line_error_before_anything_runs(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "run.yaml"
+    config.write_text("task: {name: cell_type/pbmc68k}\nstages: [{kind: sft}]\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(biopost.trackers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    code = main(["train", str(config), "--output-dir", str(tmp_path / "out"), "report_to=[wandb]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("biopost train: config error: 'report_to': wandb is not installed; "
+                                 "pip install biopost[wandb]")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- studies
+def test_study_runs_report_grouped_by_the_study(fast_config, tmp_path):
+    from biopost.study.config import study_from_dict
+    from biopost.study.execute import execute
+    from biopost.study.plan import prepare
+
+    base = fast_config()
+    base["eval"].update(splits=["val"], max_examples=4, max_new_tokens=8)
+    base["stages"] = [{"kind": "sft", "max_steps": 4, "eval_every_steps": 2, "batch_size": 8, "lr": 1e-2,
+                       "schedule": {"name": "constant", "warmup_steps": 0}}]
+    raw = {"name": "grouped", "base": base, "report_to": INSTALLED,
+           "grid": {"stages.sft.max_steps": [2, 4]}}  # the 2-step run copies its prefix from the 4-step one
+    plan = prepare(study_from_dict(raw), tmp_path)
+    assert [r.config.report_to for r in plan.runs] == [INSTALLED, INSTALLED]
+    assert any(r.donor for r in plan.runs)
+    assert execute(plan, tmp_path) == []
+    for planned in plan.runs:
+        run_dir = tmp_path / "runs" / planned.id
+        want = expected(read_metrics(run_dir), "cell_type/pbmc68k")
+        assert {step for _, tag, step in want if tag == "val/accuracy"} == {0, 2, planned.stages[0]["steps"]}
+        if "tensorboard" in INSTALLED:
+            same(tensorboard_scalars(run_dir), want)  # a branch's copied prefix included, nothing past it
+        if "wandb" in INSTALLED:
+            record = wandb_run(run_dir)
+            assert (record.display_name, record.run_group) == (planned.id, "grouped")
+            same(wandb_scalars(run_dir), want)
+        if "mlflow" in INSTALLED:
+            found, values = mlflow_scalars(run_dir)
+            assert (found.experiment.name, found.run.info.run_name) == ("grouped", planned.id)
+            same(values, want)
+    ids = [json.loads((tmp_path / "runs" / r.id / "trackers.json").read_text()) for r in plan.runs]
+    assert all(a != b for a, b in zip(*[i.values() for i in ids]))  # no tracker run shared with the donor
+
+    for axis in ({"grid": {"report_to": [["wandb"], []]}}, {"pipelines": {"a": {"stages": ["sft"],
+                                                                                 "set": {"report_to": []}}}}):
+        with pytest.raises(ConfigError, match="trackers are not an axis"):
+            study_from_dict({**raw, **axis})
