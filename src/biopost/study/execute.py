@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import shutil
 import time
 import traceback
@@ -64,6 +65,7 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after)
         return run.id
     log = study_dir / "logs" / f"{run.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    started, cpu = time.perf_counter(), cpu_seconds()
     with log.open("a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         if run.donor and not (run_dir / MARKER).is_file():
             donor_dir = run_dir_of(study_dir, run.donor)
@@ -78,7 +80,16 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after)
             else:
                 print(f"run {run.id}: copied {run.branch} from {run.donor}")
         run_pipeline(run.config, run_dir, snapshots=run.snapshots)
+    # what this attempt cost (a resumed run records its last attempt): the study's compute, whatever the executor
+    log.with_suffix(".cost.json").write_text(json.dumps(
+        {"wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(cpu_seconds() - cpu, 2)}))
     return run.id
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, all its threads (a Ray or SLURM worker runs one run at a time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def execute(plan: Plan, study_dir: Path, executor: str = "local", resources: Resources | None = None) -> list[str]:
