@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", type=Path, default=Path("studies/demo"), help="study directory (default studies/demo)")
     p.add_argument("--seeds", type=int, default=1, help="repeat the study over seeds 0..N-1 (the report shows the spread)")
     p.add_argument("--executor", choices=["local", "ray"], default=None,
-                   help="default: ray (two runs side by side) when installed and there are 2+ cores, else local")
+                   help="default: ray (one run per core, side by side) when installed and there are 2+ cores, else local")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of configs/studies/demo.yaml")
     p.set_defaults(func=cmd_demo)
 
