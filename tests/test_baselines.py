@@ -11,7 +11,7 @@ from genomics_data import coding_rows, write
 
 from biopost.baselines import C_GRID, FEATURIZERS, KmerFeatures, fit_and_select, register_featurizer, run_baseline
 from biopost.cli import main
-from biopost.config import load_config, validate_config
+from biopost.config import ConfigError, load_config, validate_config
 from biopost.data import Example
 from biopost.data.splits import fingerprint
 from biopost.evaluation import subset
@@ -128,3 +128,12 @@ def test_cli_baseline_and_its_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "unknown features ['nope']" in err and "kmer" in err
     assert main(["baseline", str(TEXT_DEMO), "--output-dir", str(tmp_path), "--features", "expression"]) == 2
     assert "need cell payloads" in capsys.readouterr().err
+
+
+def test_a_baseline_stage_comes_last_and_selects_on_val():
+    stages = {"task": {"name": "cell_type/pbmc68k"}}
+    with pytest.raises(ConfigError, match="put it last"):
+        validate_config({**stages, "stages": [{"kind": "baseline"}, {"kind": "sft"}]})
+    with pytest.raises(ConfigError, match="add val to eval.splits"):
+        validate_config({**stages, "eval": {"splits": ["id_test"]}, "stages": [{"kind": "baseline"}]})
+    assert validate_config({**stages, "stages": [{"kind": "sft"}, {"kind": "baseline"}]}).stages[1].features == "auto"

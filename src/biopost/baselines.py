@@ -203,44 +203,52 @@ def fit_and_select(X_train, y_train, X_val, y_val, grid=C_GRID):
     return models[best], best, scores
 
 
-def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") -> list[dict]:
-    """Fit, select on val, write ``stage: baseline`` rows; returns the rows written."""
-    from biopost.pipeline import load_task_and_splits, tracker_identity
+def fit_baseline(config: RunConfig, task, splits, features: str = "auto") -> tuple[list[dict], dict[str, list[dict]], dict]:
+    """Fit on train, select C on val, score the config's evaluation splits: (rows in the evaluator's format
+    without stage fields, per-example predictions by split, the record written to ``baseline.json``)."""
     from biopost.tasks.base import LabelTask
 
-    check_installed(config.report_to)
     started = time.time()
-    task, splits = load_task_and_splits(config)
     if not isinstance(task, LabelTask):
         raise ConfigError(f"baseline: task {task.name} is not a single-label task; a classifier baseline needs one label")
     featurizer, features = build_featurizer(features, config, task, list(splits.train))
     transform = lambda examples: featurizer.transform(list(examples))  # noqa: E731
     model, C, val_scores = fit_and_select(transform(splits.train), [e.answer for e in splits.train],
                                           transform(splits.val), [e.answer for e in splits.val])
+    cfg, rows, predictions = config.eval, [], {}
+    for name in cfg.splits:
+        chosen = subset(splits[name], cfg.max_examples, cfg.seed)
+        if not chosen:
+            continue
+        predicted = model.predict(transform(chosen))
+        correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
+        lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
+        rows.append({"step": 0, "epoch": None, "split": name, "metric": "accuracy", "value": float(correct.mean()),
+                     "n": len(chosen), "ci_low": lo, "ci_high": hi, "fingerprint": fingerprint(chosen),
+                     "num_samples": 1, "features": features, "classifier": "logistic_regression", "C": C})
+        predictions[name] = [{"id": e.id, "answer": e.answer, "prediction": str(p)} for e, p in zip(chosen, predicted)]
+    info = {"task": task.name, "features": features, "classifier": "logistic_regression (MaxAbsScaler, lbfgs)",
+            "C_grid": list(C_GRID), "val_accuracy_by_C": {str(c): s for c, s in val_scores.items()}, "C": C,
+            "sizes": splits.sizes(), "seconds": round(time.time() - started, 2)}
+    return rows, predictions, info
 
+
+def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") -> list[dict]:
+    """``biopost baseline``: load the task, fit, write ``stage: baseline`` rows into ``output_dir`` (replacing
+    earlier ones); returns the rows written. In a pipeline the ``baseline`` stage does the same."""
+    from biopost.pipeline import load_task_and_splits, tracker_identity
+
+    check_installed(config.report_to)
+    task, splits = load_task_and_splits(config)
+    rows, predictions, info = fit_baseline(config, task, splits, features)
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
     trackers = open_trackers(config.report_to, Path(output_dir), tracker_identity(config, task.name))
     with RunLog(Path(output_dir), common, trackers) as log:
         log.drop_rows(STAGE)
-        cfg, rows = config.eval, []
-        for name in cfg.splits:
-            chosen = subset(splits[name], cfg.max_examples, cfg.seed)
-            if not chosen:
-                continue
-            predicted = model.predict(transform(chosen))
-            correct = np.array([p == e.answer for p, e in zip(predicted, chosen)], dtype=float)
-            lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.seed)
-            rows.append({**common, "stage": STAGE, "stage_index": -1, "step": 0, "epoch": None, "split": name,
-                         "metric": "accuracy", "value": float(correct.mean()), "n": len(chosen), "ci_low": lo,
-                         "ci_high": hi, "fingerprint": fingerprint(chosen), "num_samples": 1, "features": features,
-                         "classifier": "logistic_regression", "C": C})
-            log.write_predictions(f"{STAGE}-{name}", [{"id": e.id, "answer": e.answer, "prediction": str(p)}
-                                                       for e, p in zip(chosen, predicted)])
+        rows = [{**common, "stage": STAGE, "stage_index": -1, **row} for row in rows]
         log.write(rows)
-    (Path(output_dir) / "baseline.json").write_text(json.dumps({
-        "task": task.name, "features": features, "classifier": "logistic_regression (MaxAbsScaler, lbfgs)",
-        "C_grid": list(C_GRID), "val_accuracy_by_C": {str(c): s for c, s in val_scores.items()}, "C": C,
-        "sizes": splits.sizes(), "seconds": round(time.time() - started, 2),
-    }, indent=2))
+        for name, records in predictions.items():
+            log.write_predictions(f"{STAGE}-{name}", records)
+    (Path(output_dir) / "baseline.json").write_text(json.dumps(info, indent=2))
     return rows

@@ -438,7 +438,19 @@ class EvalStage(Strict):
     seed: int = 0
 
 
-Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage, EvalStage], Field(discriminator="kind")]
+class BaselineStage(Strict):
+    """No model: a classical classifier on task features (biopost.baselines), fitted on train, chosen on val,
+    scored on the eval splits; its rows are the reference line of a study. Passes no model on, so it comes last."""
+
+    kind: Literal["baseline"] = "baseline"
+    name: str | None = Field(None, description="defaults to 'baseline'; must be unique in the pipeline")
+    features: str = Field("auto", description="auto, kmer, expression, or registered featurizers joined by +")
+    init: ClassVar[str] = "previous"  # nothing is loaded; the pipeline's chaining still asks
+    seed: ClassVar[int] = 0  # nothing here is random (the classifier is deterministic)
+
+
+Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage, EvalStage, BaselineStage],
+                  Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -467,8 +479,10 @@ class RunConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique, repeated: {dupes}; set `name:` on the stages")
-        if "val" not in self.eval.splits and any(s.kind == "interpolate" for s in self.stages):
-            raise ValueError("an interpolate stage selects its point on val: add val to eval.splits")
+        if any(s.kind == "baseline" for s in self.stages[:-1]):
+            raise ValueError("a baseline stage passes no model on: put it last in the pipeline")
+        if "val" not in self.eval.splits and any(s.kind in ("interpolate", "baseline") for s in self.stages):
+            raise ValueError("interpolate and baseline stages select on val: add val to eval.splits")
         return self
 
     def stage_name(self, index: int) -> str:
@@ -695,7 +709,7 @@ def _model_of(annotation: Any) -> type[BaseModel]:
 
 STAGE_KINDS: dict[str, type[Strict]] = {"cpt": CPTStage, "sft": SFTStage, "rl": RLStage,
                                       "interpolate": InterpolateStage,
-                                      "eval": EvalStage}
+                                      "eval": EvalStage, "baseline": BaselineStage}
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

@@ -30,13 +30,15 @@ from biopost.trackers import Identity, check_installed, open_trackers
 
 
 def stage_runners():
+    from biopost.stages.baseline import run_baseline_stage
     from biopost.stages.cpt import run_cpt
     from biopost.stages.evaluate import run_eval
     from biopost.stages.interpolate import run_interpolate
     from biopost.stages.rl import run_rl
     from biopost.stages.sft import run_sft
 
-    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl, "interpolate": run_interpolate, "eval": run_eval}
+    return {"cpt": run_cpt, "sft": run_sft, "rl": run_rl, "interpolate": run_interpolate, "eval": run_eval,
+            "baseline": run_baseline_stage}
 
 
 def split_rule(config: RunConfig, task) -> SplitRule:

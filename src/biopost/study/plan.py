@@ -184,7 +184,7 @@ class StepCounter:
 
         stage = config.stages[index]
         info = {"name": config.stage_name(index), "kind": stage.kind, "steps": 0, "eval_every": None}
-        if stage.kind in ("eval", "interpolate"):  # no optimizer steps
+        if stage.kind in ("eval", "interpolate", "baseline"):  # no optimizer steps
             return info
         if stage.kind == "cpt" and stage.max_steps is None:  # blocks of a packed corpus: known once tokenized
             info["steps"] = None
