@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from biopost.config import yaml12
-from biopost.runlog import read_metrics
+from biopost.study.results import run_table
 
 SPLIT_ORDER = ["val", "id_test", "ood_val", "ood_test", "heldout"]
 
 
 def evaluation_rows(run_dir: Path) -> pd.DataFrame:
-    """Evaluation rows with a ``column`` label: the split, or ``<task> <split>`` for another task's rows."""
-    frame = pd.DataFrame([r for r in read_metrics(run_dir) if r["split"] != "train"])
+    """The run's table (:func:`run_table`, as the report reads it) less training rows, with a ``column``
+    label: the split, or ``<task> <split>`` for another task's rows."""
+    table = run_table(run_dir)
+    frame = table[table["split"] != "train"].copy()
     if frame.empty:
         raise ValueError(f"{run_dir}: no evaluation rows in metrics.jsonl")
-    own = yaml12().load((Path(run_dir) / "config.yaml").read_text())["task"]["name"]
+    own = table.attrs["own_task"]
     frame["column"] = frame["split"].where(frame["task"] == own, frame["task"] + " " + frame["split"])
     return frame
 
