@@ -80,8 +80,8 @@ def interval_difference(a, b, split: str) -> Difference:
     lo, hi = b[f"{split}_lo"] - a[f"{split}_hi"], b[f"{split}_hi"] - a[f"{split}_lo"]
     if np.isnan(lo) or np.isnan(hi):
         lo = hi = float("nan")
-    return Difference(float(b[split] - a[split]), float(lo), float(hi), int(min(a[f"{split}_n"], b[f"{split}_n"])),
-                      "interval overlap")
+    n = min(a[f"{split}_n"], b[f"{split}_n"])
+    return Difference(float(b[split] - a[split]), float(lo), float(hi), 0 if pd.isna(n) else int(n), "interval overlap")
 
 
 def compare(run_dirs: dict[str, Path], a, b, split: str, metric: str) -> Difference:
