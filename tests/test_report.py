@@ -125,7 +125,7 @@ def test_what_sft_broke_and_rl_fixed(tmp_path):
     assert "3 of 8 OOD examples were right at SFT's OOD peak (sft@10) and wrong at rl@0; RL fixed 2 of them" in text
     shown = [b for b in section.blocks if b[0] == "examples"][0][1]
     assert [e["id"] for e in shown] == ["ex1", "ex2", "ex3"]
-    assert [w for w, _ in shown[0]["completions"]] == ["sft@10", "rl@0", "rl@5"]
+    assert [(w, m) for w, _, m in shown[0]["completions"]] == [("sft@10", "right"), ("rl@0", "wrong"), ("rl@5", "right")]
 
 
 def test_sections_without_a_varied_axis_are_left_out(tmp_path):

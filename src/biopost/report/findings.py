@@ -22,9 +22,11 @@ class Finding:
     text: str
     runs: list[str] = field(default_factory=list)
 
+    def body(self) -> str:
+        return self.text + (f" Runs: {', '.join(self.runs)}." if self.runs else "")
+
     def paragraph(self) -> str:
-        runs = f" Runs: {', '.join(self.runs)}." if self.runs else ""
-        return f"{self.verdict.capitalize()}. {self.text}{runs}"
+        return f"{self.verdict.capitalize()}. {self.body()}"
 
 
 def value(point, split: str) -> str:

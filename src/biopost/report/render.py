@@ -30,7 +30,8 @@ img{max-width:100%;height:auto;border:1px solid #eee}
 .finding{border-left:5px solid #ccc;padding:.4em .9em;margin:.8em 0;background:#fafafa}
 .verdict{font-weight:700;text-transform:uppercase;font-size:.85em;letter-spacing:.03em}
 pre{background:#f6f8fa;padding:.5em;white-space:pre-wrap;word-break:break-word;font-size:.8em;margin:.2em 0}
-details{margin:.5em 0}.meta{color:#57606a;font-size:.85em}
+details{margin:.5em 0}table.examples{display:table;width:100%;table-layout:fixed}
+table.examples td{white-space:normal;vertical-align:top}.right{color:#1a7f37}.wrong{color:#b42318}.meta{color:#57606a;font-size:.85em}
 </style></head><body>
 <h1>{{ title }}</h1>
 <p class="meta">Written {{ when }} by <code>biopost report</code> from the results table only.
@@ -41,7 +42,7 @@ Colours: <span class="id">ID (id_test)</span>, <span class="ood">OOD (ood_test)<
 <h3>Findings</h3>
 {% for f in t.findings %}
 <div class="finding" style="border-color:{{ colors[f.verdict] }}"><b>{{ f.title }}</b>:
-<span class="verdict" style="color:{{ colors[f.verdict] }}">{{ f.verdict }}</span><br>{{ f.paragraph() }}</div>
+<span class="verdict" style="color:{{ colors[f.verdict] }}">{{ f.verdict }}</span><br>{{ f.body() }}</div>
 {% endfor %}
 {% for s in t.sections %}
 <h3 id="{{ t.task }}-{{ s.key }}">{{ s.title }}</h3>
@@ -50,8 +51,10 @@ Colours: <span class="id">ID (id_test)</span>, <span class="ood">OOD (ood_test)<
 {% elif b[0] == "figure" %}<img alt="{{ b[3] }}" src="data:image/png;base64,{{ b[4] }}">
 {% elif b[0] == "table" %}{% if b[1]|length > 12 %}<details><summary>{{ b[1]|length }} rows</summary>{{ b[2]|safe }}</details>{% else %}{{ b[2]|safe }}{% endif %}
 {% elif b[0] == "examples" %}{% for e in b[1] %}
-<details open><summary>example <code>{{ e.id }}</code>, gold answer <b>{{ e.answer }}</b></summary>
-{% for where, text in e.completions %}<div>{{ where }}:</div><pre>{{ text }}</pre>{% endfor %}</details>
+<p>Example <code>{{ e.id }}</code>, gold answer <b>{{ e.answer }}</b>:</p>
+<table class="examples"><tr>{% for where, text, mark in e.completions %}<th>{{ where }}
+<span class="{{ mark }}">{{ mark }}</span></th>{% endfor %}</tr>
+<tr>{% for where, text, mark in e.completions %}<td><pre>{{ text }}</pre></td>{% endfor %}</tr></table>
 {% endfor %}{% endif %}
 {% endfor %}{% endfor %}{% endfor %}
 </body></html>
@@ -129,7 +132,7 @@ def write_markdown(path: Path, title: str, data: d.ReportData, reports: list[Tas
                 elif b[0] == "examples":
                     for e in b[1]:
                         lines += [f"Example `{e['id']}`, gold answer **{html.escape(str(e['answer']), quote=False)}**:", ""]
-                        for where, text in e["completions"]:
-                            lines += [f"{where}:", "", "```text", text.replace("```", "'''"), "```", ""]
+                        for where, text, mark in e["completions"]:
+                            lines += [f"{where} ({mark}):", "", "```text", text.replace("```", "'''"), "```", ""]
     path.write_text("\n".join(lines))
     return path

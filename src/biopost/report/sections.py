@@ -251,10 +251,12 @@ def broken_blocks(data, pts, info, metric, shown):
         lines.append(f"Run {run_id}: {len(result['broken'])} of {result['n']} OOD examples were right at SFT's OOD peak "
                      f"({peak['stage']}@{int(peak['step'])}) and wrong at {end['stage']}@{int(end['step'])}; {fixed}.")
         examples = []
-        for example_id in result["broken"][:shown]:
+        fixed_first = sorted(result["broken"], key=lambda i: i not in (result["fixed"] or []))
+        for example_id in fixed_first[:shown]:
             recs = result["records"]
             examples.append({"id": example_id, "answer": recs["peak"][example_id]["answer"],
-                             "completions": [(f"{p['stage']}@{int(p['step'])}", recs[name][example_id]["completions"][0])
+                             "completions": [(f"{p['stage']}@{int(p['step'])}", recs[name][example_id]["completions"][0],
+                                              "right" if recs[name][example_id]["mean"][metric] >= 0.5 else "wrong")
                                              for name, p in (("peak", peak), ("end", end), ("rl_end", rl_end))
                                              if p is not None and example_id in recs.get(name, {})]})
         if examples:
