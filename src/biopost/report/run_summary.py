@@ -39,10 +39,9 @@ def metric_table(run_dir: Path, metric: str = "accuracy") -> pd.DataFrame:
 
 def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None) -> Path:
     """ID and OOD ``metric`` along the whole pipeline (x = steps, stages laid end to end)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from biopost.report.figures import COLORS  # the report's ID / OOD colours (and the Agg backend)
 
     frame = evaluation_rows(run_dir)
     frame = frame[frame["metric"] == metric]
@@ -56,9 +55,9 @@ def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, rows in frame.groupby("column"):
         rows = rows.sort_values("x")
-        ax.plot(rows["x"], rows["value"], marker="o", label=split)
+        line, = ax.plot(rows["x"], rows["value"], marker="o", label=split, color={**COLORS, "val": "#777777"}.get(split))
         if rows["ci_low"].notna().any():
-            ax.fill_between(rows["x"], rows["ci_low"], rows["ci_high"], alpha=0.15)
+            ax.fill_between(rows["x"], rows["ci_low"], rows["ci_high"], alpha=0.15, color=line.get_color())
     for stage, start in offsets.items():
         ax.axvline(start, color="grey", lw=0.5)
         ax.text(start, 1.01, stage, transform=ax.get_xaxis_transform(), fontsize=8)
