@@ -79,8 +79,7 @@ def points(data: ReportData, task: str, metric: str) -> pd.DataFrame:
     own = t["run_id"].map(data.own_task) == task
     rows = t[own & (t["task"] == task) & (t["metric"] == metric) & t["split"].isin(SPLITS)]
     keys = ["run_id", "stage_index", "stage", "stage_kind", "step"]
-    wide = rows.pivot_table(index=keys, columns="split", values=["value", "ci_low", "ci_high", "n"],
-                            aggfunc="first", dropna=False)
+    wide = rows.pivot_table(index=keys, columns="split", values=["value", "ci_low", "ci_high", "n"], aggfunc="first")
     out = pd.DataFrame(index=wide.index)
     for split in SPLITS:
         for col, name in (("value", split), ("ci_low", f"{split}_lo"), ("ci_high", f"{split}_hi"), ("n", f"{split}_n")):

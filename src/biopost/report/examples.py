@@ -20,10 +20,16 @@ def predictions_path(run_dir: Path, stage: str, step: int, split: str) -> Path:
     return Path(run_dir) / "predictions" / f"{stage}-step{int(step):06d}-{split.replace('/', '_')}.jsonl"
 
 
-@lru_cache(maxsize=512)
 def read_records(path: Path) -> tuple[dict, ...]:
+    """A predictions file's records (none when the file is missing); read once per version of the file."""
     if not path.is_file():
         return ()
+    stat = path.stat()
+    return parse_records(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=512)
+def parse_records(path: Path, mtime_ns: int, size: int) -> tuple[dict, ...]:
     return tuple(json.loads(line) for line in path.read_text().splitlines() if line.strip())
 
 

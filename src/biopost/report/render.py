@@ -49,7 +49,7 @@ Colours: <span class="id">ID (id_test)</span>, <span class="ood">OOD (ood_test)<
 {% for b in s.blocks %}
 {% if b[0] == "text" %}<p>{{ b[1] }}</p>
 {% elif b[0] == "figure" %}<img alt="{{ b[3] }}" src="data:image/png;base64,{{ b[4] }}">
-{% elif b[0] == "table" %}{% if b[1]|length > 12 %}<details><summary>{{ b[1]|length }} rows</summary>{{ b[2]|safe }}</details>{% else %}{{ b[2]|safe }}{% endif %}
+{% elif b[0] == "table" %}{% if b[1]|length > 20 %}<details><summary>{{ b[1]|length }} rows</summary>{{ b[2]|safe }}</details>{% else %}{{ b[2]|safe }}{% endif %}
 {% elif b[0] == "examples" %}{% for e in b[1] %}
 <p>Example <code>{{ e.id }}</code>, gold answer <b>{{ e.answer }}</b>:</p>
 <table class="examples"><tr>{% for where, text, mark in e.completions %}<th>{{ where }}
