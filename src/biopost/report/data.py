@@ -37,7 +37,7 @@ class ReportData:
     def varied_axes(self) -> list[str]:
         """Axes with more than one value among the finished runs (a constant axis labels nothing)."""
         runs = self.table.drop_duplicates("run_id")
-        return [a for a in self.axes if runs[a].astype(str).nunique() > 1]
+        return [a for a in self.axes if runs[a].dropna().astype(str).nunique() > 1]
 
     def primary_metric(self, task: str) -> str:
         """The metric checkpoints were selected on (``selection.json``), else ``accuracy``."""
@@ -184,7 +184,8 @@ def sft_curve(data: ReportData, pts: pd.DataFrame, info: pd.DataFrame) -> tuple[
         curve = pd.concat([first, *finals]).drop_duplicates(["run_id", "stage_index", "step"])
         how = "each run's last SFT evaluation, one run per SFT length, and SFT's step 0 (the model it starts from)"
     else:
-        run_id = sft_pts.groupby("run_id").size().idxmax()
+        counts = sft_pts.groupby("run_id").size()
+        run_id = min(counts.index, key=lambda r: (-counts[r], len(info.loc[r, "kinds"]), r))  # ties: fewest stages
         curve = sft_pts[sft_pts["run_id"] == run_id]
         how = f"the SFT stage's evaluations along run {run_id}"
     return curve.reset_index(drop=True), how

@@ -91,7 +91,7 @@ def rl_recovers(curves: dict[str, pd.DataFrame], run_dirs, metric: str) -> Findi
     text = (f"From the strongest SFT start on val ({label}, val {value(start, 'val')}), OOD {metric} went from "
             f"{value(start, d.OOD)} at RL step 0 to {value(end, d.OOD)} at step {int(end['step'])}: {gain.text()}; "
             f"ID changed by {id_change.text()}.")
-    if gain.value > 0 and len(curve) > 2:
+    if gain.sign > 0 and len(curve) > 2:
         early = (curve.iloc[1][d.OOD] - start[d.OOD]) / gain.value
         text += f" The first evaluation (step {int(curve.iloc[1]['step'])}) holds {early:.0%} of that gain."
     others = []

@@ -84,15 +84,19 @@ def rl_section(data, pts, info, base, metric):
 
 def scatter_section(data, pts, info, base, metric):
     every = d.trained(pts).dropna(subset=[d.ID, d.OOD])
+    # a checkpoint copied into several runs (shared prefixes) is one point, naming every run
+    same = ["stage_index", "stage", "step", "val", d.ID, d.OOD]
+    runs = every.groupby(same, dropna=False, sort=False)["run_id"].agg(", ".join)
+    every = every.drop_duplicates(same).set_index(same).assign(run_id=runs).reset_index()
     if len(every) < 2:
         return None
     front = d.pareto_front(every)
-    table = pd.DataFrame({"run": front["run_id"], "checkpoint": [f"{r.stage}@{int(r.step)}" for r in front.itertuples()],
+    table = pd.DataFrame({"runs": front["run_id"], "checkpoint": [f"{r.stage}@{int(r.step)}" for r in front.itertuples()],
                           "ID": [ci(r, d.ID) for _, r in front.iterrows()],
                           "OOD": [ci(r, d.OOD) for _, r in front.iterrows()]})
     return Section("scatter", "ID against OOD: every checkpoint, and the Pareto front", [
-        ("text", f"{len(every)} checkpoints of {every['run_id'].nunique()} run(s); the front holds the checkpoints no "
-                 f"other beats on both ID and OOD."),
+        ("text", f"{len(every)} distinct checkpoints of {d.trained(pts)['run_id'].nunique()} run(s); the front holds "
+                 f"the checkpoints no other beats on both ID and OOD."),
         ("figure", "id-ood-scatter", figures.id_ood_scatter(every, front, metric, base), "ID against OOD scatter"),
         ("table", table)])
 
