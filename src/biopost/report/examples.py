@@ -117,7 +117,8 @@ def flips(run_dir: Path, run_points: pd.DataFrame, split: str, metric: str) -> p
             rows.append({"from": label(previous[0]), "to": label(point), "split": split, "n": len(ids),
                          "right_to_wrong": int((before[ids] & ~after[ids]).sum()),
                          "wrong_to_right": int((~before[ids] & after[ids]).sum()),
-                         "key": hash((tuple(before[ids]), tuple(after[ids]), label(previous[0]), label(point)))})
+                         "key": hash((split, tuple(ids), tuple(before[ids]), tuple(after[ids]), label(previous[0]),
+                                         label(point)))})
         previous = (point, current)
     return pd.DataFrame(rows, columns=["from", "to", "split", "n", "right_to_wrong", "wrong_to_right", "key"])
 

@@ -215,7 +215,8 @@ def flips_section(data, pts, info, base, metric, shown: int = 3):
         for split in (d.ID, d.OOD):
             for _, f in flips(data.run_dirs[run_id], run_pts, split, metric).iterrows():
                 if f["key"] in seen:  # a prefix shared by several runs: one row naming them all
-                    rows[seen[f["key"]]]["runs"] += f", {run_id}"
+                    if run_id not in rows[seen[f["key"]]]["runs"]:
+                        rows[seen[f["key"]]]["runs"] += f", {run_id}"
                     continue
                 seen[f["key"]] = len(rows)
                 rows.append({"runs": run_id, "split": split, "from": f["from"], "to": f["to"], "n": f["n"],
