@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_interpolation_curve_is_drawn_against_alpha(tmp_path):
 
 def study_data(tmp_path: Path) -> d.ReportData:
     """Two budget splits and two LoRA-rank pairs as a study table (axes as collect writes them)."""
-    runs = {"less-sft": ([0, 20, 40], "1:1", 0.5, 32, 4), "more-sft": ([0, 30, 25], "3:1", 0.75, 4, 32)}
+    runs = {"less-sft": ([0, 20, 40], "1:1", 0.5, 32, 4), "more-sft": ([0, 20, 25], "3:1", 0.75, 4, 32)}
     tables, dirs = [], {}
     for run_id, (ood, budget, share, sft_rank, rl_rank) in runs.items():
         points = sft_points(ood[:2], [0, 30]) + [{"stage": "rl", "step": 5, "splits": {
@@ -170,8 +171,20 @@ def test_budget_and_rank_findings_from_a_study_table(tmp_path):
     found = {f.title.split()[0]: f for f in all_findings(data, TASK, "accuracy")}
     assert found["Under"].verdict == HOLDS and found["Under"].runs == ["less-sft", "more-sft"]
     assert found["High"].verdict == HOLDS and "SFT rank 32 / RL rank 4" in found["High"].text
-    keys = {s.key for s in task_report(data, TASK).sections}
-    assert {"budget", "lora", "rl"} <= keys and "cpt" not in keys
+    sections = {s.key: s for s in task_report(data, TASK).sections}
+    assert {"budget", "lora", "rl"} <= set(sections) and "cpt" not in sections
+    # both runs share their SFT points: those flips are one row naming both runs; RL's are one row each
+    flip_rows = [b[1] for b in sections["flips"].blocks if b[0] == "table"][0]
+    ood = flip_rows[flip_rows["split"] == "ood_test"]
+    assert ood[["runs", "from", "to"]].values.tolist() == [
+        ["less-sft, more-sft", "sft@0", "sft@10"], ["less-sft", "sft@10", "rl@5"], ["more-sft", "sft@10", "rl@5"]]
+
+
+def test_without_predictions_the_table_intervals_are_compared(tmp_path):
+    run = write_run(tmp_path / "r", sft_points(ood=[0, 40, 30, 12], idd=[0, 30, 45, 58]))
+    shutil.rmtree(run / "predictions")
+    finding = findings_of(run)["SFT"]
+    assert finding.verdict == HOLDS and "interval overlap" in finding.text and "paired" not in finding.text
 
 
 def test_html_is_self_contained_and_escapes_completions(tmp_path):
