@@ -20,7 +20,7 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 def png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # legends placed outside the axes stay in
     plt.close(fig)
     return buf.getvalue()
 
@@ -62,6 +62,7 @@ def sft_length(curve: pd.DataFrame, x: pd.Series, unit: str, metric: str, base) 
                 textcoords="offset points", xytext=(6, 8), fontsize=8, color=OOD_COLOR)
     reference_lines(ax, base)
     finish(ax, unit, metric, f"ID and OOD {metric} against SFT length (bands: 95% CI)")
+    ax.set_ylim(bottom=0)
     return png(fig)
 
 
@@ -107,6 +108,7 @@ def budget(rows: pd.DataFrame, metric: str, base) -> bytes:
                     capsize=3, label=NAMES[split])
     reference_lines(ax, base)
     finish(ax, "share of the budget given to SFT (%)", metric, "Fixed budget split between SFT and RL (final point)")
+    ax.set_ylim(bottom=0)
     return png(fig)
 
 
@@ -157,12 +159,14 @@ def interpolation(curves: dict[str, pd.DataFrame], ppl: dict[str, pd.DataFrame],
             band(ax, rows["alpha"].astype(float).to_numpy(), rows, split, marker=MARKERS[i % len(MARKERS)],
                  label=NAMES[split] + suffix)
     reference_lines(ax, base)
+    finish(ax, "interpolation weight a  ((1 - a) * start + a * end)", metric, "ID and OOD along the interpolation")
+    ax.set_ylim(bottom=0)
     if ppl:
         twin = ax.twinx()
-        for name, rows in ppl.items():
-            twin.plot(rows["alpha"].astype(float), rows["value"], color="#555555", ls="--", marker=".",
-                      label=f"{name} perplexity")
+        for i, (name, rows) in enumerate(ppl.items()):
+            twin.plot(rows["alpha"].astype(float), rows["value"], color="#555555", ls="--",
+                      marker=MARKERS[i % len(MARKERS)], ms=4, label=f"{name} perplexity")
         twin.set_ylabel("forgetting perplexity (grey, dashed)")
-        twin.legend(fontsize=8, loc="lower right")
-    finish(ax, "interpolation weight a  ((1 - a) * start + a * end)", metric, "ID and OOD along the interpolation")
+        handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     return png(fig)

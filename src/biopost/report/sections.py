@@ -165,15 +165,16 @@ def interpolation_section(data, pts, info, base, metric):
     rows = d.trained(pts).dropna(subset=["alpha"])
     if rows.empty:
         return None
-    curves = {r: g.sort_values("alpha") for r, g in rows.groupby("run_id")}
-    t = data.table
+    curves = {f"{r} {s}": g.sort_values("alpha") for (r, s), g in rows.groupby(["run_id", "stage"])}
+    t = data.table[data.table["run_id"].isin(info.index)]
     general = t[t["split"].str.startswith("general/") & (t["metric"] == "perplexity") & t["alpha"].notna()]
-    ppl = {f"{r} {s}" if len(curves) > 1 else s: g.sort_values("alpha") for (r, s), g in general.groupby(["run_id", "split"])}
-    table = pd.DataFrame([{"run": r, "a": f"{p['alpha']:g}", "val": ci(p, "val"), "ID": ci(p, d.ID), "OOD": ci(p, d.OOD)}
-                          for r, c in curves.items() for _, p in c.iterrows()])
+    ppl = {f"{r} {stage} {s}" if len(curves) > 1 else s: g.sort_values("alpha")
+           for (r, stage, s), g in general.groupby(["run_id", "stage", "split"])}
+    table = pd.DataFrame([{"run, stage": k, "a": f"{p['alpha']:g}", "val": ci(p, "val"), "ID": ci(p, d.ID),
+                           "OOD": ci(p, d.OOD)} for k, c in curves.items() for _, p in c.iterrows()])
     return Section("interpolation", "Weight interpolation: ID and OOD against a", [
         ("text", "a = 0 is the model before the interpolated stage, a = 1 the model after it"
-                 + (" ; grey dashed: perplexity on the forgetting corpora (right axis)." if ppl else ".")),
+                 + ("; grey dashed: perplexity on the forgetting corpora (right axis)." if ppl else ".")),
         ("figure", "interpolation", figures.interpolation(curves, ppl, metric, base), "interpolation curve"),
         ("table", table)])
 
