@@ -116,12 +116,13 @@ def rank_matrix(matrices: dict[str, pd.DataFrame], metric: str) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (split, m) in zip(axes, matrices.items()):
         cmap = "Blues" if split == "id_test" else "Oranges"
-        image = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=0, vmax=max(1e-9, np.nanmax(m.to_numpy(dtype=float))))
+        top = max(1e-9, np.nanmax(m.to_numpy(dtype=float)))
+        image = ax.imshow(m.to_numpy(dtype=float), cmap=cmap, vmin=0, vmax=top)
         ax.set_xticks(range(len(m.columns)), [str(c) for c in m.columns])
         ax.set_yticks(range(len(m.index)), [str(i) for i in m.index])
         for (i, j), v in np.ndenumerate(m.to_numpy(dtype=float)):
             ax.text(j, i, "not run" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9,
-                    color="grey" if np.isnan(v) else "black")
+                    color="grey" if np.isnan(v) else "white" if v > 0.6 * top else "black")  # legible on dark cells
         ax.set_xlabel("RL LoRA rank")
         ax.set_ylabel("SFT LoRA rank")
         ax.set_title(f"{NAMES[split]} {metric}, final point", fontsize=10, color=COLORS[split])
