@@ -98,10 +98,10 @@ def rl_recovers(curves: dict[str, pd.DataFrame], run_dirs, metric: str) -> Findi
     for k, c in curves.items():
         if k != label and len(c) >= 2:
             diff = compare(run_dirs, c.iloc[0], c.iloc[-1], d.OOD, metric)
-            others.append(f"{k}: {value(c.iloc[0], d.OOD)} -> {value(c.iloc[-1], d.OOD)} ({diff.value:+.3f}, "
+            others.append(f"{k}: {value(c.iloc[0], d.OOD)} to {value(c.iloc[-1], d.OOD)} ({diff.value:+.3f}, "
                           f"CI {diff.low:+.3f} to {diff.high:+.3f})")
     if others:
-        text += " Other RL curves (OOD, start -> end): " + "; ".join(others) + "."
+        text += " Other RL curves (OOD, start to end): " + "; ".join(others) + "."
     verdict = HOLDS if gain.sign > 0 else FAILS if gain.sign < 0 else UNSURE
     if verdict == UNSURE:
         text += " The change is within noise."
