@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="accuracy")
     p.set_defaults(func=cmd_summary)
 
+    p = sub.add_parser("report", help="a self-contained HTML report (and Markdown twin) of a study or run directory")
+    p.add_argument("directory", type=Path, help="study directory (biopost study run --output-dir) or run directory")
+    p.add_argument("--output", type=Path, default=None, help="HTML file (default DIRECTORY/report.html); .md beside it")
+    p.add_argument("--metric", default=None, help="default: the metric checkpoints were selected on")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("baseline", help="fit a classical classifier on task features (C chosen on val); write baseline rows")
     p.add_argument("config", type=Path)
     p.add_argument("--output-dir", type=Path, required=True, help="directory for metrics.jsonl, baseline.json, predictions/")
@@ -218,6 +224,14 @@ def cmd_summary(args) -> int:
 
     print(metric_table(args.run_dir, args.metric).round(3).to_string())
     print(f"plot: {plot_curves(args.run_dir, args.metric)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from biopost.report import write_report
+
+    html = write_report(args.directory, args.output, args.metric)
+    print(f"report: {html} (Markdown: {html.with_suffix('.md')})")
     return 0
 
 

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from biopost.config import yaml12
-from biopost.runlog import read_metrics
+from biopost.study.results import run_table
 
 SPLIT_ORDER = ["val", "id_test", "ood_val", "ood_test", "heldout"]
 
 
 def evaluation_rows(run_dir: Path) -> pd.DataFrame:
-    """Evaluation rows with a ``column`` label: the split, or ``<task> <split>`` for another task's rows."""
-    frame = pd.DataFrame([r for r in read_metrics(run_dir) if r["split"] != "train"])
+    """The run's table (:func:`run_table`, as the report reads it) less training rows, with a ``column``
+    label: the split, or ``<task> <split>`` for another task's rows."""
+    table = run_table(run_dir)
+    frame = table[table["split"] != "train"].copy()
     if frame.empty:
         raise ValueError(f"{run_dir}: no evaluation rows in metrics.jsonl")
-    own = yaml12().load((Path(run_dir) / "config.yaml").read_text())["task"]["name"]
+    own = table.attrs["own_task"]
     frame["column"] = frame["split"].where(frame["task"] == own, frame["task"] + " " + frame["split"])
     return frame
 
@@ -38,10 +39,9 @@ def metric_table(run_dir: Path, metric: str = "accuracy") -> pd.DataFrame:
 
 def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None) -> Path:
     """ID and OOD ``metric`` along the whole pipeline (x = steps, stages laid end to end)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from biopost.report.figures import COLORS  # the report's ID / OOD colours (and the Agg backend)
 
     frame = evaluation_rows(run_dir)
     frame = frame[frame["metric"] == metric]
@@ -55,9 +55,9 @@ def plot_curves(run_dir: Path, metric: str = "accuracy", out: Path | None = None
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, rows in frame.groupby("column"):
         rows = rows.sort_values("x")
-        ax.plot(rows["x"], rows["value"], marker="o", label=split)
+        line, = ax.plot(rows["x"], rows["value"], marker="o", label=split, color={**COLORS, "val": "#777777"}.get(split))
         if rows["ci_low"].notna().any():
-            ax.fill_between(rows["x"], rows["ci_low"], rows["ci_high"], alpha=0.15)
+            ax.fill_between(rows["x"], rows["ci_low"], rows["ci_high"], alpha=0.15, color=line.get_color())
     for stage, start in offsets.items():
         ax.axvline(start, color="grey", lw=0.5)
         ax.text(start, 1.01, stage, transform=ax.get_xaxis_transform(), fontsize=8)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from biopost.config import yaml12
 from biopost.runlog import DONE, read_metrics
 from biopost.study.plan import Plan, PlannedRun, task_key
 
@@ -61,9 +62,7 @@ def collect(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         rows = read_metrics(run_dir)
         check_fingerprints(run, run_dir, expected, rows)
         labels = run_labels(run, budget_stages)
-        kinds = {i: s.kind for i, s in enumerate(run.config.stages)}
-        for row in rows:
-            records.append({**labels, **row_values(row, kinds)})
+        records += [{**labels, **r} for r in run_records(rows, [s.kind for s in run.config.stages])]
     columns = ["run_id", *plan.runs[0].axes, "pipeline", "blocks", "budget", *[f"budget.{s}" for s in budget_stages],
                "shared_from", *ROW_FIELDS] if plan.runs else ["run_id", *ROW_FIELDS]
     return pd.DataFrame.from_records(records, columns=columns), unfinished
@@ -87,11 +86,29 @@ def run_labels(run: PlannedRun, budget_stages: list[str]) -> dict:
             **{f"budget.{s}": run.budget_amounts.get(s) for s in budget_stages}, "shared_from": run.donor}
 
 
-def row_values(row: dict, kinds: dict[int, str]) -> dict:
-    """A metrics row as table columns; three are derived, the rest copied as recorded."""
-    return {**{f: row.get(f) for f in ROW_FIELDS}, "stage_kind": kinds.get(row.get("stage_index")),
-            "split_fingerprint": (row.get("split_fingerprints") or {}).get(row.get("split")),
-            "eval_fingerprint": row.get("fingerprint")}
+def run_records(rows: list[dict], kinds: list[str]) -> list[dict]:
+    """A run's metrics rows as table columns (``kinds``: its stages' kinds in order); three columns are
+    derived, the rest copied as recorded. The one place a run's rows become table rows."""
+    return [{**{f: row.get(f) for f in ROW_FIELDS},
+             "stage_kind": kinds[row["stage_index"]] if 0 <= row.get("stage_index", -1) < len(kinds) else row.get("stage"),
+             "split_fingerprint": (row.get("split_fingerprints") or {}).get(row.get("split")),
+             "eval_fingerprint": row.get("fingerprint")} for row in rows]
+
+
+def run_table(run_dir: Path) -> pd.DataFrame:
+    """One run directory's table, the study table's columns less the study's labels: `biopost summary`,
+    `biopost report` on a run and ``collect`` all build a run's rows through :func:`run_records`."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl rows; give a run directory (biopost train ... --output-dir DIR)")
+    config = yaml12().load((run_dir / "config.yaml").read_text())
+    kinds = [s["kind"] for s in config["stages"]]
+    run_id = next((r["run_id"] for r in rows if r.get("run_id")), run_dir.name)
+    table = pd.DataFrame.from_records([{"run_id": run_id, **r} for r in run_records(rows, kinds)],
+                                      columns=["run_id", *ROW_FIELDS])
+    table.attrs["own_task"] = config["task"]["name"]
+    return table
 
 
 def write_results(study_dir: Path) -> tuple[Path, Path, pd.DataFrame, list[str]]:

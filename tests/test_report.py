@@ -1,0 +1,211 @@
+"""The report on small synthetic run directories: verdicts both ways, flips, section omission, a self-contained
+HTML file. Each run directory is written here (config.yaml, metrics.jsonl, predictions/) as a run writes it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from biopost.cli import main
+from biopost.config import yaml12
+from biopost.evaluation import bootstrap_ci
+from biopost.report import write_report
+from biopost.report import data as d
+from biopost.report.examples import flips
+from biopost.report.findings import FAILS, HOLDS, UNSURE, all_findings
+from biopost.report.sections import task_report
+from biopost.study.results import run_table
+
+TASK = "cell_type/pbmc68k"
+
+
+def right(n: int, k: int, offset: int = 0) -> list[float]:
+    """``k`` of ``n`` examples right, starting at ``offset`` (cyclically): overlapping sets move together."""
+    out = [0.0] * n
+    for i in range(k):
+        out[(offset + i) % n] = 1.0
+    return out
+
+
+def write_run(run_dir: Path, points: list[dict], kinds=("sft",), run_id: str = "run0", completion: str = "Answer: x"):
+    """A run directory. ``points``: stage, step, optional epoch / alpha, and ``splits``: split -> 0/1 per example."""
+    run_dir.mkdir(parents=True)
+    yaml12().dump({"name": "synthetic", "task": {"name": TASK}, "stages": [{"kind": k} for k in kinds]},
+                  run_dir / "config.yaml")
+    index = {k: i for i, k in enumerate(kinds)}
+    rows = []
+    for p in points:
+        for split, values in p["splits"].items():
+            values = np.asarray(values, dtype=float)
+            lo, hi = bootstrap_ci(values, 200, 0)
+            where = {"stage": p["stage"], "stage_index": index.get(p["stage"], -1), "step": p["step"],
+                     "epoch": p.get("epoch"), **({"alpha": p["alpha"]} if "alpha" in p else {})}
+            rows.append({"run_id": run_id, "task": TASK, **where, "split": split, "metric": "accuracy",
+                         "value": float(values.mean()), "n": len(values), "ci_low": lo, "ci_high": hi})
+            records = [{"id": f"ex{i}", "answer": "T cell", "completions": [f"{completion} {i}"],
+                        "mean": {"accuracy": v}} for i, v in enumerate(values)]
+            pred = run_dir / "predictions" / f"{p['stage']}-step{p['step']:06d}-{split}.jsonl"
+            pred.parent.mkdir(exist_ok=True)
+            pred.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def sft_points(ood: list[int], idd: list[int], n: int = 60) -> list[dict]:
+    return [{"stage": "sft", "step": 10 * i, "epoch": float(i),
+             "splits": {"val": right(n, b), "id_test": right(n, b), "ood_test": right(n, a)}}
+            for i, (a, b) in enumerate(zip(ood, idd))]
+
+
+def findings_of(run_dir: Path) -> dict:
+    data = d.load(run_dir)
+    return {f.title.split()[0]: f for f in all_findings(data, TASK, "accuracy")}
+
+
+def test_ood_peak_then_fall_holds(tmp_path):
+    run = write_run(tmp_path / "r", sft_points(ood=[0, 40, 30, 12], idd=[0, 30, 45, 58]))
+    finding = findings_of(run)["SFT"]
+    assert finding.verdict == HOLDS, finding.paragraph()
+    assert "peaked at 0.667" in finding.text and "paired bootstrap" in finding.text and "run0" in finding.paragraph()
+
+
+def test_ood_rising_monotonically_does_not_hold(tmp_path):
+    run = write_run(tmp_path / "r", sft_points(ood=[0, 15, 30, 50], idd=[0, 30, 45, 58]))
+    finding = findings_of(run)["SFT"]
+    assert finding.verdict == FAILS, finding.paragraph()
+    assert "did not fall after a peak" in finding.text
+
+
+def test_too_few_points_or_a_fall_within_noise_cannot_tell(tmp_path):
+    assert findings_of(write_run(tmp_path / "two", sft_points(ood=[0, 40], idd=[0, 30])))["SFT"].verdict == UNSURE
+    # one example apart: the fall from the peak is within the paired interval
+    noisy = findings_of(write_run(tmp_path / "noise", sft_points(ood=[0, 31, 30], idd=[0, 30, 58])))["SFT"]
+    assert noisy.verdict == UNSURE and "within noise" in noisy.text
+
+
+def test_rl_verdict_both_ways(tmp_path):
+    def rl_run(name, ood_at_rl):
+        points = sft_points(ood=[0, 20], idd=[0, 40]) + [
+            {"stage": "rl", "step": 5 * i, "splits": {"val": right(60, 40), "id_test": right(60, 40),
+                                                     "ood_test": right(60, k)}} for i, k in enumerate(ood_at_rl)]
+        return findings_of(write_run(tmp_path / name, points, kinds=("sft", "rl")))["RL"]
+
+    assert rl_run("up", [20, 35, 40]).verdict == HOLDS
+    assert rl_run("down", [20, 10, 5]).verdict == FAILS
+    assert "75%" in rl_run("up2", [20, 35, 40]).text  # 15 of the 20-example gain by the first evaluation
+
+
+def test_flip_counts_between_consecutive_checkpoints(tmp_path):
+    a, b, c = [1, 1, 0, 0, 1, 0], [0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 1, 1]
+    run = write_run(tmp_path / "r", [{"stage": "sft", "step": s, "splits": {"ood_test": v}}
+                                     for s, v in ((0, a), (5, b), (10, c))])
+    pts = d.points(d.load(run), TASK, "accuracy")
+    table = flips(run, pts, "ood_test", "accuracy")
+    assert table[["from", "to", "right_to_wrong", "wrong_to_right"]].values.tolist() == [
+        ["sft@0", "sft@5", 1, 2], ["sft@5", "sft@10", 2, 0]]
+
+
+def test_what_sft_broke_and_rl_fixed(tmp_path):
+    # OOD: 0..3 right at the peak (sft@10); sft@20 keeps only 0; RL ends with 1 and 2 right again
+    n = 8
+    peak, end, rl_end = right(n, 4), right(n, 1), right(n, 3)
+    points = [{"stage": "sft", "step": 0, "splits": {"ood_test": [0] * n}},
+              {"stage": "sft", "step": 10, "splits": {"ood_test": peak}},
+              {"stage": "sft", "step": 20, "splits": {"ood_test": end}},
+              {"stage": "rl", "step": 0, "splits": {"ood_test": end}},
+              {"stage": "rl", "step": 5, "splits": {"ood_test": rl_end}}]
+    run = write_run(tmp_path / "r", points, kinds=("sft", "rl"), completion="<b>Answer</b>: x")
+    section = {s.key: s for s in task_report(d.load(run), TASK).sections}["flips"]
+    text = " ".join(b[1] for b in section.blocks if b[0] == "text")
+    assert "3 of 8 OOD examples were right at SFT's OOD peak (sft@10) and wrong at rl@0; RL fixed 2 of them" in text
+    shown = [b for b in section.blocks if b[0] == "examples"][0][1]
+    assert [e["id"] for e in shown] == ["ex1", "ex2", "ex3"]
+    assert [(w, m) for w, _, m in shown[0]["completions"]] == [("sft@10", "right"), ("rl@0", "wrong"), ("rl@5", "right")]
+
+
+def test_sections_without_a_varied_axis_are_left_out(tmp_path):
+    sft_only = task_report(d.load(write_run(tmp_path / "a", sft_points([0, 20, 10], [0, 30, 50]))), TASK)
+    assert {s.key for s in sft_only.sections} == {"sft", "scatter", "runs", "flips"}
+    points = sft_points([0, 20], [0, 30]) + [
+        {"stage": "rl", "step": s, "splits": {"val": right(60, 30), "id_test": right(60, 30), "ood_test": right(60, 25)}}
+        for s in (0, 5)] + [{"stage": "baseline", "step": 0, "splits": {"id_test": right(60, 20), "ood_test": right(60, 9)}}]
+    with_rl = task_report(d.load(write_run(tmp_path / "b", points, kinds=("sft", "rl"))), TASK)
+    assert {s.key for s in with_rl.sections} == {"sft", "rl", "scatter", "runs", "flips", "baseline"}
+
+
+def test_interpolation_curve_is_drawn_against_alpha(tmp_path):
+    points = sft_points([0, 20], [0, 30]) + [
+        {"stage": "interpolate", "step": i, "alpha": a, "splits": {"val": right(60, 10 + i), "id_test": right(60, 30),
+                                                                  "ood_test": right(60, 20 + i)}}
+        for i, a in enumerate((0.0, 0.5, 1.0))]
+    report = task_report(d.load(write_run(tmp_path / "r", points, kinds=("sft", "interpolate"))), TASK)
+    section = {s.key: s for s in report.sections}["interpolation"]
+    table = [b[1] for b in section.blocks if b[0] == "table"][0]
+    assert table["a"].tolist() == ["0", "0.5", "1"]
+
+
+def study_data(tmp_path: Path) -> d.ReportData:
+    """Two budget splits and two LoRA-rank pairs as a study table (axes as collect writes them)."""
+    runs = {"less-sft": ([0, 20, 40], "1:1", 0.5, 32, 4), "more-sft": ([0, 20, 25], "3:1", 0.75, 4, 32)}
+    tables, dirs = [], {}
+    for run_id, (ood, budget, share, sft_rank, rl_rank) in runs.items():
+        points = sft_points(ood[:2], [0, 30]) + [{"stage": "rl", "step": 5, "splits": {
+            "val": right(60, 30), "id_test": right(60, 35), "ood_test": right(60, ood[2])}}]
+        dirs[run_id] = write_run(tmp_path / run_id, points, kinds=("sft", "rl"), run_id=run_id)
+        table = run_table(dirs[run_id]).assign(**{"stages.sft.lora.rank": sft_rank, "stages.rl.lora.rank": rl_rank,
+                                                  "pipeline": "sft-rl", "budget": budget,
+                                                  "budget.sft": 960 * share, "budget.rl": 960 * (1 - share)})
+        tables.append(table)
+    return d.ReportData(tmp_path, "study", pd.concat(tables, ignore_index=True),
+                        ["stages.sft.lora.rank", "stages.rl.lora.rank"], dirs, {r: TASK for r in runs})
+
+
+def test_budget_and_rank_findings_from_a_study_table(tmp_path):
+    data = study_data(tmp_path)
+    found = {f.title.split()[0]: f for f in all_findings(data, TASK, "accuracy")}
+    assert found["Under"].verdict == HOLDS and found["Under"].runs == ["less-sft", "more-sft"]
+    assert found["High"].verdict == HOLDS and "SFT rank 32 / RL rank 4" in found["High"].text
+    sections = {s.key: s for s in task_report(data, TASK).sections}
+    assert {"budget", "lora", "rl"} <= set(sections) and "cpt" not in sections
+    # both runs share their SFT points: those flips are one row naming both runs; RL's are one row each
+    flip_rows = [b[1] for b in sections["flips"].blocks if b[0] == "table"][0]
+    ood = flip_rows[flip_rows["split"] == "ood_test"]
+    assert ood[["runs", "from", "to"]].values.tolist() == [
+        ["less-sft, more-sft", "sft@0", "sft@10"], ["less-sft", "sft@10", "rl@5"], ["more-sft", "sft@10", "rl@5"]]
+
+
+def test_without_predictions_the_table_intervals_are_compared(tmp_path):
+    run = write_run(tmp_path / "r", sft_points(ood=[0, 40, 30, 12], idd=[0, 30, 45, 58]))
+    shutil.rmtree(run / "predictions")
+    finding = findings_of(run)["SFT"]
+    assert finding.verdict == HOLDS and "interval overlap" in finding.text and "paired" not in finding.text
+
+
+def test_html_is_self_contained_and_escapes_completions(tmp_path):
+    points = [{"stage": "sft", "step": s, "epoch": float(s), "splits": {"val": v, "id_test": v, "ood_test": o}}
+              for s, v, o in ((0, [0, 0, 0, 0], [0, 0, 0, 0]), (1, [1, 1, 0, 0], [1, 1, 1, 0]),
+                              (2, [1, 1, 1, 0], [0, 0, 0, 0]))]
+    run = write_run(tmp_path / "r", points, completion="<script>alert(1)</script>")
+    html_path = write_report(run, tmp_path / "out" / "report.html")
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") == 2  # SFT length, ID-OOD scatter
+    assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)|<script|<link|@import|url\(", page, re.I)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "](report-figures/cell_type_pbmc68k-sft-length.png)" in md
+    assert (tmp_path / "out" / "report-figures" / "cell_type_pbmc68k-sft-length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_report_and_its_one_line_error(tmp_path, capsys):
+    run = write_run(tmp_path / "r", sft_points([0, 20, 10], [0, 30, 50]))
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file() and (run / "report.md").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("biopost report:") and "\n" not in err
