@@ -3,6 +3,11 @@
 Run directory: ``config.yaml`` (resolved), ``env.json``, ``splits.json``, ``metrics.jsonl``,
 ``predictions/``, and per stage ``stages/<i>-<name>/`` with ``checkpoints/``, ``final/`` and
 ``selection.json``. Rerunning a finished run is a no-op; finished stages of an interrupted run are kept.
+
+Everything checkable before training is checked before the directory is claimed (``config.yaml`` written),
+under a lock that keeps a second runner out. A directory whose earlier run stopped before finishing any stage
+takes a corrected config: that attempt's files move to ``attempts/`` and a line is added to
+``attempts/attempts.jsonl``. One holding finished stages of another config is refused.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
 
+from biopost import durable
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.forgetting import load_forgetting
@@ -22,7 +29,10 @@ from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
+from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock
+from biopost.preflight import check_run
 from biopost.registry import get_task
+from biopost.resources import explained
 from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
 
@@ -82,16 +92,23 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
-
+    # ---- validate: all that can fail before training fails here, before the directory is claimed
     task, splits = load_task_and_splits(config)
+    check_run(config, task, splits)
+    if config.model.encoders:
+        check_encoder_inputs(config, splits)
     forgetting = load_forgetting(config, task, splits)
-    (run_dir / "splits.json").write_text(json.dumps({
+    with DirectoryLock(run_dir, "run"), explained(config, run_dir):
+        claim_run_dir(config, run_dir)
+        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots)
+
+
+def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots) -> Path:
+    durable.remove_partial(run_dir)
+    durable.write_json(run_dir / "splits.json", {
         "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
         "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
-    }, indent=2))
+    })
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
     log = RunLog(run_dir, common)
@@ -100,7 +117,6 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
     if config.model.encoders:
-        check_encoder_inputs(config, splits)
         base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
 
     finals: dict[str, Path] = {}
@@ -120,11 +136,12 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
                                resolve=resolve, forgetting=forgetting,
                                snapshot_steps=tuple((snapshots or {}).get(index, ())))
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
-            stage_runners()[stage.kind](ctx)
-            (stage_dir / DONE).write_text("")
+            with explained(config, run_dir, index):
+                stage_runners()[stage.kind](ctx)
+            durable.write_text(stage_dir / DONE, "")
         finals[name] = stage_dir / "final"
         previous = finals[name]
-    (run_dir / DONE).write_text("")
+    durable.write_text(run_dir / DONE, "")
     return run_dir
 
 
@@ -176,15 +193,50 @@ def check_encoder_inputs(config: RunConfig, splits) -> None:
         check_encoder_leakage(encoder.name, modality, splits)
 
 
-def check_run_dir(config: RunConfig, run_dir: Path) -> None:
+def check_run_dir(config: RunConfig, run_dir: Path) -> RunConfig | None:
+    """The config of another run that ``run_dir`` holds and that may be replaced (none of its stages
+    finished), or None when the directory is free or holds this run; refuse one with finished stages."""
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        other = load_config(saved)
-        if other.run_id() != config.run_id():
-            raise ConfigError(
-                f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}); "
-                "choose another --output-dir"
-            )
+    if not saved.is_file():
+        return None
+    other = load_config(saved)
+    if other.run_id() == config.run_id():
+        return None
+    finished = sorted(p.parent.name for p in run_dir.glob("stages/*/DONE"))
+    if finished or (run_dir / DONE).is_file():
+        raise ConfigError(
+            f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}) with finished stages "
+            f"({', '.join(finished) or 'all'}); choose another --output-dir"
+        )
+    return other
+
+
+def claim_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Write this run's ``config.yaml`` and ``env.json``, setting aside an unfinished attempt of another config."""
+    other = check_run_dir(config, run_dir)  # again: the directory may have changed before we held the lock
+    if other is not None:
+        set_aside_attempt(run_dir, other, config.run_id())
+    dump_config(config, run_dir / "config.yaml")
+    durable.write_json(run_dir / "env.json", environment())
+
+
+def set_aside_attempt(run_dir: Path, other: RunConfig, replaced_by: str) -> Path:
+    """Move an unfinished run of another config to ``attempts/<n>-<run id>/`` and log it in
+    ``attempts/attempts.jsonl``: kept for inspection, it no longer blocks the directory."""
+    attempts = run_dir / "attempts"
+    attempts.mkdir(exist_ok=True)
+    target = attempts / f"{len(list(attempts.glob('*-*/'))) + 1}-{other.run_id()}"
+    target.mkdir()
+    moved = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name not in {"attempts", LOCK_FILE, HOLDER_FILE}:
+            entry.rename(target / entry.name)
+            moved.append(entry.name)
+    durable.append_lines(attempts / "attempts.jsonl", [json.dumps({
+        "run_id": other.run_id(), "name": other.name, "set_aside": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "to": target.name, "files": moved, "replaced_by": replaced_by})])
+    print(f"{run_dir}: an unfinished run of another config ({other.run_id()}) was moved to {target}")
+    return target
 
 
 def environment() -> dict:

@@ -1,6 +1,7 @@
 """The run directory's data files: ``metrics.jsonl`` (one JSON object per line) and ``predictions/``.
 
-Every number a report compares is written here as data, never scraped from logs.
+Every number a report compares is written here as data, never scraped from logs. Rows are appended whole
+and fsynced; a line torn by a kill is dropped on the next read or append (see biopost.durable).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from biopost import durable
 
 DONE = "DONE"  # written in a run (or stage) directory once it has finished
 
@@ -19,31 +22,20 @@ class RunLog:
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        with self.metrics_path.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps({**self.common, **row}) + "\n")
+        durable.append_lines(self.metrics_path, [json.dumps({**self.common, **row}) for row in rows])
 
     def drop_rows(self, stage: str, after_step: int = -1) -> list[dict[str, Any]]:
         """Forget a stage's rows past ``after_step`` (an interrupted attempt is redone from there)."""
         rows = read_metrics(self.run_dir)
         kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= after_step]
-        with self.metrics_path.open("w") as fh:
-            for row in kept:
-                fh.write(json.dumps(row) + "\n")
+        durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
         return [r for r in kept if r.get("stage") == stage]
 
     def write_predictions(self, name: str, records: list[dict[str, Any]]) -> Path:
         path = self.run_dir / "predictions" / f"{name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
-        return path
+        return durable.write_lines(path, [json.dumps(record) for record in records])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return durable.read_jsonl(Path(run_dir) / "metrics.jsonl")
 
