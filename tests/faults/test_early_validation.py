@@ -90,5 +90,6 @@ def test_an_unfinished_run_of_another_config_is_set_aside_but_finished_stages_bl
     assert (out / DONE).is_file()
 
     third = {**first, "seed": 2}  # the directory now holds finished stages of `second`
+    capsys.readouterr()
     assert main(["train", str(write_yaml(third, tmp_path / "third.yaml")), "--output-dir", str(out)]) == 2
     assert "with finished stages (0-sft); choose another --output-dir" in one_line_error(capsys)

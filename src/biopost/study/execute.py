@@ -9,7 +9,6 @@ what is left. The study directory must be on a file system every worker sees.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 import traceback
