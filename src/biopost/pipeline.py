@@ -128,6 +128,7 @@ def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, devic
         resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits), name=name)
         init = inits[name] = resolve(stage.init)
         if (stage_dir / DONE).is_file():
+            check_intact(stage_dir / "final", stage_dir)
             print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
         else:
             print(f"stage {name} ({stage.kind}) from {init}")
@@ -162,10 +163,20 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
         selection = finals[stage].parent / "selection.json"
         if not selection.is_file():
             raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
-        return Path(json.loads(selection.read_text())["checkpoint"])
+        chosen = Path(json.loads(selection.read_text())["checkpoint"])
+        check_intact(chosen, finals[stage].parent)
+        return chosen
     if which:
         raise ConfigError(f"stage {name}: init {init!r}: only ':best' or ':init' may follow a stage name")
     return finals[stage]
+
+
+def check_intact(checkpoint: Path, stage_dir: Path) -> None:
+    """A finished stage's checkpoint still matches its checksum manifest (checkpoints written before
+    manifests existed carry none and are taken as they are)."""
+    if (checkpoint / durable.MANIFEST).is_file() and (problem := durable.check_manifest(checkpoint)):
+        raise ConfigError(f"{checkpoint}: {problem}; the checkpoint was damaged after it was saved: "
+                          f"delete {stage_dir} to train that stage again")
 
 
 def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None = None) -> str:

@@ -69,3 +69,22 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(kind, fast
     assert all(a[k].equal(b[k]) for k in a)
     rows = lambda d: sorted((r["step"], r["split"], r["metric"], r["value"]) for r in read_metrics(d) if r["split"] != "train")  # noqa: E731
     assert rows(tmp_path / "cut") == rows(whole)
+
+
+def test_a_damaged_checkpoint_of_a_finished_stage_is_refused_in_one_line(sft_run, tmp_path, capsys):
+    """A finished stage's checkpoint is never silently replaced: the rerun names the file and the remedy."""
+    import shutil
+
+    from biopost.cli import main
+    from biopost.config import dump_config
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run.dir, run_dir)
+    (run_dir / "DONE").unlink()  # as if a later stage were still to run
+    weights = next((run_dir / "stages" / "0-sft" / "final").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one bit pattern changed, same size
+    dump_config(sft_run.config, tmp_path / "config.yaml")
+    assert main(["train", str(tmp_path / "config.yaml"), "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{weights.name} does not match its checksum" in err and "delete " in err

@@ -40,16 +40,19 @@ def test_a_second_runner_is_refused_in_one_line_naming_the_holder(fast_config, t
         holder.wait()
 
 
-def test_a_second_study_runner_is_refused(tmp_path, capsys):
+def test_a_second_study_runner_is_refused(fast_config, tmp_path, capsys):
+    spec = {"name": "locked", "base": fast_config(), "pipelines": {"sft": ["sft"]},
+            "blocks": {"one": {"pipeline": ["sft"]}}}
+    study = write_yaml(spec, tmp_path / "study.yaml")
     holder = hold(tmp_path / "study", "study")
     try:
-        assert main(["study", "run", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path / "study")]) == 2
+        assert main(["study", "run", str(study), "--output-dir", str(tmp_path / "study")]) == 2
     finally:
         holder.kill()
         holder.wait()
-    # the study file is read first, so refusing an unreadable one says so; with a lock held it says that
     err = capsys.readouterr().err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and f"is in use by another study (pid {holder.pid} on " in err
+    assert not (tmp_path / "study" / "plan.json").exists()
 
 
 def test_the_lock_of_a_killed_runner_is_taken_over(tmp_path, capsys):
