@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from biopost.config import DEVICES, TEST_SPLITS, ConfigError
+from biopost.locks import DirectoryBusy, DirectoryLock
+from biopost.resources import ResourceError, disk_full_advice
 
 
 class Parser(argparse.ArgumentParser):
@@ -86,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, ResourceError) as err:
         print(f"biopost {args.command}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk outside a run (writing a table, a plan): say where the space went
+        if err.errno != errno.ENOSPC:
+            raise
+        where = getattr(args, "output_dir", None) or getattr(args, "study_dir", None) or Path.cwd()
+        print(f"biopost {args.command}: {disk_full_advice(Path(where), err)}", file=sys.stderr)
         return 2
 
 
@@ -173,10 +182,10 @@ def cmd_study_run(args) -> int:
 
     study = load_study(args.study, args.overrides)
     study_dir = args.output_dir or (args.study if args.study.is_dir() else Path("studies") / study.name)
-    plan = prepare(study, study_dir)
     resources = Resources(cpus=args.cpus_per_run, gpus=args.gpus_per_run, address=args.address,
                           cluster=args.slurm_cluster, partition=args.partition, time_min=args.time_min)
-    failed = execute(plan, study_dir, args.executor, resources)
+    with DirectoryLock(study_dir, "study"):  # planning rewrites plan.json: one runner at a time
+        failed = execute(prepare(study, study_dir), study_dir, args.executor, resources)
     if failed:
         print(f"biopost study run: {len(failed)} runs failed; rerun to retry them", file=sys.stderr)
         return 1

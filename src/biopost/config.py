@@ -249,6 +249,8 @@ class SFTStage(StageBase):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=8)
+    gradient_checkpointing: StrictBool = Field(False, description="recompute activations in the backward pass: "
+                                               "less memory, about a third more compute")
 
     @property
     def examples_per_step(self) -> int:
@@ -320,6 +322,8 @@ class CPTStage(StageBase):
     seq_length: int = Field(256, ge=8, description="tokens per packed block")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    gradient_checkpointing: StrictBool = Field(False, description="recompute activations in the backward pass: "
+                                               "less memory, about a third more compute")
     lora: LoraConfig | Literal["inherit", "full"] = "full"
     eval_task: StrictBool = Field(False, description="also run the task evaluator at CPT eval points")
     eval_batch_size: int = Field(16, ge=1)
@@ -717,7 +721,9 @@ def dump_config(config: RunConfig, path: Path) -> None:
 
 
 def write_yaml(data: dict, path: Path) -> None:
-    """``data`` as YAML 1.2 in ``path`` (the one writer of config files)."""
+    """``data`` as YAML 1.2 in ``path`` (the one writer of config files), replaced atomically."""
+    from biopost.durable import write_text
+
     out = io.StringIO()
     yaml12().dump(data, out)
-    path.write_text(out.getvalue())
+    write_text(path, out.getvalue())

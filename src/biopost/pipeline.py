@@ -4,6 +4,11 @@ Run directory: ``config.yaml`` (resolved), ``env.json``, ``splits.json``, ``metr
 ``predictions/``, and per stage ``stages/<i>-<name>/`` with ``checkpoints/``, ``final/`` and
 ``selection.json``. Rerunning a finished run is a no-op; finished stages of an interrupted run are kept, and
 resuming it is refused when its splits (ids or content) differ from those in ``splits.json``.
+
+Everything checkable before training is checked before the directory is claimed (``config.yaml`` written),
+under a lock that keeps a second runner out. A directory whose earlier run stopped before finishing any stage
+takes a corrected config: that attempt's files move to ``attempts/`` and a line is added to
+``attempts/attempts.jsonl``. One holding finished stages of another config is refused.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
 from transformers import set_seed
 
+from biopost import durable
 from biopost.config import ConfigError, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.forgetting import load_forgetting
@@ -23,7 +30,10 @@ from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
+from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock
+from biopost.preflight import check_run
 from biopost.registry import get_task, plugin_errors
+from biopost.resources import explained
 from biopost.runlog import DONE, RunLog
 from biopost.stages.context import StageContext
 from biopost.trackers import Identity, check_installed, open_trackers
@@ -89,54 +99,64 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
-
+    # ---- validate: all that can fail before training fails here, before the directory is claimed
     task, splits = load_task_and_splits(config)
-    check_same_splits(splits, run_dir)
+    check_run(config, task, splits)
+    if config.model.encoders:
+        check_encoder_inputs(config, splits)
     forgetting = load_forgetting(config, task, splits)
-    (run_dir / "splits.json").write_text(json.dumps({
+    with DirectoryLock(run_dir, "run"), explained(config, run_dir):
+        claim_run_dir(config, run_dir)
+        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group)
+
+
+def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group) -> Path:
+    durable.remove_partial(run_dir)
+    check_same_splits(splits, run_dir)
+    durable.write_json(run_dir / "splits.json", {
         "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
         "content_fingerprints": splits.content_fingerprints(),
         "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
-    }, indent=2))
+    })
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
     trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group))
     with RunLog(run_dir, common, trackers) as log:
-        state = task_state(config, task, splits)
-        base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train),
-                                config.seed)
-        if config.model.think_tokens == "add":
-            base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
-        if config.model.encoders:
-            check_encoder_inputs(config, splits)
-            base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
+        return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log)
 
-        finals: dict[str, Path] = {}
-        inits: dict[str, Path] = {}
-        previous = base
-        for index, stage in enumerate(config.stages):
-            name = config.stage_name(index)
-            stage_dir = run_dir / "stages" / f"{index}-{name}"
-            resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits),
-                              name=name)
-            init = inits[name] = resolve(stage.init)
-            if (stage_dir / DONE).is_file():
-                print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
-            else:
-                print(f"stage {name} ({stage.kind}) from {init}")
-                stage_dir.mkdir(parents=True, exist_ok=True)
-                ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state),
-                                   device=device, resolve=resolve, forgetting=forgetting,
-                                   snapshot_steps=tuple((snapshots or {}).get(index, ())))
-                set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
+
+def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log) -> Path:
+    state = task_state(config, task, splits)
+    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
+    if config.model.think_tokens == "add":
+        base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
+    if config.model.encoders:
+        base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
+
+    finals: dict[str, Path] = {}
+    inits: dict[str, Path] = {}
+    previous = base
+    for index, stage in enumerate(config.stages):
+        name = config.stage_name(index)
+        stage_dir = run_dir / "stages" / f"{index}-{name}"
+        resolve = partial(resolve_init, previous=previous, base=base, finals=dict(finals), inits=dict(inits), name=name)
+        init = inits[name] = resolve(stage.init)
+        if (stage_dir / DONE).is_file():
+            check_intact(stage_dir / "final", stage_dir)
+            print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
+        else:
+            print(f"stage {name} ({stage.kind}) from {init}")
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
+                               resolve=resolve, forgetting=forgetting,
+                               snapshot_steps=tuple((snapshots or {}).get(index, ())))
+            set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
+            with explained(config, run_dir, index):
                 stage_runners()[stage.kind](ctx)
-                (stage_dir / DONE).write_text("")
-            finals[name] = stage_dir / "final"
-            previous = finals[name]
-        (run_dir / DONE).write_text("")
+            durable.write_text(stage_dir / DONE, "")
+        finals[name] = stage_dir / "final"
+        previous = finals[name]
+    durable.write_text(run_dir / DONE, "")
     return run_dir
 
 
@@ -163,10 +183,20 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
         selection = finals[stage].parent / "selection.json"
         if not selection.is_file():
             raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
-        return Path(json.loads(selection.read_text())["checkpoint"])
+        chosen = Path(json.loads(selection.read_text())["checkpoint"])
+        check_intact(chosen, finals[stage].parent)
+        return chosen
     if which:
         raise ConfigError(f"stage {name}: init {init!r}: only ':best' or ':init' may follow a stage name")
     return finals[stage]
+
+
+def check_intact(checkpoint: Path, stage_dir: Path) -> None:
+    """A finished stage's checkpoint still matches its checksum manifest (checkpoints written before
+    manifests existed carry none and are taken as they are)."""
+    if (checkpoint / durable.MANIFEST).is_file() and (problem := durable.check_manifest(checkpoint)):
+        raise ConfigError(f"{checkpoint}: {problem}; the checkpoint was damaged after it was saved: "
+                          f"delete {stage_dir} to train that stage again")
 
 
 def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None = None) -> str:
@@ -194,15 +224,50 @@ def check_encoder_inputs(config: RunConfig, splits) -> None:
         check_encoder_leakage(encoder.name, modality, splits)
 
 
-def check_run_dir(config: RunConfig, run_dir: Path) -> None:
+def check_run_dir(config: RunConfig, run_dir: Path) -> RunConfig | None:
+    """The config of another run that ``run_dir`` holds and that may be replaced (none of its stages
+    finished), or None when the directory is free or holds this run; refuse one with finished stages."""
     saved = run_dir / "config.yaml"
-    if saved.is_file():
-        other = load_config(saved)
-        if other.run_id() != config.run_id():
-            raise ConfigError(
-                f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}); "
-                "choose another --output-dir"
-            )
+    if not saved.is_file():
+        return None
+    other = load_config(saved)
+    if other.run_id() == config.run_id():
+        return None
+    finished = sorted(p.parent.name for p in run_dir.glob("stages/*/DONE"))
+    if finished or (run_dir / DONE).is_file():
+        raise ConfigError(
+            f"{run_dir} holds another run ({other.run_id()}, this config is {config.run_id()}) with finished stages "
+            f"({', '.join(finished) or 'all'}); choose another --output-dir"
+        )
+    return other
+
+
+def claim_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Write this run's ``config.yaml`` and ``env.json``, setting aside an unfinished attempt of another config."""
+    other = check_run_dir(config, run_dir)  # again: the directory may have changed before we held the lock
+    if other is not None:
+        set_aside_attempt(run_dir, other, config.run_id())
+    dump_config(config, run_dir / "config.yaml")
+    durable.write_json(run_dir / "env.json", environment())
+
+
+def set_aside_attempt(run_dir: Path, other: RunConfig, replaced_by: str) -> Path:
+    """Move an unfinished run of another config to ``attempts/<n>-<run id>/`` and log it in
+    ``attempts/attempts.jsonl``: kept for inspection, it no longer blocks the directory."""
+    attempts = run_dir / "attempts"
+    attempts.mkdir(exist_ok=True)
+    target = attempts / f"{len(list(attempts.glob('*-*/'))) + 1}-{other.run_id()}"
+    target.mkdir()
+    moved = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.name not in {"attempts", LOCK_FILE, HOLDER_FILE}:
+            entry.rename(target / entry.name)
+            moved.append(entry.name)
+    durable.append_lines(attempts / "attempts.jsonl", [json.dumps({
+        "run_id": other.run_id(), "name": other.name, "set_aside": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "to": target.name, "files": moved, "replaced_by": replaced_by})])
+    print(f"{run_dir}: an unfinished run of another config ({other.run_id()}) was moved to {target}")
+    return target
 
 
 def check_same_splits(splits, run_dir: Path) -> None:

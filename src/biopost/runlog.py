@@ -1,7 +1,8 @@
 """The run directory's data files: ``metrics.jsonl`` (one JSON object per line) and ``predictions/``.
 
 Every number a report compares is written here as data, never scraped from logs. Experiment trackers
-(``report_to``) get each row as it is written here, the one place every stage writes through.
+(``report_to``) get each row as it is written here, the one place every stage writes through. Rows are appended whole
+and fsynced; a line torn by a kill is dropped on the next read or append (see biopost.durable).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from biopost.trackers import Tracker
+
+from biopost import durable
 
 DONE = "DONE"  # written in a run (or stage) directory once it has finished
 
@@ -35,9 +38,7 @@ class RunLog:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         rows = [{**self.common, **row} for row in rows]
-        with self.metrics_path.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        durable.append_lines(self.metrics_path, [json.dumps(row) for row in rows])
         for tracker in self.trackers:
             tracker.write(rows)
 
@@ -45,9 +46,7 @@ class RunLog:
         """Forget a stage's rows past ``after_step`` (an interrupted attempt is redone from there)."""
         rows = read_metrics(self.run_dir)
         kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= after_step]
-        with self.metrics_path.open("w") as fh:
-            for row in kept:
-                fh.write(json.dumps(row) + "\n")
+        durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
         if len(kept) < len(rows):
             for tracker in self.trackers:
                 tracker.purge(stage, after_step)
@@ -66,16 +65,9 @@ class RunLog:
 
     def write_predictions(self, name: str, records: list[dict[str, Any]]) -> Path:
         path = self.run_dir / "predictions" / f"{name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as fh:
-            for record in records:
-                fh.write(json.dumps(record) + "\n")
-        return path
+        return durable.write_lines(path, [json.dumps(record) for record in records])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return durable.read_jsonl(Path(run_dir) / "metrics.jsonl")
 

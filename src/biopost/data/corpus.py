@@ -94,8 +94,9 @@ def cached_documents(key: str, build) -> list[str]:
     if path.is_file():
         return json.loads(path.read_text())
     docs = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(docs))
+    from biopost.durable import write_json
+
+    write_json(path, docs, indent=None)  # atomic: a killed build never leaves a torn cache
     return docs
 
 

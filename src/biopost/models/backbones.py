@@ -33,7 +33,10 @@ def resolve_backbone(spec: str, run_dir: Path, texts_for_tokenizer, seed: int = 
     if spec in TINY_SIZES:
         path = run_dir / "backbone"
         if not (path / "config.json").is_file():
-            build_tiny_backbone(spec, texts_for_tokenizer(), path, seed=seed)
+            from biopost.durable import publishing
+
+            with publishing(path) as tmp:  # a build cut short by a kill never passes for a backbone
+                build_tiny_backbone(spec, texts_for_tokenizer(), tmp, seed=seed)
         return str(path)
     if spec in OFFLINE:
         return str(convert_gguf_backbone(spec))
@@ -62,9 +65,11 @@ def convert_gguf_backbone(name: str) -> Path:
     config.pop("architectures", None)
     model = LlamaForCausalLM(LlamaConfig(**config))
     model.load_state_dict(quantized.state_dict())
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    from biopost.durable import publishing
+
+    with publishing(target) as tmp:  # a conversion cut short never passes for a backbone
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -125,8 +125,16 @@ class Policy:
 
     # ---- persistence
     def save(self, path: Path, task_state: dict | None = None) -> Path:
+        """Write the checkpoint under a temporary name, then rename it into place with a checksum manifest
+        (biopost.durable): a kill never leaves a half-written checkpoint at ``path``."""
+        from biopost.durable import publishing
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        with publishing(path) as tmp:
+            self._save_into(tmp, path, task_state)
+        return path
+
+    def _save_into(self, path: Path, final: Path, task_state: dict | None) -> None:
         if self.is_adapter:  # only the trained adapter, not a frozen reference copy
             self.model.save_pretrained(path, selected_adapters=["default"])
         else:
@@ -140,7 +148,6 @@ class Policy:
             info["task"] = task_state
         (path / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
         self.save_projector(path)
-        return path
 
 
 def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from biopost import durable
 from biopost.config import EvalConfig, RunConfig
 from biopost.data import Splits
 from biopost.evaluation import evaluate
@@ -79,10 +80,9 @@ class StageContext:
     def save_snapshot(self, step: int, source: Path, restore_to: str) -> None:
         """Keep a copy of the resumable state ``source`` at ``step``: a run that shares this stage's first
         ``step`` steps resumes from it (the study planner copies it to ``restore_to`` in that run's stage)."""
-        target = self.stage_dir / "snapshots" / f"step-{step:06d}"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target / "state")
-        (target / "snapshot.json").write_text(json.dumps({"step": step, "restore_to": restore_to}))
+        with durable.publishing(self.stage_dir / "snapshots" / f"step-{step:06d}") as target:
+            shutil.copytree(source, target / "state")
+            (target / "snapshot.json").write_text(json.dumps({"step": step, "restore_to": restore_to}))
 
 
 def val_history(rows: list[dict], metric: str) -> list[dict]:
@@ -93,10 +93,10 @@ def val_history(rows: list[dict], metric: str) -> list[dict]:
 def write_selection(stage_dir: Path, metric: str, history: list[dict]) -> None:
     """Best checkpoint on ``val`` only (ties go to the earlier step)."""
     best = max(history, key=lambda h: (h["value"], -h["step"]))
-    (stage_dir / "selection.json").write_text(json.dumps({
+    durable.write_json(stage_dir / "selection.json", {
         "metric": metric, "split": "val", "best_step": best["step"],
         "best_value": best["value"], "checkpoint": str(stage_dir / "checkpoints" / f"step-{best['step']:06d}"),
-    }, indent=2))
+    })
 
 
 def plan_steps(stage, n_examples: int) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 
+from biopost import durable
 from biopost.config import ConfigError
 from biopost.models.policy import CHECKPOINT_FILE, load_policy
 from biopost.models.weights import average, interpolate, load_weights, merged, weights_of
@@ -90,8 +91,8 @@ def save_selected(ctx: StageContext, alphas: list[float]):
         raise ValueError(f"stage {ctx.name}: no val rows to select a point on; give the task a val split")
     selection = json.loads(path.read_text())
     selection["alpha"] = alphas[selection["best_step"]]
-    path.write_text(json.dumps(selection, indent=2))
+    durable.write_json(path, selection)
     final = ctx.stage_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(selection["checkpoint"], final)
+    with durable.publishing(final) as tmp:
+        shutil.copytree(selection["checkpoint"], tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(durable.MANIFEST))
     return final

@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from biopost import durable
 from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import prepare_for_training
 from biopost.models.policy import load_policy
@@ -281,7 +284,9 @@ def log_train_row(ctx: StageContext, step: int, per_epoch: int, row: dict) -> No
 
 class ResumeState:
     """Model, optimiser, scheduler and RNG at the last save point (``save_every_steps``, default the eval
-    points); the data position is the step."""
+    points); the data position is the step. Each save is written whole under ``resume.next`` with a checksum
+    manifest, then renamed to ``resume``; the save point before it stays as ``resume.prev``, the fallback when
+    the newest is found damaged."""
 
     def __init__(self, step: int):
         self.step = step
@@ -293,21 +298,39 @@ class ResumeState:
     @classmethod
     def save(cls, ctx, policy, optimizer, scheduler, step: int) -> None:
         path = cls.path(ctx)
-        policy.save(path / "policy")
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng},
-                   path / "state.pt")
-        (path / "step.json").write_text(json.dumps({"step": step}))
+        with durable.publishing(path.with_name("resume.next")) as tmp:
+            policy.save(tmp / "policy")
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "cuda_rng": cuda_rng},
+                       tmp / "state.pt")
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
+        if path.exists():
+            durable.replace_dir(path, path.with_name("resume.prev"))
+        durable.replace_dir(path.with_name("resume.next"), path)
+
+    @classmethod
+    def newest_intact(cls, ctx) -> tuple[int, Path | None]:
+        """(step, directory) of the newest save point whose files match their manifest; (0, None) if none."""
+        best = (0, None)
+        for candidate in (cls.path(ctx).with_name(n) for n in ("resume", "resume.next", "resume.prev")):
+            if not candidate.exists():
+                continue
+            problem = durable.check_manifest(candidate)
+            if problem:
+                print(f"{candidate}: {problem}; using an earlier save point", file=sys.stderr)
+                continue
+            step = json.loads((candidate / "step.json").read_text())["step"]
+            best = max(best, (step, candidate), key=lambda b: b[0])
+        return best
 
     @classmethod
     def load(cls, ctx, policy, optimizer, scheduler) -> "ResumeState":
-        path = cls.path(ctx)
-        if not (path / "step.json").is_file():
+        step, path = cls.newest_intact(ctx)
+        if path is None:
             return cls(0)
         from safetensors.torch import load_file
 
-        step = json.loads((path / "step.json").read_text())["step"]
         weights = path / "policy" / ("adapter_model.safetensors" if policy.is_adapter else "model.safetensors")
         if policy.is_adapter:
             from peft import set_peft_model_state_dict

@@ -2,15 +2,20 @@
 
 The Trainer owns gradient accumulation, schedules, mixed precision, multi-GPU through accelerate, and exact
 resume (model, optimizer, scheduler, RNG, data position); we add evaluation on our schedule and log rows.
+Each checkpoint the Trainer saves gets a checksum manifest once complete; resuming takes the newest one whose
+files match it (the two newest are kept), so a checkpoint cut short by a kill or damaged later is skipped.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
+from biopost import durable
 from biopost.stages.context import StageContext, schedule_settings
 
 IGNORE = -100
@@ -24,7 +29,8 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
     callbacks = [callback]
     if policy.projector_parameters():
         callbacks.append(ProjectorCallback(policy))
-    callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once the others have saved into them
+    callbacks.append(ManifestCallback())  # after every callback that writes into a checkpoint
+    callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once they are complete
     trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
@@ -65,9 +71,18 @@ class PolicyTrainer(Trainer):
         return optimizer
 
 
-def last_checkpoint(trainer_dir):
-    found = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete, intact checkpoint; damaged or unfinished ones are reported and set aside."""
+    found = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for checkpoint in found:
+        problem = durable.check_manifest(checkpoint)
+        if problem is None:
+            return checkpoint
+        aside = checkpoint.with_name(f"corrupt-{checkpoint.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        checkpoint.rename(aside)
+        print(f"{checkpoint}: {problem}; moved to {aside.name}, resuming from an earlier checkpoint", file=sys.stderr)
+    return None
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -93,6 +108,8 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         output_dir=str(ctx.stage_dir / "trainer"),
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
+        gradient_checkpointing=stage.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
         learning_rate=stage.lr,
         weight_decay=stage.weight_decay,
         lr_scheduler_type=scheduler,
@@ -103,7 +120,7 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         logging_steps=1,
         save_strategy="steps",
         save_steps=stage.save_every_steps or every,
-        save_total_limit=1,
+        save_total_limit=2,  # the previous one is the fallback when the newest is found damaged
         report_to="none",  # rows reach trackers through RunLog alone (report_to in the run config), never twice
         seed=stage.seed,
         data_seed=stage.seed,
@@ -159,6 +176,13 @@ class ProjectorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class ManifestCallback(TrainerCallback):
+    """Seal each saved checkpoint with a checksum manifest (sizes and sha256): without one it is incomplete."""
+
+    def on_save(self, args, state, control, **kwargs):
+        durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class SnapshotCallback(TrainerCallback):

@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from biopost import durable
 from biopost.models.policy import CHECKPOINT_FILE
 from biopost.runlog import read_metrics
 from biopost.stages.context import val_history, write_selection
@@ -22,8 +23,9 @@ from biopost.study.plan import PlannedRun
 from biopost.trackers import STORES as TRACKER_STORES
 
 MARKER = "branched_from.json"
-RUN_FILES = {"stages", "predictions", "metrics.jsonl", "DONE", "config.yaml", "env.json", MARKER}
-NOT_COPIED = shutil.ignore_patterns("snapshots", "trainer", "resume")
+RUN_FILES = {"stages", "predictions", "metrics.jsonl", "DONE", "config.yaml", "env.json", MARKER, "attempts",
+             ".lock", ".lock.json"}
+NOT_COPIED = shutil.ignore_patterns("snapshots", "trainer", "resume", "resume.*", ".tmp-*")
 
 
 def snapshot_dir(donor_dir: Path, run: PlannedRun) -> Path:
@@ -51,7 +53,7 @@ def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
     if b:
         copy_partial_stage(stage_dir(donor_dir, run, k), stage_dir(run_dir, run, k), snapshot_dir(donor_dir, run), keep)
     rows = [r for r in read_metrics(donor_dir) if keep_row(r, k, b, keep)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "run_id": run.id}) + "\n" for r in rows))
+    durable.write_lines(run_dir / "metrics.jsonl", [json.dumps({**r, "run_id": run.id}) for r in rows])
     copy_predictions(donor_dir / "predictions", run_dir / "predictions", run, k, b, keep)
     for index in range(k + (1 if b else 0)):
         reselect(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), [r for r in rows if r["stage_index"] == index])
@@ -128,6 +130,15 @@ def repoint_checkpoints(run_dir: Path, donor_dir: Path) -> None:
         if isinstance(base, str) and base.startswith(donor + "/"):
             info["base"] = own + base[len(donor):]
             marker.write_text(json.dumps(info, indent=2))
+            reseal(marker.parent, Path(run_dir))
+
+
+def reseal(directory: Path, top: Path) -> None:
+    """Rewrite the checksum manifests of ``directory`` and of each enclosing checkpoint below ``top``."""
+    while directory != top and top in directory.parents:
+        if (directory / durable.MANIFEST).is_file():
+            durable.write_manifest(directory)
+        directory = directory.parent
 
 
 def copy(src: Path, dst: Path) -> None:

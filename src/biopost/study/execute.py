@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from biopost import durable
+from biopost.locks import DirectoryLock
 from biopost.runlog import DONE
 from biopost.study.plan import Plan, PlannedRun
 from biopost.trackers import check_installed
@@ -78,7 +80,7 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
                 print(f"run {run.id}: donor {run.donor} kept no snapshot at {run.branch}; training from the start")
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.mkdir(parents=True)
-                (run_dir / MARKER).write_text(json.dumps({"donor": None, "reason": "donor kept no snapshot"}))
+                durable.write_json(run_dir / MARKER, {"donor": None, "reason": "donor kept no snapshot"})
             else:
                 print(f"run {run.id}: copied {run.branch} from {run.donor}")
         run_pipeline(run.config, run_dir, snapshots=run.snapshots, group=study)
@@ -99,6 +101,11 @@ def execute(plan: Plan, study_dir: Path, executor: str = "local", resources: Res
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     study_dir = Path(study_dir).resolve()
+    with DirectoryLock(study_dir, "study"):
+        return execute_locked(plan, study_dir, executor, resources)
+
+
+def execute_locked(plan: Plan, study_dir: Path, executor: str, resources: Resources | None) -> list[str]:
     todo = [r for r in plan.runs if not is_done(study_dir, r.id)]
     if not todo:
         print(f"all {len(plan.runs)} runs of study {plan.study} have finished; nothing to do")

@@ -21,6 +21,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from biopost import durable
 from biopost.config import ConfigError, RunConfig, write_yaml
 from biopost.study.config import Study, expand, get_field
 
@@ -348,5 +349,5 @@ def prepare(study: Study, study_dir: Path) -> Plan:
         print(f"{study_dir}: the study changed since its plan; planning again (finished runs are kept)")
     plan = make_plan(study, load_data=True)
     write_yaml(study.resolved(), study_dir / "study.yaml")
-    saved.write_text(json.dumps(plan.to_json(), indent=1))
+    durable.write_json(saved, plan.to_json(), indent=1)
     return plan

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from biopost import durable
 from biopost.config import yaml12
 from biopost.runlog import DONE, read_metrics
 from biopost.study.plan import Plan, PlannedRun, task_key
@@ -115,6 +116,8 @@ def write_results(study_dir: Path) -> tuple[Path, Path, pd.DataFrame, list[str]]
     """Write ``results.parquet`` (pyarrow) and ``results.csv`` into the study directory."""
     table, unfinished = collect(study_dir)
     parquet, csv = Path(study_dir) / "results.parquet", Path(study_dir) / "results.csv"
-    table.to_parquet(parquet, engine="pyarrow", index=False)
-    table.to_csv(csv, index=False)
+    with durable.replacing(parquet) as tmp:
+        table.to_parquet(tmp, engine="pyarrow", index=False)
+    with durable.replacing(csv) as tmp:
+        table.to_csv(tmp, index=False)
     return parquet, csv, table, unfinished

@@ -109,8 +109,9 @@ def load_ontology(path: Path | str | None = None, cache: bool = True) -> GeneOnt
     else:
         data = parse_obo(path)
         if cache:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(data))
+            from biopost.durable import write_json
+
+            write_json(cached, data, indent=None)  # atomic: a killed parse never leaves a torn cache
     onto = GeneOntology(
         names=data["names"], aspects=data["aspects"], parents={t: tuple(p) for t, p in data["parents"].items()},
         alt_ids=data["alt_ids"], obsolete=frozenset(data["obsolete"]), version=data["version"],
