@@ -145,7 +145,7 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
         selection = finals[stage].parent / "selection.json"
         if not selection.is_file():
             raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
-        return Path(json.loads(selection.read_text())["checkpoint"])
+        return selection.parent / json.loads(selection.read_text())["checkpoint"]
     if which:
         raise ConfigError(f"stage {name}: init {init!r}: only ':best' or ':init' may follow a stage name")
     return finals[stage]
@@ -161,7 +161,8 @@ def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None
     if not added:
         return base
     policy.save(target)
-    print(f"added tokens {added} to {base}; embeddings resized to {len(policy.tokenizer)}")
+    rows = policy.model.get_input_embeddings().weight.shape[0]
+    print(f"added tokens {added} to {base} (embedding rows: {rows}, initialised from the tags' text pieces)")
     return str(target)
 
 

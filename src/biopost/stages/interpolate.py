@@ -16,7 +16,7 @@ import json
 import shutil
 
 from biopost.config import ConfigError
-from biopost.models.policy import CHECKPOINT_FILE, load_policy
+from biopost.models.policy import CHECKPOINT_FILE, copy_checkpoint, load_policy
 from biopost.models.weights import average, interpolate, load_weights, merged, weights_of
 from biopost.stages.context import StageContext
 
@@ -93,5 +93,4 @@ def save_selected(ctx: StageContext, alphas: list[float]):
     path.write_text(json.dumps(selection, indent=2))
     final = ctx.stage_dir / "final"
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(selection["checkpoint"], final)
-    return final
+    return copy_checkpoint(path.parent / selection["checkpoint"], final)
