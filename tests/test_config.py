@@ -187,3 +187,10 @@ def test_every_boolean_field_refuses_yaml_1_1_words(override, tmp_path):
     path.write_text("task: {name: cell_type/pbmc68k}\nmodel: {encoders: {dna: {name: tiny-dna}}}\nstages: [{kind: sft}]\n")
     with pytest.raises(ConfigError, match="valid boolean"):
         load_config(path, [override])
+
+
+@pytest.mark.parametrize("lora", ["{rank: 8}", "full"])
+def test_continue_with_its_own_lora_is_an_error_naming_both_keys(config_file, lora):
+    message = error_of(config_file, "stages.0.kind=rl", "stages.0.adapter=continue", f"stages.0.lora={lora}")
+    assert "'stages.0'" in message and "adapter: continue" in message and "`lora`" in message
+    assert load_config(config_file, ["stages.0.kind=rl", "stages.0.adapter=continue"]).stages[0].adapter == "continue"
