@@ -355,3 +355,18 @@ def test_one_merged_copy_per_source_only_for_adapters_and_no_resume_state_left(r
     for stage_dir in stages.values():
         assert (stage_dir / "DONE").is_file()
         assert not (stage_dir / "base").exists() and not (stage_dir / "resume").exists(), stage_dir
+
+
+def test_merged_copy_lives_in_the_run_holding_its_source(tmp_path):
+    """Runs of a study that start from another run's checkpoint share that run's merged copy."""
+    from biopost.models.adapters import merged_base_dir
+
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        (run_dir / "stages" / "0-sft" / "final").mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("name: x\n")
+    stage_b = tmp_path / "b" / "stages" / "1-rl"
+    source = tmp_path / "a" / "stages" / "0-sft" / "final"
+    assert merged_base_dir(source, stage_b) == (tmp_path / "a" / "merged" / "stages--0-sft--final").resolve()
+    outside = tmp_path / "elsewhere" / "checkpoint"
+    outside.mkdir(parents=True)
+    assert merged_base_dir(outside, stage_b).parent == (tmp_path / "b" / "merged").resolve()
