@@ -16,8 +16,8 @@ ADAPTER_WEIGHTS = ("lora_", "trainable_tokens_delta")  # LoRA matrices and the a
 
 
 def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path, mode: str = "new", *,
-                         source: Path, freeze_projector: bool = False) -> Policy:
-    """Make ``policy`` (loaded from ``source``) trainable for a stage whose directory is ``workdir``.
+                         source: Path | None = None, freeze_projector: bool = False) -> Policy:
+    """Make ``policy`` (loaded from checkpoint ``source``) trainable for a stage whose directory is ``workdir``.
 
     ``lora=None``: full fine-tuning (an existing adapter is merged first, in memory only).
     ``mode="continue"``: keep training the adapter the policy already has.
@@ -40,6 +40,8 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
     if policy.is_adapter:
         policy = merged(policy)
         if lora is not None:  # only an adapter trained on the merge needs it on disk
+            if source is None:
+                raise ValueError("a new adapter on a merged one needs the checkpoint it was loaded from (source=)")
             policy.base_path = save_merged_base(policy, merged_base_dir(source, workdir))
     elif policy.base_path is None:
         policy.base_path = Path(policy.model.name_or_path)
