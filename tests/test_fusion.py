@@ -410,8 +410,10 @@ def test_moved_fused_run_with_added_think_tokens(tmp_path, encoder_dir, motif, m
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # nothing may depend on the working directory either
     run_dir = tmp_path / "b"
-    recorded = list(run_dir.rglob(CHECKPOINT_FILE))
-    assert recorded and not any(str(tmp_path) in p.read_text() for p in recorded)
+    recorded = [p.read_text() for p in run_dir.rglob(CHECKPOINT_FILE)]
+    old = str(tmp_path / "a")
+    assert recorded and not any(f"{old}/" in text or f'{old}"' in text for text in recorded)  # nothing in the run
+    assert any(f'"{plain}"' in text for text in recorded)  # the backbone outside it stays absolute
     checkpoints = [*run_dir.glob("stages/*/final"), *run_dir.glob("stages/*/checkpoints/*")]
     assert len(checkpoints) == 4
     for checkpoint in checkpoints:
