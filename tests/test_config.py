@@ -242,3 +242,10 @@ def test_text_fields_keep_override_text_as_typed(override, path, expected):
 def test_numbers_stay_numbers_where_a_field_takes_both(config_file):
     config = load_config(config_file, ["task.split.ood_test_groups=0.25", "stages.0.lr=1e-3", "model.lora.rank=010"])
     assert config.task.split.ood_test_groups == 0.25 and config.stages[0].lr == 1e-3 and config.model.lora.rank == 10
+
+
+@pytest.mark.parametrize("lora", ["{rank: 8}", "full"])
+def test_continue_with_its_own_lora_is_an_error_naming_both_keys(config_file, lora):
+    message = error_of(config_file, "stages.0.kind=rl", "stages.0.adapter=continue", f"stages.0.lora={lora}")
+    assert "'stages.0'" in message and "adapter: continue" in message and "`lora`" in message
+    assert load_config(config_file, ["stages.0.kind=rl", "stages.0.adapter=continue"]).stages[0].adapter == "continue"

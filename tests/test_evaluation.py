@@ -84,3 +84,16 @@ def test_evaluation_leaves_the_callers_rng_alone(tiny_backbone, pbmc_task, pbmc_
         assert torch.equal(torch.get_rng_state(), before)
         completions.append([r["completions"] for r in records["val"]])
     assert completions[0] == completions[1]
+
+
+def test_completion_tokens_count_generated_ids_through_end_of_turn(tiny_backbone, pbmc_task, pbmc_splits):
+    """The generated ids, end-of-turn included (RL's completion mask), not a re-tokenisation of the text."""
+    policy = load_policy(tiny_backbone)
+    tok, eot = policy.tokenizer, policy.end_of_turn_id
+    letters = tok.convert_tokens_to_ids(list("Answer"))  # one id per letter: re-tokenising the text merges them
+    assert len(tok("Answer", add_special_tokens=False)["input_ids"]) < len(letters)
+    stopped = letters + [eot] + [tok.pad_token_id] * 2  # 6 letters + end-of-turn = 7 tokens
+    running = letters + letters[:3]  # hit max_new_tokens without end-of-turn: 9 tokens
+    policy.generate = lambda *args, **kwargs: torch.tensor([stopped, running])
+    rows, _ = evaluate(policy, pbmc_task, {"val": list(pbmc_splits.val[:2])}, EvalConfig(batch_size=2, bootstrap=0))
+    assert [r["value"] for r in rows if r["metric"] == "completion_tokens"] == [(7 + 9) / 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -285,7 +286,7 @@ def test_fused_pipeline_cpt_sft_rl(tmp_path, encoder_dir, monkeypatch):
     assert task.fused_modalities == {"dna"}
     saved = [json.loads(line) for line in (run_dir / "predictions" / "rl-step000002-val.jsonl").read_text().splitlines()]
     examples = {e.id: e for e in task.load()}
-    again = generate_completions(load_policy(final), task, [examples[r["id"]] for r in saved], config.eval)
+    again, _ = generate_completions(load_policy(final), task, [examples[r["id"]] for r in saved], config.eval)
     assert again == [r["completions"] for r in saved]
     logged = {r["value"] for r in rows if (r["stage"], r["step"], r["split"], r["metric"]) == ("rl", 2, "val", "accuracy")}
     evaluated = [r["value"] for r in evaluate_checkpoint(final, MotifTask.name, ["val"], 4) if r["metric"] == "accuracy"]
@@ -362,3 +363,66 @@ def test_leakage_check_finds_pretraining_sequences_in_held_out_payloads(encoder_
     for leaked in ["CC" + window[10:40] + "GG", ("ACGT", reverse[:30]), window]:
         with pytest.raises(LeakageError, match="pretraining data of"):
             check_encoder_leakage(str(encoder_dir), "dna", HeldOut(leaked))
+
+
+# ---------------------------------------------------------------- added tokens, padded vocabularies, moved runs
+def test_placeholders_take_free_rows_of_a_padded_vocabulary(tiny_backbone, encoder_dir, tmp_path):
+    """Like Qwen2.5 (config.vocab_size > len(tokenizer)): a placeholder takes a free row; nothing shrinks."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    config = AutoConfig.from_pretrained(tiny_backbone)
+    config.vocab_size = len(tokenizer) + 5
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    before = load_policy(tmp_path / "padded").model.get_input_embeddings().weight.detach().clone()
+    policy = fused_policy(tmp_path / "padded", encoder_dir, num_tokens=2)
+    after = policy.model.get_input_embeddings().weight
+    assert after.shape == before.shape and policy.placeholder_ids["dna"] == len(tokenizer)
+    assert torch.equal(after[: len(tokenizer)], before[: len(tokenizer)])
+
+
+def test_moved_fused_run_with_added_think_tokens(tmp_path, encoder_dir, motif, monkeypatch):
+    """A fused run on a backbone without <think> tokens: LoRA stages train the added rows through the splice,
+    and after `mv` every checkpoint (adapters on the fused backbone and on the merged SFT model) evaluates."""
+    from biopost.inference import evaluate_checkpoint
+    from biopost.models.policy import CHECKPOINT_FILE
+    from biopost.models.tiny import THINK, build_tiny_backbone
+    from biopost.pipeline import run
+
+    monkeypatch.setenv("BIOPOST_CACHE", str(tmp_path / "cache"))
+    task, examples = motif
+    plain = build_tiny_backbone("tiny-s", task.training_texts(examples), tmp_path / "plain", think_tokens=False)
+    lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0}
+    config = validate_config({
+        "task": {"name": MotifTask.name},
+        "model": {"backbone": str(plain), "think_tokens": "add", "lora": lora,
+                  "encoders": {"dna": {"name": str(encoder_dir), "num_tokens": 2}}},
+        "eval": {"splits": ["val"], "max_examples": 2, "batch_size": 2, "max_new_tokens": 4, "bootstrap": 0},
+        "stages": [{"kind": "sft", "max_steps": 2, "eval_every_steps": 2, "batch_size": 4, "lr": 5e-2,
+                    "eval_at_start": False},
+                   {"kind": "rl", "init": "sft:best", "adapter": "new", "lora": lora, "max_steps": 2,
+                    "eval_every_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 6,
+                    "eval_at_start": False}],
+    })
+    run(config, tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # nothing may depend on the working directory either
+    run_dir = tmp_path / "b"
+    recorded = [p.read_text() for p in run_dir.rglob(CHECKPOINT_FILE)]
+    old = str(tmp_path / "a")
+    assert recorded and not any(f"{old}/" in text or f'{old}"' in text for text in recorded)  # nothing in the run
+    assert any(f'"{plain}"' in text for text in recorded)  # the backbone outside it stays absolute
+    checkpoints = [*run_dir.glob("stages/*/final"), *run_dir.glob("stages/*/checkpoints/*")]
+    assert len(checkpoints) == 4
+    for checkpoint in checkpoints:
+        assert [r["metric"] for r in evaluate_checkpoint(checkpoint, MotifTask.name, ["val"], 2)], checkpoint
+
+    sft = load_policy(run_dir / "stages" / "0-sft" / "final")
+    base = load_policy(run_dir / "backbone-fused")
+    assert type(sft).__name__ == "FusedPolicy" and sft.info["added_tokens"] == THINK
+    ids = torch.tensor(sft.tokenizer.convert_tokens_to_ids(THINK))
+    rows, base_rows = sft.embed(ids[None])[0], base.embed(ids[None])[0]
+    assert not torch.allclose(rows, base_rows)  # SFT moved them (through the adapter's trainable rows)
+    assert float((rows[0] - rows[1]).norm()) > 0.1 * float(base_rows.norm(dim=1).mean())  # and they differ

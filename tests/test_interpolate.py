@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,7 +223,8 @@ def test_interrupted_interpolation_resumes_after_its_last_point(interp_run, tmp_
     keys = [(r["step"], r["task"], r["split"], r["metric"]) for r in read_metrics(cut) if r["stage"] == "interpolate"]
     assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {0, 1, 2}
     assert rows_at(cut, "interpolate", 2) == rows_at(run_dir, "interpolate", 2)
-    assert json.loads((here / "selection.json").read_text())["checkpoint"].startswith(str(cut))
+    chosen = json.loads((here / "selection.json").read_text())["checkpoint"]  # relative: the copy's own
+    assert not Path(chosen).is_absolute() and (here / chosen / "biopost_checkpoint.json").is_file()
 
 
 @pytest.mark.parametrize("stage, message", [

@@ -186,7 +186,8 @@ RL_COMMON = {"kind": "rl", "max_steps": 2, "prompts_per_step": 2, "num_generatio
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory, fast_config):
     """One run: SFT, then RL continuing the SFT adapter from its val-best checkpoint, RL with a new adapter of
-    another rank, and RL cold-started from the base model. Records each stage's init path.
+    another rank, RL cold-started from the base model, a second new adapter on the SFT model and full RL
+    from the val-best SFT checkpoint. Records each stage's init path.
 
     A tiny model after a few SFT steps never earns task or format reward, so every advantage would be 0 and
     nothing would train. An extra ``probe`` reward (a fixed function of the completion text) is added to the
@@ -201,6 +202,9 @@ def rl_run(tmp_path_factory, fast_config):
         {**RL_COMMON, "name": "rl_new", "init": "sft", "adapter": "new",
          "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0}},
         {**RL_COMMON, "name": "rl_cold", "init": "base"},
+        # disk: a second new adapter on the SFT model shares its merged copy; full fine-tuning keeps none
+        {**RL_COMMON, "name": "rl_new2", "init": "sft", "adapter": "new"},
+        {**RL_COMMON, "name": "rl_full", "init": "sft:best", "adapter": "new", "lora": "full"},
     ]
     config = validate_config(raw)
     inits: dict[str, Path] = {}
@@ -256,7 +260,7 @@ def test_rl_init_best_is_the_val_selected_checkpoint(rl_run):
     _, _, inits, stages, _ = rl_run
     selection = json.loads((stages["sft"] / "selection.json").read_text())
     assert selection["split"] == "val"
-    assert inits["rl"] == Path(selection["checkpoint"])
+    assert inits["rl"] == stages["sft"] / selection["checkpoint"]  # recorded relative to selection.json
     assert inits["rl"].parent.name == "checkpoints" and inits["rl"].is_dir()
     assert inits["rl_new"] == stages["sft"] / "final"
 
@@ -292,8 +296,8 @@ def test_new_adapter_has_its_own_rank_on_the_merged_sft_model(rl_run):
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 8
     assert json.loads((inits["rl_new"] / "adapter_config.json").read_text())["r"] == 4
     info = json.loads((final / CHECKPOINT_FILE).read_text())
-    base = Path(info["base"])
-    assert base == (stages["rl_new"] / "base").resolve()
+    base = (final / info["base"]).resolve()  # inside the run directory: recorded relative to the checkpoint
+    assert base == (stages["rl_new"].parent.parent / "merged" / "stages--0-sft--final").resolve()
     assert json.loads((base / CHECKPOINT_FILE).read_text())["kind"] == "full"
     # the base is the SFT adapter merged into the backbone
     merged = load_policy(base).model.state_dict()
@@ -337,3 +341,32 @@ def test_stage_seed_changes_rollouts_after_an_evaluation(fast_config, tmp_path, 
 
     assert first_rollout(0, 0) == first_rollout(0, 1)  # reproducible ...
     assert first_rollout(0, 2) != first_rollout(1, 0)  # ... and the stage seed matters
+
+
+def test_one_merged_copy_per_source_only_for_adapters_and_no_resume_state_left(rl_run):
+    run_dir, _, inits, stages, _ = rl_run
+    assert inits["rl_full"] != inits["rl_new"] == inits["rl_new2"]
+    merged = sorted((run_dir / "merged").iterdir())
+    assert [p.name for p in merged] == ["stages--0-sft--final"]  # rl_new and rl_new2 share it; rl_full has none
+    for name in ("rl_new", "rl_new2"):
+        final = stages[name] / "final"
+        assert (final / json.loads((final / CHECKPOINT_FILE).read_text())["base"]).resolve() == merged[0].resolve()
+    assert json.loads((stages["rl_full"] / "final" / CHECKPOINT_FILE).read_text())["kind"] == "full"
+    for stage_dir in stages.values():
+        assert (stage_dir / "DONE").is_file()
+        assert not (stage_dir / "base").exists() and not (stage_dir / "resume").exists(), stage_dir
+
+
+def test_merged_copy_lives_in_the_run_holding_its_source(tmp_path):
+    """Runs of a study that start from another run's checkpoint share that run's merged copy."""
+    from biopost.models.adapters import merged_base_dir
+
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        (run_dir / "stages" / "0-sft" / "final").mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("name: x\n")
+    stage_b = tmp_path / "b" / "stages" / "1-rl"
+    source = tmp_path / "a" / "stages" / "0-sft" / "final"
+    assert merged_base_dir(source, stage_b) == (tmp_path / "a" / "merged" / "stages--0-sft--final").resolve()
+    outside = tmp_path / "elsewhere" / "checkpoint"
+    outside.mkdir(parents=True)
+    assert merged_base_dir(outside, stage_b).parent == (tmp_path / "b" / "merged").resolve()

@@ -12,7 +12,7 @@ from biopost.config import ConfigError, validate_config
 from biopost.models.policy import load_policy
 from biopost.pipeline import run
 from biopost.runlog import read_metrics
-from biopost.stages.sft import tokenize_example
+from biopost.stages.sft import sample_fraction, tokenize_example
 
 IGNORE = -100  # the label PyTorch's cross-entropy skips
 
@@ -88,3 +88,14 @@ def test_rerun_is_a_no_op_and_another_config_is_refused(sft_run):
     with pytest.raises(ConfigError, match="another run"):
         run(validate_config(other), sft_run.dir)
     assert (sft_run.dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_data_fractions_are_nested_for_one_seed():
+    """A data-scaling axis compares amounts of the same examples: each smaller subset lies in every larger one."""
+    examples = [f"e{i}" for i in range(200)]
+    subsets = [sample_fraction(examples, f, seed=3) for f in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    assert [len(s) for s in subsets] == [40, 80, 120, 160, 200]
+    for small, large in zip(subsets, subsets[1:]):
+        assert set(small) < set(large)
+    assert all(s == sorted(s, key=examples.index) for s in subsets)  # split order kept
+    assert sample_fraction(examples, 0.4, seed=3) == subsets[1] != sample_fraction(examples, 0.4, seed=4)

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
+    p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="JSONL out (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
+    p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -206,14 +208,14 @@ def cmd_study_collect(args) -> int:
 def cmd_eval(args) -> int:
     from biopost.inference import evaluate_checkpoint
 
-    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device)
+    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device, args.base)
     return write_jsonl(rows, args.output, "rows")
 
 
 def cmd_predict(args) -> int:
     from biopost.inference import predict_file
 
-    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device)
+    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device, args.base)
     return write_jsonl(records, args.output, "predictions")
 
 

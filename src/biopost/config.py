@@ -180,7 +180,7 @@ class ModelConfig(Strict):
     )
     think_tokens: Literal["text", "add"] = Field(
         "text", description="text: <think> tags are ordinary text for the tokenizer; add: add them as tokens "
-        "where missing and resize the embeddings (new rows start at the mean embedding)"
+        "where missing (new embedding rows start at the mean of the tag's text pieces and train in LoRA stages)"
     )
     encoders: dict[Literal["dna", "protein", "cell"], EncoderConfig] = Field(
         default_factory=dict, description="modalities read through a frozen encoder + projector; none = sequences "
@@ -395,6 +395,13 @@ class RLStage(StageBase):
     @property
     def examples_per_step(self) -> int:
         return self.prompts_per_step
+
+    @model_validator(mode="after")
+    def _continue_has_no_lora(self) -> "RLStage":
+        if self.adapter == "continue" and self.lora != "inherit":
+            raise ValueError("adapter: continue trains the init checkpoint's own adapter, so this stage's `lora` "
+                             "would be ignored; remove `lora` or use adapter: new")
+        return self
 
 
 class InterpolateStage(Strict):

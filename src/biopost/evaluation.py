@@ -16,10 +16,13 @@ from tqdm.auto import tqdm
 from biopost.config import EvalConfig
 from biopost.data import Example
 from biopost.data.splits import fingerprint, subset
+from biopost.stages.grpo import completion_mask
 
 
-def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig, desc: str = "generate") -> list[list[str]]:
-    """``cfg.num_samples`` completions per example (greedy when 1)."""
+def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
+                         desc: str = "generate") -> tuple[list[list[str]], list[int]]:
+    """``cfg.num_samples`` completions per example (greedy when 1), and each completion's generated token
+    count through end-of-turn (RL's completion mask: the count its length reward sees)."""
     sampling = cfg.num_samples > 1
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sampling, use_cache=True)
     if sampling:
@@ -29,6 +32,7 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     was_training = policy.model.training
     policy.model.eval()
     out: list[list[str]] = []
+    lengths: list[int] = []
     try:
         with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
             for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False,
@@ -38,10 +42,11 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)
                 new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
                 texts = [policy.decode(row) for row in new]
+                lengths += completion_mask(new, policy.end_of_turn_id).sum(1).tolist()
                 out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
     finally:
         policy.model.train(was_training)
-    return out
+    return out, lengths
 
 
 @contextmanager
@@ -110,7 +115,7 @@ def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig) ->
         chosen = subset(examples, cfg.max_examples, cfg.seed)
         if not chosen:
             continue
-        completions = generate_completions(policy, task, chosen, cfg, desc=f"eval {name}")
+        completions, lengths = generate_completions(policy, task, chosen, cfg, desc=f"eval {name}")
         recs, per_metric = score_split(task, chosen, completions)
         records[name] = recs
         for metric, values in per_metric.items():
@@ -124,7 +129,6 @@ def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig) ->
             rows.append({"split": name, "metric": metric, "value": float(value), "n": int(n), "ci_low": None,
                          "ci_high": None, "fingerprint": fingerprint(chosen), "num_samples": cfg.num_samples})
         rows.append({"split": name, "metric": "completion_tokens", "n": len(chosen), "fingerprint": fingerprint(chosen),
-                     "value": float(np.mean([len(policy.tokenizer(c, add_special_tokens=False)["input_ids"])
-                                             for r in recs for c in r["completions"]])),
+                     "value": float(np.mean(lengths)),
                      "ci_low": None, "ci_high": None, "num_samples": cfg.num_samples})
     return rows, records

@@ -39,7 +39,7 @@ def task_for_checkpoint(checkpoint: Path, name: str):
 
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
-                        device: str = "auto") -> list[dict]:
+                        device: str = "auto", base: Path | None = None) -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
@@ -50,13 +50,13 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     restore_task_state(task, state)
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
-    policy = load_policy(checkpoint, device=device)
+    policy = load_policy(checkpoint, device=device, base=base)
     rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
-                 device: str = "auto") -> list[dict]:
+                 device: str = "auto", base: Path | None = None) -> list[dict]:
     device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name)
     if not input_path.is_file():
@@ -70,9 +70,9 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         except json.JSONDecodeError as err:
             raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg})") from None
         examples.append(task.example_from_input(record, f"{input_path.name}:{number}"))
-    policy = load_policy(checkpoint, device=device)
+    policy = load_policy(checkpoint, device=device, base=base)
     cfg = EvalConfig(max_new_tokens=max_new_tokens)
-    completions = generate_completions(policy, task, examples, cfg, desc="predict")
+    completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
     out = []
     for example, (completion,) in zip(examples, completions):
         think = completion.split("</think>")[0].replace("<think>", "").strip() if "</think>" in completion else None

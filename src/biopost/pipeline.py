@@ -183,7 +183,7 @@ def resolve_init(init: str, previous: Path, base: Path, finals: dict[str, Path],
         selection = finals[stage].parent / "selection.json"
         if not selection.is_file():
             raise ConfigError(f"stage {name}: init {init!r} needs val evaluations in stage {stage}")
-        chosen = Path(json.loads(selection.read_text())["checkpoint"])
+        chosen = selection.parent / json.loads(selection.read_text())["checkpoint"]
         check_intact(chosen, finals[stage].parent)
         return chosen
     if which:
@@ -209,7 +209,8 @@ def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None
     if not added:
         return base
     policy.save(target)
-    print(f"added tokens {added} to {base}; embeddings resized to {len(policy.tokenizer)}")
+    rows = policy.model.get_input_embeddings().weight.shape[0]
+    print(f"added tokens {added} to {base} (embedding rows: {rows}, initialised from the tags' text pieces)")
     return str(target)
 
 

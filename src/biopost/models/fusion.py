@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from biopost.data.example import PLACEHOLDERS
+from biopost.models.backbones import grow_embeddings
 from biopost.models.encoders import Encoder, load_encoder
 from biopost.models.policy import CHECKPOINT_FILE, PROJECTOR_FILE, Policy, load_policy
 
@@ -209,7 +210,7 @@ def add_placeholder_tokens(policy: Policy, tokens: list[str]) -> dict[str, int]:
     missing = [t for t in tokens if t not in policy.tokenizer.get_vocab()]
     if missing:
         policy.tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-        policy.model.resize_token_embeddings(len(policy.tokenizer), mean_resizing=False)
+        grow_embeddings(policy.model, len(policy.tokenizer))
     return {t: policy.tokenizer.convert_tokens_to_ids(t) for t in tokens}
 
 

@@ -7,12 +7,16 @@ stage works with it unchanged.
 
 Checkpoints are Hugging Face directories plus ``biopost_checkpoint.json``: ``kind`` is ``full`` (weights
 saved) or ``adapter`` (a peft adapter on top of the full model at ``base``), and ``task`` holds what
-prediction needs (task name, options, label set).
+prediction needs (task name, options, label set). Local paths inside the run directory (``base``, the
+``backbone`` loaded first) are recorded relative to the checkpoint, so a run directory can be moved;
+paths outside it stay absolute, hub ids stay as they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import torch
 
 CHECKPOINT_FILE = "biopost_checkpoint.json"
 PROJECTOR_FILE = "projector.safetensors"  # a fused model's projectors (models/fusion.py)
+PATH_KEYS = ("base", "backbone")  # checkpoint fields that may name a local directory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -135,43 +140,104 @@ class Policy:
         return path
 
     def _save_into(self, path: Path, final: Path, task_state: dict | None) -> None:
-        if self.is_adapter:  # only the trained adapter, not a frozen reference copy
-            self.model.save_pretrained(path, selected_adapters=["default"])
+        if self.is_adapter:  # only the trained adapter, not a frozen reference copy; the base is recorded below
+            self.model.save_pretrained(path, selected_adapters=["default"], save_embedding_layers=False)
         else:
             self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         info = {"kind": "adapter" if self.is_adapter else "full", **self.info}
         if self.is_adapter:
-            base = Path(self.base_path)
-            info["base"] = str(base.resolve()) if base.exists() else str(self.base_path)
+            info["base"] = str(self.base_path)
+        for key in PATH_KEYS:
+            if key in info:
+                info[key] = recorded_path(info[key], final)  # relative to where it is published
         if task_state is not None:
             info["task"] = task_state
         (path / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
         self.save_projector(path)
 
 
+def run_root(path: Path) -> Path | None:
+    """The run directory holding ``path`` (the nearest parent with a run's ``config.yaml`` and ``stages/``)."""
+    for parent in [path, *path.parents]:
+        if (parent / "config.yaml").is_file() and (parent / "stages").is_dir():
+            return parent
+    return None
+
+
+def recorded_path(value: str, checkpoint: Path) -> str:
+    """How ``checkpoint`` records a model location: relative to it ("../..") inside its run directory
+    (rule 10: run directories move), absolute outside it, hub ids unchanged."""
+    if not Path(value).expanduser().exists():
+        return value
+    target, checkpoint = Path(value).expanduser().resolve(), checkpoint.resolve()
+    root = run_root(checkpoint)
+    if root is None or not target.is_relative_to(root):
+        return str(target)
+    relative = os.path.relpath(target, checkpoint)
+    return relative if relative.startswith(".") else f"./{relative}"
+
+
+def resolved_path(value: str, checkpoint: Path) -> str:
+    """Inverse of :func:`recorded_path`: relative records are read against the checkpoint directory."""
+    return str((checkpoint.resolve() / value).resolve()) if value.startswith(".") else value
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """Copy a checkpoint directory to ``target`` (published whole, with a fresh manifest), its recorded paths
+    re-recorded from there (a relative path names the same model from the copy as from the original)."""
+    from biopost import durable
+
+    with durable.publishing(target) as tmp:  # beside target: relative paths recorded for target hold in tmp
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(durable.MANIFEST))
+        marker = tmp / CHECKPOINT_FILE
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            for key in PATH_KEYS:
+                if key in info:
+                    info[key] = recorded_path(resolved_path(info[key], Path(source)), Path(target))
+            marker.write_text(json.dumps(info, indent=2))
+    return Path(target)
+
+
 def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False,
-                revision: str | None = None, device: str | None = None) -> Policy:
+                revision: str | None = None, device: str | None = None, base: str | Path | None = None) -> Policy:
     """Load a biopost checkpoint, a local Hugging Face directory, or a hub id (at ``revision``), placed on
-    ``device`` (None: where transformers loads it, the CPU). Stages pass the run's one resolved device."""
-    policy = _load_policy(source, dtype, trainable_adapter, revision)
+    ``device`` (None: where transformers loads it, the CPU). Stages pass the run's one resolved device.
+
+    ``base`` overrides where an adapter checkpoint's base model is (when it was moved away from the
+    location the checkpoint records).
+    """
+    policy = _load_policy(source, dtype, trainable_adapter, revision, base)
     return policy.to(device) if device else policy
 
 
-def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revision: str | None) -> Policy:
+def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revision: str | None,
+                 base: str | Path | None) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source).expanduser()
     marker = path / CHECKPOINT_FILE
     if marker.is_file():
         info = json.loads(marker.read_text())
+        for key in PATH_KEYS:
+            if key in info:
+                info[key] = resolved_path(info[key], path)
         if info["kind"] == "adapter":
             from peft import PeftModel
 
-            base = load_policy(info["base"], dtype, revision=info.get("revision"))
-            model = PeftModel.from_pretrained(base.model, path, is_trainable=trainable_adapter)
+            if base is None:
+                base = info["base"]
+                if base.startswith("/") and not Path(base).exists():
+                    recorded = json.loads(marker.read_text())["base"]
+                    raise FileNotFoundError(
+                        f"adapter checkpoint {path} applies to the base model recorded as {recorded!r}, which is "
+                        f"missing at {base}: put it back there or pass its location (--base PATH; load_policy(base=PATH))"
+                    )
+            under = load_policy(base, dtype, revision=info.get("revision"))
+            model = PeftModel.from_pretrained(under.model, path, is_trainable=trainable_adapter)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            policy = replace(base, model=model, tokenizer=tokenizer, base_path=Path(info["base"]), info=_kept(info))
+            policy = replace(under, model=model, tokenizer=tokenizer, base_path=Path(base), info=_kept(info))
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
             policy = Policy(model, AutoTokenizer.from_pretrained(path), info=_kept(info))

@@ -91,11 +91,12 @@ def val_history(rows: list[dict], metric: str) -> list[dict]:
 
 
 def write_selection(stage_dir: Path, metric: str, history: list[dict]) -> None:
-    """Best checkpoint on ``val`` only (ties go to the earlier step)."""
+    """Best checkpoint on ``val`` only (ties go to the earlier step); its path is relative to this file, so
+    the stage directory can move (a run directory moved, a study branch copied)."""
     best = max(history, key=lambda h: (h["value"], -h["step"]))
     durable.write_json(stage_dir / "selection.json", {
         "metric": metric, "split": "val", "best_step": best["step"],
-        "best_value": best["value"], "checkpoint": str(stage_dir / "checkpoints" / f"step-{best['step']:06d}"),
+        "best_value": best["value"], "checkpoint": f"checkpoints/step-{best['step']:06d}",
     })
 
 

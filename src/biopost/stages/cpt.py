@@ -28,8 +28,8 @@ def run_cpt(ctx: StageContext):
     if ctx.forgetting is not None:
         ctx.forgetting.check_not_trained_on(corpus.train)
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
-    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new",
-                                  freeze_projector=stage.freeze_projector)
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir,
+                                  source=ctx.init_path, freeze_projector=stage.freeze_projector)
     eos = policy.tokenizer.eos_token_id
     train = pack(tokenize_documents(policy.tokenizer, corpus.train, eos), stage.seq_length, eos)
     heldout = pack(tokenize_documents(policy.tokenizer, corpus.heldout, eos), stage.seq_length, eos)

@@ -13,11 +13,10 @@ Every point is saved as full weights (adapters merged), like any evaluation chec
 from __future__ import annotations
 
 import json
-import shutil
 
 from biopost import durable
 from biopost.config import ConfigError
-from biopost.models.policy import CHECKPOINT_FILE, load_policy
+from biopost.models.policy import CHECKPOINT_FILE, copy_checkpoint, load_policy
 from biopost.models.weights import average, interpolate, load_weights, merged, weights_of
 from biopost.stages.context import StageContext
 
@@ -93,6 +92,4 @@ def save_selected(ctx: StageContext, alphas: list[float]):
     selection["alpha"] = alphas[selection["best_step"]]
     durable.write_json(path, selection)
     final = ctx.stage_dir / "final"
-    with durable.publishing(final) as tmp:
-        shutil.copytree(selection["checkpoint"], tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(durable.MANIFEST))
-    return final
+    return copy_checkpoint(path.parent / selection["checkpoint"], final)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from transformers import get_scheduler
 
 from biopost import durable
 from biopost.evaluation import collate_payloads, encode_prompts
-from biopost.models.adapters import prepare_for_training
+from biopost.models.adapters import is_adapter_weight, prepare_for_training
 from biopost.models.policy import load_policy
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
@@ -40,7 +41,7 @@ def run_rl(ctx: StageContext):
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue",
                          revision=ctx.config.model.revision, device=ctx.device)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter,
-                                  freeze_projector=stage.freeze_projector)
+                                  source=ctx.init_path, freeze_projector=stage.freeze_projector)
     reference = Reference.of(policy, ctx.init_path, stage.adapter)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
     rewards = reward_functions(ctx.task, stage)
@@ -82,7 +83,9 @@ def run_rl(ctx: StageContext):
         ctx.evaluate_and_save(policy, total, epoch=round(total / per_epoch, 4))
 
     # ---- save
-    return policy.save(ctx.stage_dir / "final", ctx.task_state)
+    final = policy.save(ctx.stage_dir / "final", ctx.task_state)
+    shutil.rmtree(ResumeState.path(ctx), ignore_errors=True)  # a finished stage is never resumed
+    return final
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Reference:
         finally:
             policy.model.base_model.set_adapter("default")
             for name, param in policy.model.named_parameters():  # set_adapter may change trainability
-                param.requires_grad = "lora_" in name and ".reference." not in name
+                param.requires_grad = is_adapter_weight(name)
 
 
 def make_scheduler(stage, optimizer, total_updates: int):

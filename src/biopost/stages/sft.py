@@ -22,8 +22,8 @@ def run_sft(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: model, data, schedule
     policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
-    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode="new",
-                                  freeze_projector=stage.freeze_projector)
+    policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir,
+                                  source=ctx.init_path, freeze_projector=stage.freeze_projector)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     ctx.task_state["sft_train_examples"] = len(train)
     dataset = [tokenize_example(policy, ctx.task, e, stage.max_length) for e in train]
@@ -38,11 +38,19 @@ def run_sft(ctx: StageContext):
 
 
 def sample_fraction(examples: list, fraction: float, seed: int) -> list:
-    """A seeded subset of the training split (the 'SFT data fraction' axis)."""
+    """The first ``fraction`` of one seeded order of the training split (the 'data fraction' axis).
+
+    Fractions are nested: for one seed a smaller subset lies inside every larger one, so a data-scaling
+    axis compares amounts of the same examples. Kept in split order.
+
+    >>> small, large = (sample_fraction(list(range(100)), f, seed=0) for f in (0.3, 0.5))
+    >>> len(small), len(large), set(small) <= set(large), small == sorted(small)
+    (30, 50, True, True)
+    """
     if fraction >= 1.0:
         return examples
     n = max(1, round(fraction * len(examples)))
-    keep = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
     return [examples[i] for i in keep]
 
 

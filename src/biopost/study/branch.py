@@ -7,16 +7,21 @@ at), its ``selection.json`` recomputed from those val rows alone, and the donor'
 ``b``. The pipeline's ordinary resume then trains the rest. ``branched_from.json`` is written last: a
 directory without it is an interrupted copy and is made again. Experiment trackers are not copied: the
 run's own tracker runs start with the copied rows (see biopost.runlog).
+
+Paths inside a run directory are recorded relative to the file holding them, so copies need no rewriting.
+The model directories beside the stages (the built backbone, merged bases under ``merged/``) are written
+once and never changed, so a branch hard-links their files instead of copying them: a study of many runs
+keeps one copy on disk, and each run directory still stands alone (it can be moved or kept by itself).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from biopost import durable
-from biopost.models.policy import CHECKPOINT_FILE
 from biopost.runlog import read_metrics
 from biopost.stages.context import val_history, write_selection
 from biopost.study.plan import PlannedRun
@@ -44,9 +49,9 @@ def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    for entry in donor_dir.iterdir():  # the backbone built for the run, split sizes... (not its tracker runs)
+    for entry in donor_dir.iterdir():  # the backbone built for the run, merged bases, split sizes (not trackers)
         if entry.name not in RUN_FILES and entry.name not in TRACKER_STORES:
-            copy(entry, run_dir / entry.name)
+            share(entry, run_dir / entry.name)
     for index in range(k):
         shutil.copytree(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), ignore=NOT_COPIED)
     keep = kept_steps(run)
@@ -57,7 +62,6 @@ def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
     copy_predictions(donor_dir / "predictions", run_dir / "predictions", run, k, b, keep)
     for index in range(k + (1 if b else 0)):
         reselect(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), [r for r in rows if r["stage_index"] == index])
-    repoint_checkpoints(run_dir, donor_dir)
     (run_dir / MARKER).write_text(json.dumps({"donor": run.donor, "stage_index": k, "step": b}, indent=2))
     return True
 
@@ -91,8 +95,6 @@ def copy_partial_stage(src: Path, dst: Path, snapshot: Path, keep) -> None:
                 at = int(ckpt.name.split("-")[1])
                 if at <= step and keep(at):
                     shutil.copytree(ckpt, dst / "checkpoints" / ckpt.name)
-        elif entry.name == "base":  # the merged model the stage's adapter checkpoints sit on
-            shutil.copytree(entry, dst / "base")
     restore_to = json.loads((snapshot / "snapshot.json").read_text())["restore_to"]
     shutil.copytree(snapshot / "state", dst / restore_to)
 
@@ -121,28 +123,16 @@ def reselect(src: Path, dst: Path, rows: list[dict]) -> None:
         write_selection(dst, metric, history)
 
 
-def repoint_checkpoints(run_dir: Path, donor_dir: Path) -> None:
-    """Checkpoints record their base model's path: a base inside the donor's directory is now this run's."""
-    donor, own = str(Path(donor_dir).resolve()), str(Path(run_dir).resolve())
-    for marker in Path(run_dir).rglob(CHECKPOINT_FILE):
-        info = json.loads(marker.read_text())
-        base = info.get("base")
-        if isinstance(base, str) and base.startswith(donor + "/"):
-            info["base"] = own + base[len(donor):]
-            marker.write_text(json.dumps(info, indent=2))
-            reseal(marker.parent, Path(run_dir))
-
-
-def reseal(directory: Path, top: Path) -> None:
-    """Rewrite the checksum manifests of ``directory`` and of each enclosing checkpoint below ``top``."""
-    while directory != top and top in directory.parents:
-        if (directory / durable.MANIFEST).is_file():
-            durable.write_manifest(directory)
-        directory = directory.parent
-
-
-def copy(src: Path, dst: Path) -> None:
+def share(src: Path, dst: Path) -> None:
+    """A model directory written once (backbone, ``merged/``) as hard links; files are copied."""
     if src.is_dir():
-        shutil.copytree(src, dst)
+        shutil.copytree(src, dst, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
     else:
+        shutil.copy2(src, dst)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed there
         shutil.copy2(src, dst)
