@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="JSONL out (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -163,17 +165,32 @@ def cmd_study_collect(args) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """eval / predict print answers, not the libraries' loading bars and FutureWarnings (errors stay one line)."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def cmd_eval(args) -> int:
+    quiet_libraries()
     from biopost.inference import evaluate_checkpoint
 
-    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device)
+    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
+                               args.trust_remote_code)
     return write_jsonl(rows, args.output, "rows")
 
 
 def cmd_predict(args) -> int:
+    quiet_libraries()
     from biopost.inference import predict_file
 
-    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device)
+    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
+                           args.trust_remote_code)
     return write_jsonl(records, args.output, "predictions")
 
 
