@@ -195,10 +195,13 @@ def cmd_predict(args) -> int:
 
 
 def write_jsonl(records: list[dict], output: Path | None, what: str) -> int:
-    """JSON lines to ``output``, or to stdout when no file is given."""
+    """JSON lines to ``output``, or to stdout when no file is given. The file appears whole or not at all (written
+    beside it, then renamed), so an interrupted command never leaves a short file that looks complete."""
     lines = "\n".join(json.dumps(r) for r in records)
     if output:
-        output.write_text(lines + "\n")
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(lines + "\n")
+        partial.replace(output)
         print(f"wrote {len(records)} {what} to {output}")
     else:
         print(lines)

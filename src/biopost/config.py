@@ -456,8 +456,9 @@ class RunConfig(Strict):
         return stage.name or stage.kind
 
     def run_id(self) -> str:
-        """Hash of the resolved config: the run's identity."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the resolved config: the run's identity. Permission to run a model's code changes no result,
+        so it is left out (and runs hashed before the field existed keep their id)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"model": {"trust_remote_code"}}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -199,3 +199,30 @@ def test_bad_input_is_one_line_naming_file_record_and_fix(case, checkpoint_run, 
         assert fragment in lines[0], (fragment, lines[0])
     for path in outputs:
         assert not path.exists(), f"{path} written by a run that failed"
+
+
+# ---------------------------------------------------------------- predict records of the sequence tasks
+@pytest.mark.parametrize("task, record, fragment", [
+    ("amp/modlamp", {"sequence": "GLFD1VKK"}, "in.jsonl:3: '1' at position 5 is not among the amino acids"),
+    ("amp/modlamp", {"sequence": 42}, "in.jsonl:3: '4', '2' at position 1 is not among the amino acids"),
+    ("tf_class/jaspar", {"sequence": "ACGU"}, "in.jsonl:3: a site needs 'sequence' made of A, C, G, T"),
+])
+def test_predict_records_with_letters_outside_the_alphabet(task, record, fragment):
+    from biopost.registry import get_task
+
+    with pytest.raises(ValueError) as err:
+        get_task(task).example_from_input(record, "in.jsonl:3")
+    assert str(err.value).startswith(fragment) and "\n" not in str(err.value)
+
+
+def test_a_gzipped_fasta_is_read_and_a_broken_one_is_one_line(tmp_path):
+    import gzip
+
+    from biopost.data.sequences import read_fasta
+
+    path = tmp_path / "p.fasta.gz"
+    path.write_bytes(gzip.compress(fasta(PROTEINS).encode()))
+    assert {k: v[0] for k, v in read_fasta(path, "protein").items()} == PROTEINS
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"^p\.fasta\.gz: not a FASTA file \(.*\); every record starts"):
+        read_fasta(path, "protein")

@@ -77,13 +77,27 @@ def test_every_auto_class_load_passes_trust_remote_code():
 
 
 # ---------------------------------------------------------------- checkpoints and resume state load weights-only
-def test_checkpoints_are_safetensors_and_trainer_state_loads_weights_only(sft_run):
-    final = sft_run.final
-    assert list(final.glob("*.safetensors")) and not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
-    pickled = [p for p in sft_run.dir.rglob("*") if p.suffix in (".pt", ".pth", ".bin")]
-    assert pickled, "the Trainer's optimizer / scheduler / RNG state is kept for resume"
-    for path in pickled:  # raises UnpicklingError on anything but tensors and plain containers
-        torch.load(path, weights_only=True)
+def test_checkpoints_are_safetensors_and_trainer_state_loads_weights_only(fast_config, tmp_path, monkeypatch, one_thread):
+    import biopost.stages.sft
+    from biopost.pipeline import run
+
+    # Keep the Trainer's resume state, which a finished stage deletes, to read it back.
+    monkeypatch.setattr(biopost.stages.sft.shutil, "rmtree", lambda *args, **kwargs: None)
+    raw = fast_config()
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4)
+    raw["stages"][0].update(max_steps=2, eval_every_steps=2, eval_at_start=False)
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    final = run_dir / "stages" / "0-sft" / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not [p for p in final.iterdir() if p.suffix in
+                                                                    (".bin", ".pt", ".pth", ".pkl")]
+    pickled = sorted(p.name for p in run_dir.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl"))
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= set(pickled) and "training_args.bin" not in pickled
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in run_dir.rglob("*"):
+        if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
+            with safe_globals():  # what the Trainer allows when it resumes: numpy arrays and dtypes (its RNG state)
+                torch.load(path, weights_only=True)  # UnpicklingError on anything else
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "warmup_stable_decay", "linear"])

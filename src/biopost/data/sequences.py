@@ -72,16 +72,19 @@ def fit_length(sequence: str, limit: int | None, policy: Truncation, where: str,
 
 
 def read_fasta(path: Path, modality: str) -> dict[str, tuple[str, str]]:
-    """Record id -> (checked sequence, header line); a trailing stop ``*`` is dropped. Refuses text before the first header,
-    records without a sequence, repeated ids and letters outside the alphabet, each in one line."""
+    """Record id -> (checked sequence, header line) from a FASTA file (``.gz`` too); a trailing stop ``*`` is
+    dropped. Refuses text before the first header, records without a sequence, repeated ids and letters outside
+    the alphabet, each in one line."""
+    import gzip
+
     from Bio import SeqIO
 
     path = Path(path)
     out: dict[str, tuple[str, str]] = {}
-    with open(path) as handle:
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as handle:
         try:
             records = list(SeqIO.parse(handle, "fasta"))
-        except ValueError as err:  # Biopython explains over several lines; the first says what is wrong
+        except (ValueError, OSError, EOFError) as err:  # Biopython explains over several lines; the first says what
             first = str(err).strip().splitlines()[0].rstrip(",.")
             raise ValueError(f"{path.name}: not a FASTA file ({first}); every record starts with a '>ID' "
                              "header line") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from biopost.stages.context import StageContext, schedule_settings
 
@@ -24,6 +25,7 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
     callbacks = [callback]
     if policy.projector_parameters():
         callbacks.append(ProjectorCallback(policy))
+    callbacks.append(NoPickledArguments())
     callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once the others have saved into them
     trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
@@ -157,6 +159,15 @@ class ProjectorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class NoPickledArguments(TrainerCallback):
+    """Delete the pickled ``TrainingArguments`` the Trainer writes into each checkpoint. Nothing reads it back
+    (resume reads trainer_state.json), and it is the one file there that only an unsafe ``torch.load`` opens:
+    what stays (optimizer, scheduler, RNG state) loads with ``weights_only=True``."""
+
+    def on_save(self, args, state, control, **kwargs):
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
 
 class SnapshotCallback(TrainerCallback):
