@@ -153,8 +153,8 @@ def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: b
     in a run config, ``--trust-remote-code`` for eval / predict); otherwise loading it is a one-line error."""
     try:
         policy = _load_policy(source, dtype, trainable_adapter, revision, trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err) or trust_remote_code:
+    except ValueError as err:  # transformers' own refusal (an encoder's is already one line, and kept)
+        if "`trust_remote_code=True`" not in str(err) or trust_remote_code:
             raise
         raise ValueError(f"model {str(source)!r} runs its own code: set model.trust_remote_code: true (eval / predict: "
                          "--trust-remote-code) only if you trust it") from None
