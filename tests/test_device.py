@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import biopost.inference
+import biopost.stages.context
 import biopost.stages.rl
-import biopost.stages.sft
 from biopost.cli import main
 from biopost.config import validate_config
 from biopost.inference import evaluate_checkpoint, predict_file
@@ -27,7 +27,7 @@ RL_STEP = {"kind": "rl", "max_steps": 1, "prompts_per_step": 2, "num_generations
 def placements(monkeypatch):
     """Record the device every load asks for and the device each loaded model ends up on."""
     seen = []
-    for module in (biopost.stages.sft, biopost.stages.rl, biopost.inference):
+    for module in (biopost.stages.context, biopost.inference):  # every stage loads through its context
         real = module.load_policy
 
         def recording(*args, _real=real, _where=module.__name__.rsplit(".", 1)[1], **kwargs):
@@ -59,7 +59,7 @@ def test_every_stage_eval_and_predict_load_on_the_resolved_device(fast_config, p
     final = run_dir / "stages" / "1-rl" / "final"
     evaluate_checkpoint(final, PBMC, ["val"], 2, device="auto")
     predict_file(final, PBMC, cells_file(tmp_path, pbmc_splits), 4, device="auto")
-    assert [where for where, _, _ in placements] == ["sft", "rl", "inference", "inference"]
+    assert [where for where, _, _ in placements] == ["context", "context", "inference", "inference"]
     assert all(asked == expected and placed == expected for _, asked, placed in placements), placements
 
 

@@ -119,7 +119,8 @@ def dna_rows() -> list[dict]:
     rows = []
     for i in range(40):
         motif, factors = list(motifs.items())[i % 4]
-        rows.append({"site": f"s{i}", "window": f"{'ACGT'[i % 4] * (i % 7 + 1)}{motif}GC{i:03d}",
+        tag = "".join("ACGT"[(i >> (2 * k)) & 3] for k in range(3))  # a unique tail, in bases
+        rows.append({"site": f"s{i}", "window": f"{'ACGT'[i % 4] * (i % 7 + 1)}{motif}GC{tag}",
                      "factors": factors, "why": f"the window holds {motif}", "species": ["human", "mouse"][i // 20]})
     return rows
 
@@ -132,10 +133,10 @@ def test_jsonl_task_with_a_dna_payload_reasoning_and_multilabel_answers(tmp_path
         answer_kind="multilabel", split={"ood_test_groups": ["mouse"]}))
     assert task.primary_metric == task.reward_metric == "f1"
     example = next(e for e in splits.train if e.id == "s1")
-    assert example.dna == "CCCACGTGGC001" and "window" not in example.fields
+    assert example.dna == "CCCACGTGGCCAA" and "window" not in example.fields
     assert example.answer == "MYC; MAX" and example.reasoning == "the window holds CACGTG"
     assert task.target(example) == "<think>\nthe window holds CACGTG\n</think>\n\nAnswer: MYC; MAX"
-    assert task.messages(example)[-1]["content"] == "Which factors bind CCCACGTGGC001? Choose from ETS1, MAX, MYC, NFYA, TBP."
+    assert task.messages(example)[-1]["content"] == "Which factors bind CCCACGTGGCCAA? Choose from ETS1, MAX, MYC, NFYA, TBP."
     task.fused_modalities = frozenset({"dna"})  # read through an encoder: the prompt holds the placeholder
     assert task.messages(example)[-1]["content"].startswith("Which factors bind <|dna|>?")
 

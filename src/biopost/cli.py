@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -205,25 +207,43 @@ def cmd_study_collect(args) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """eval / predict print answers, not the libraries' loading bars and FutureWarnings (errors stay one line)."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def cmd_eval(args) -> int:
+    quiet_libraries()
     from biopost.inference import evaluate_checkpoint
 
-    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device, args.base)
+    rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
+                               base=args.base, trust_remote_code=args.trust_remote_code)
     return write_jsonl(rows, args.output, "rows")
 
 
 def cmd_predict(args) -> int:
+    quiet_libraries()
     from biopost.inference import predict_file
 
-    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device, args.base)
+    records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
+                           base=args.base, trust_remote_code=args.trust_remote_code)
     return write_jsonl(records, args.output, "predictions")
 
 
 def write_jsonl(records: list[dict], output: Path | None, what: str) -> int:
-    """JSON lines to ``output``, or to stdout when no file is given."""
+    """JSON lines to ``output``, or to stdout when no file is given. The file appears whole or not at all (written
+    beside it, then renamed), so an interrupted command never leaves a short file that looks complete."""
     lines = "\n".join(json.dumps(r) for r in records)
     if output:
-        output.write_text(lines + "\n")
+        partial = output.with_name(output.name + ".partial")
+        partial.write_text(lines + "\n")
+        partial.replace(output)
         print(f"wrote {len(records)} {what} to {output}")
     else:
         print(lines)

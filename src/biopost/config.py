@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.resolver import VersionedResolver
 
@@ -84,6 +84,28 @@ class Strict(BaseModel):
     @classmethod
     def _numbers_are_numbers(cls, data: Any) -> Any:
         return numbers_are_numbers(cls, data)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: str) -> str:
+    """A name that becomes part of a path (a stage's directory, a run's default directory) stays one plain
+    component: no ``/``, no ``..``, nothing that could point outside the run or study directory.
+
+    >>> check_name("sft-2")
+    'sft-2'
+    >>> check_name("../../etc")
+    Traceback (most recent call last):
+    ...
+    ValueError: name '../../etc' may use letters, digits, '_', '.', '-' only, and not start with '.' or '-'
+    """
+    if not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"name {name!r} may use letters, digits, '_', '.', '-' only, and not start with '.' or '-'")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
 
 
 # ---------------------------------------------------------------- data and task
@@ -175,6 +197,9 @@ class ModelConfig(Strict):
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tuning")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     revision: str | None = Field(None, description="hub backbones: branch, tag or commit to load")
+    trust_remote_code: StrictBool = Field(
+        False, description="run the backbone's own code (its config's auto_map); only for a model you trust that "
+        "needs it. Off: such a backbone is refused in one line")
     device: Device = Field(
         "auto", description="where every stage, the evaluator and predict run; auto = CUDA when available"
     )
@@ -218,7 +243,7 @@ class Schedule(Strict):
 
 
 class StageBase(Strict):
-    name: str | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
+    name: SafeName | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
     init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', a stage name, "
                       "'<stage>:best' (its val-selected checkpoint) or '<stage>:init' (what it started from)")
     lr: float = Field(1e-4, gt=0)
@@ -410,7 +435,7 @@ class InterpolateStage(Strict):
     its ``alpha`` in the rows; ``final`` (and ``<stage>:best``) is the point best on ``val``, ties to smaller ``a``."""
 
     kind: Literal["interpolate"] = "interpolate"
-    name: str | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
+    name: SafeName | None = Field(None, description="defaults to the stage kind; must be unique in the pipeline")
     start: str = Field(
         "init", description="'init' (the checkpoint the end's stage started from, e.g. the weights before SFT), "
         "'base', 'previous', '<stage>', '<stage>:best' or '<stage>:init'"
@@ -444,7 +469,7 @@ class EvalStage(Strict):
     """No training: score the init checkpoint with the shared evaluator and pass it on (a 'base only' arm)."""
 
     kind: Literal["eval"] = "eval"
-    name: str | None = Field(None, description="defaults to 'eval'; must be unique in the pipeline")
+    name: SafeName | None = Field(None, description="defaults to 'eval'; must be unique in the pipeline")
     init: str = Field("previous", description="'previous' (the stage before, or the backbone), 'base', or a stage name")
     seed: int = 0
 
@@ -465,7 +490,7 @@ Stage = Annotated[Union[CPTStage, SFTStage, RLStage, InterpolateStage, EvalStage
 
 
 class RunConfig(Strict):
-    name: str = "run"
+    name: SafeName = "run"
     seed: int = 0
     task: TaskConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -494,16 +519,38 @@ class RunConfig(Strict):
             raise ValueError("a baseline stage passes no model on: put it last in the pipeline")
         if "val" not in self.eval.splits and any(s.kind in ("interpolate", "baseline") for s in self.stages):
             raise ValueError("interpolate and baseline stages select on val: add val to eval.splits")
+        self._check_references(names)
         return self
+
+    def _check_references(self, names: list[str]) -> None:
+        """Every checkpoint a stage starts from (``init``; an interpolation's ``start`` / ``end``) exists by the time
+        the stage runs: 'previous', 'base', or an earlier stage, optionally ':best' or ':init'. Checked here, so a
+        typo or a later stage is refused before anything trains, not after the stages before it."""
+        for index, stage in enumerate(self.stages):
+            refs = {"start": stage.start, "end": stage.end} if stage.kind == "interpolate" else {"init": stage.init}
+            for key, ref in refs.items():
+                if ref in ("previous", "base") or (key == "start" and ref == "init"):
+                    continue
+                target, _, which = ref.partition(":")
+                if which not in ("", "best", "init"):
+                    raise ValueError(f"stage {names[index]}: {key} {ref!r}: only ':best' or ':init' may follow a "
+                                     "stage name")
+                if target not in names[:index]:
+                    where = "itself" if target == names[index] else (
+                        "a later stage" if target in names[index:] else "no stage")
+                    raise ValueError(f"stage {names[index]}: {key} {ref!r} names {where}; a stage starts from "
+                                     f"previous, base or an earlier stage ({', '.join(names[:index]) or 'none'})")
 
     def stage_name(self, index: int) -> str:
         stage = self.stages[index]
         return stage.name or stage.kind
 
     def run_id(self) -> str:
-        """Hash of the resolved config: the run's identity. Trackers change no result, so turning one on
-        neither makes a finished run new nor splits a study's shared prefixes."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to"}), sort_keys=True)
+        """Hash of the resolved config: the run's identity. Trackers and the permission to run a model's code
+        change no result, so they are left out (turning one on neither makes a finished run new nor splits a
+        study's shared prefixes)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to": True, "model": {"trust_remote_code"}}),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -664,7 +711,7 @@ def describe_error(err: ValidationError, raw: dict) -> str:
     if first["type"] == "missing":
         return f"config error: missing required key '{key}'"
     if first["type"] == "value_error":  # a validator's own message says what is wrong
-        return f"config error: '{key}': {first['ctx']['error']}"
+        return f"config error: {f'{key!r}: ' if loc else ''}{first['ctx']['error']}"
     got = first.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     hint = type_hint(first)

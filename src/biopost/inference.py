@@ -17,7 +17,8 @@ def checkpoint_state(checkpoint: Path, name: str) -> dict:
     if state is None:
         raise FileNotFoundError(f"{checkpoint} is not a biopost checkpoint (no biopost_checkpoint.json)")
     if state["name"] != name:
-        raise ConfigError(f"checkpoint was trained on task {state['name']!r}, not {name!r}; pass --task {state['name']}")
+        raise ConfigError(f"{checkpoint}: checkpoint trained on task {state['name']!r}, not {name!r}; pass --task "
+                          f"{state['name']} or a checkpoint of {name}")
     return state
 
 
@@ -39,7 +40,7 @@ def task_for_checkpoint(checkpoint: Path, name: str):
 
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
-                        device: str = "auto", base: Path | None = None) -> list[dict]:
+                        device: str = "auto", base: Path | None = None, trust_remote_code: bool = False) -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
@@ -50,13 +51,13 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     restore_task_state(task, state)
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
-    policy = load_policy(checkpoint, device=device, base=base)
+    policy = load_policy(checkpoint, device=device, base=base, trust_remote_code=trust_remote_code)
     rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
-                 device: str = "auto", base: Path | None = None) -> list[dict]:
+                 device: str = "auto", base: Path | None = None, trust_remote_code: bool = False) -> list[dict]:
     device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name)
     if not input_path.is_file():
@@ -68,9 +69,14 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg})") from None
+            raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg}); write one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{input_path}:{number}: a {type(record).__name__}, not a JSON object; write one object "
+                             "per line in the task's input format (docs/tasks.md)")
         examples.append(task.example_from_input(record, f"{input_path.name}:{number}"))
-    policy = load_policy(checkpoint, device=device, base=base)
+    if not examples:
+        raise ValueError(f"{input_path}: no records; write one JSON object per line in the task's input format")
+    policy = load_policy(checkpoint, device=device, base=base, trust_remote_code=trust_remote_code)
     cfg = EvalConfig(max_new_tokens=max_new_tokens)
     completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
     out = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from biopost import durable
-from biopost.config import ConfigError, RunConfig, dump_config, load_config
+from biopost.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config
 from biopost.data import SplitRule, make_splits
 from biopost.forgetting import load_forgetting
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
@@ -129,9 +129,9 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
     state = task_state(config, task, splits)
     base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
     if config.model.think_tokens == "add":
-        base = with_think_tokens(base, run_dir, config.model.dtype, config.model.revision)
+        base = with_think_tokens(base, run_dir, config.model)
     if config.model.encoders:
-        base = build_fused_base(base, run_dir, config.model.encoders, config.model.dtype, config.seed)
+        base = build_fused_base(base, run_dir, config.model, config.seed)
 
     finals: dict[str, Path] = {}
     inits: dict[str, Path] = {}
@@ -199,12 +199,12 @@ def check_intact(checkpoint: Path, stage_dir: Path) -> None:
                           f"delete {stage_dir} to train that stage again")
 
 
-def with_think_tokens(base: str, run_dir: Path, dtype: str, revision: str | None = None) -> str:
+def with_think_tokens(base: str, run_dir: Path, model: ModelConfig) -> str:
     """The backbone with <think> tokens added (saved once in the run directory when any were missing)."""
     target = run_dir / "backbone-think"
     if (target / "config.json").is_file():
         return str(target)
-    policy = load_policy(base, dtype, revision=revision)
+    policy = load_policy(base, model.dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
     added = ensure_think_tokens(policy)
     if not added:
         return base

@@ -60,8 +60,8 @@ def convert_gguf_backbone(name: str) -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)  # weights are dequantised: a plain float model from here on
     config.pop("architectures", None)

@@ -229,11 +229,13 @@ def attach_saved_fusion(policy: Policy, path: Path, info: dict) -> Policy:
     return policy
 
 
-def build_fused_base(base: str, run_dir: Path, encoders: dict, dtype: str, seed: int) -> str:
-    """The backbone with placeholder tokens and new projectors, saved once in the run directory."""
+def build_fused_base(base: str, run_dir: Path, model, seed: int) -> str:
+    """The backbone with placeholder tokens and new projectors (``model``: the run's model config), saved once in the
+    run directory."""
     target = Path(run_dir) / "backbone-fused"
     if (target / CHECKPOINT_FILE).is_file():
         return str(target)
-    fuse(load_policy(base, dtype), encoders, seed).save(target)
+    policy = load_policy(base, model.dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    fuse(policy, model.encoders, seed).save(target)
     return str(target)
 

@@ -148,6 +148,7 @@ class Policy:
         info = {"kind": "adapter" if self.is_adapter else "full", **self.info}
         if self.is_adapter:
             info["base"] = str(self.base_path)
+            info["base_architecture"] = architecture(self.model.config)  # checked when the adapter is loaded
         for key in PATH_KEYS:
             if key in info:
                 info[key] = recorded_path(info[key], final)  # relative to where it is published
@@ -201,19 +202,27 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 
 def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False,
-                revision: str | None = None, device: str | None = None, base: str | Path | None = None) -> Policy:
+                revision: str | None = None, device: str | None = None, trust_remote_code: bool = False,
+                base: str | Path | None = None) -> Policy:
     """Load a biopost checkpoint, a local Hugging Face directory, or a hub id (at ``revision``), placed on
     ``device`` (None: where transformers loads it, the CPU). Stages pass the run's one resolved device.
 
-    ``base`` overrides where an adapter checkpoint's base model is (when it was moved away from the
-    location the checkpoint records).
-    """
-    policy = _load_policy(source, dtype, trainable_adapter, revision, base)
+    A model's own code (``auto_map`` in its config) runs only with ``trust_remote_code`` (``model.trust_remote_code``
+    in a run config, ``--trust-remote-code`` for eval / predict); otherwise loading it is a one-line error.
+    ``base`` overrides where an adapter checkpoint's base model is (when it was moved away from the location
+    the checkpoint records)."""
+    try:
+        policy = _load_policy(source, dtype, trainable_adapter, revision, trust_remote_code, base)
+    except ValueError as err:  # transformers' own refusal (an encoder's is already one line, and kept)
+        if "`trust_remote_code=True`" not in str(err) or trust_remote_code:
+            raise
+        raise ValueError(f"model {str(source)!r} runs its own code: set model.trust_remote_code: true (eval / predict: "
+                         "--trust-remote-code) only if you trust it") from None
     return policy.to(device) if device else policy
 
 
 def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revision: str | None,
-                 base: str | Path | None) -> Policy:
+                 trust_remote_code: bool, base: str | Path | None) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source).expanduser()
@@ -224,8 +233,6 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
             if key in info:
                 info[key] = resolved_path(info[key], path)
         if info["kind"] == "adapter":
-            from peft import PeftModel
-
             if base is None:
                 base = info["base"]
                 if base.startswith("/") and not Path(base).exists():
@@ -234,24 +241,31 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
                         f"adapter checkpoint {path} applies to the base model recorded as {recorded!r}, which is "
                         f"missing at {base}: put it back there or pass its location (--base PATH; load_policy(base=PATH))"
                     )
-            under = load_policy(base, dtype, revision=info.get("revision"))
-            model = PeftModel.from_pretrained(under.model, path, is_trainable=trainable_adapter)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            under = load_policy(base, dtype, revision=info.get("revision"), trust_remote_code=trust_remote_code)
+            model = attach_adapter(under, path, info, trainable_adapter)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             policy = replace(under, model=model, tokenizer=tokenizer, base_path=Path(base), info=_kept(info))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-            policy = Policy(model, AutoTokenizer.from_pretrained(path), info=_kept(info))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            policy = Policy(model, tokenizer, info=_kept(info))
         from biopost.models.fusion import attach_saved_fusion
 
-        return attach_saved_fusion(policy, path, info)
+        try:
+            return attach_saved_fusion(policy, path, info)
+        except RuntimeError as err:  # torch's size-mismatch report spans many lines
+            raise ValueError(f"{path}: its projectors do not fit the model they are loaded into "
+                             f"({str(err).strip().splitlines()[-1].strip()}); load the checkpoint with the backbone "
+                             "and encoders it was trained with") from None
     looks_local = str(source).startswith(("/", ".", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {path}: expected a Hugging Face model directory (config.json) or a biopost checkpoint"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], revision=revision,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         from biopost.models.backbones import builtin_backbones
 
@@ -264,8 +278,35 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
     return Policy(model, tokenizer, info={"backbone": str(source), **({"revision": revision} if revision else {})})
 
 
+def attach_adapter(base: Policy, path: Path, info: dict, trainable: bool):
+    """The peft adapter at ``path`` on ``base``, refused in one line when ``base`` is not the model it was trained on."""
+    from peft import PeftModel
+
+    wanted, found = info.get("base_architecture"), architecture(base.model.config)
+    if wanted and wanted != found:
+        diff = ", ".join(f"{k} {wanted.get(k)} vs {found.get(k)}" for k in sorted(wanted) if wanted.get(k) != found.get(k))
+        raise ValueError(f"{path}: adapter trained on another backbone than the one at its base {info['base']} ({diff}); "
+                         "put the backbone it was trained on back at that path, or pass a checkpoint of this backbone")
+    try:
+        return PeftModel.from_pretrained(base.model, path, is_trainable=trainable)
+    except RuntimeError as err:  # checkpoints saved before base_architecture: torch's size-mismatch report
+        raise ValueError(f"{path}: adapter does not fit its base {info['base']} "
+                         f"({str(err).strip().splitlines()[-1].strip()}); load it with the backbone it was trained on") from None
+
+
+def architecture(config) -> dict:
+    """What makes two backbones interchangeable for an adapter: family and shapes.
+
+    >>> from transformers import LlamaConfig
+    >>> architecture(LlamaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100))
+    {'model_type': 'llama', 'hidden_size': 64, 'num_hidden_layers': 2, 'vocab_size': 100}
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {k: getattr(text, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+
+
 def _kept(info: dict) -> dict:
-    return {k: v for k, v in info.items() if k not in {"kind", "base"}}
+    return {k: v for k, v in info.items() if k not in {"kind", "base", "base_architecture"}}
 
 
 def task_state_of(path: Path) -> dict | None:

@@ -13,7 +13,7 @@ from biopost import durable
 from biopost.config import EvalConfig, RunConfig
 from biopost.data import Splits
 from biopost.evaluation import evaluate
-from biopost.models.policy import Policy
+from biopost.models.policy import Policy, load_policy
 from biopost.runlog import RunLog
 
 if TYPE_CHECKING:
@@ -41,6 +41,12 @@ class StageContext:
     @property
     def stage(self):
         return self.config.stages[self.index]
+
+    def load_policy(self, path: Path, trainable_adapter: bool = False) -> Policy:
+        """A checkpoint (or the backbone) as the run's model settings say: dtype, revision, remote code, device."""
+        model = self.config.model
+        return load_policy(path, model.dtype, trainable_adapter=trainable_adapter, revision=model.revision,
+                           device=self.device, trust_remote_code=model.trust_remote_code)
 
     @property
     def eval_cfg(self) -> EvalConfig:

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from biopost.data.corpus import load_corpus
 from biopost.models.adapters import prepare_for_training
-from biopost.models.policy import load_policy
 from biopost.stages.context import StageContext, plan_steps
 from biopost.stages.trainer import IGNORE, collate, train_with_trainer
 
@@ -27,7 +26,7 @@ def run_cpt(ctx: StageContext):
     corpus = load_corpus(stage.corpus, ctx.task, ctx.splits)
     if ctx.forgetting is not None:
         ctx.forgetting.check_not_trained_on(corpus.train)
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
+    policy = ctx.load_policy(ctx.init_path)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     eos = policy.tokenizer.eos_token_id

@@ -3,12 +3,11 @@ passes the model on unchanged, so a study's 'base only' arm is an ordinary run."
 
 from __future__ import annotations
 
-from biopost.models.policy import load_policy
 from biopost.stages.context import StageContext
 
 
 def run_eval(ctx: StageContext):
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
+    policy = ctx.load_policy(ctx.init_path)
     ctx.resume_from(-1)
     ctx.evaluate_and_save(policy, 0, epoch=0.0)
     return policy.save(ctx.stage_dir / "final", ctx.task_state)

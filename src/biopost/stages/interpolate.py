@@ -16,7 +16,7 @@ import json
 
 from biopost import durable
 from biopost.config import ConfigError
-from biopost.models.policy import CHECKPOINT_FILE, copy_checkpoint, load_policy
+from biopost.models.policy import CHECKPOINT_FILE, copy_checkpoint
 from biopost.models.weights import average, interpolate, load_weights, merged, weights_of
 from biopost.stages.context import StageContext
 
@@ -72,8 +72,7 @@ def averaged_end(ctx: StageContext) -> dict:
 
 def load_merged(ctx: StageContext, path):
     """A checkpoint (or the backbone) on the run's device, its adapter merged into the weights."""
-    model = ctx.config.model
-    return merged(load_policy(path, model.dtype, revision=model.revision, device=ctx.device))
+    return merged(ctx.load_policy(path))
 
 
 def saved_points(ctx: StageContext) -> int:

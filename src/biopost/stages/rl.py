@@ -28,7 +28,6 @@ from transformers import get_scheduler
 from biopost import durable
 from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import is_adapter_weight, prepare_for_training
-from biopost.models.policy import load_policy
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
@@ -38,8 +37,7 @@ from biopost.stages.sft import sample_fraction
 def run_rl(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: policy, frozen reference, rewards, optimiser, schedule
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype, trainable_adapter=stage.adapter == "continue",
-                         revision=ctx.config.model.revision, device=ctx.device)
+    policy = ctx.load_policy(ctx.init_path, trainable_adapter=stage.adapter == "continue")
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     reference = Reference.of(policy, ctx.init_path, stage.adapter)
@@ -342,7 +340,7 @@ class ResumeState:
         else:
             policy.model.load_state_dict(load_file(weights), strict=False)
         policy.load_projector(path / "policy")
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = torch.load(path / "state.pt", weights_only=True)  # tensors, numbers and tuples only: runs no code
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

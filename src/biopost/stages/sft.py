@@ -13,7 +13,6 @@ import numpy as np
 
 from biopost.evaluation import collate_payloads
 from biopost.models.adapters import prepare_for_training
-from biopost.models.policy import load_policy
 from biopost.stages.context import StageContext, plan_steps
 from biopost.stages.trainer import IGNORE, train_with_trainer
 
@@ -21,7 +20,7 @@ from biopost.stages.trainer import IGNORE, train_with_trainer
 def run_sft(ctx: StageContext):
     stage = ctx.stage
     # ---- setup: model, data, schedule
-    policy = load_policy(ctx.init_path, ctx.config.model.dtype, revision=ctx.config.model.revision, device=ctx.device)
+    policy = ctx.load_policy(ctx.init_path)
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from biopost import durable
 from biopost.stages.context import StageContext, schedule_settings
@@ -29,7 +30,8 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
     callbacks = [callback]
     if policy.projector_parameters():
         callbacks.append(ProjectorCallback(policy))
-    callbacks.append(ManifestCallback())  # after every callback that writes into a checkpoint
+    callbacks.append(NoPickledArguments())
+    callbacks.append(ManifestCallback())  # after every callback that writes into (or deletes from) a checkpoint
     callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once they are complete
     trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
@@ -183,6 +185,13 @@ class ManifestCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+class NoPickledArguments(TrainerCallback):
+    """Delete the pickled ``TrainingArguments`` the Trainer writes into each checkpoint. Nothing reads it back
+    (resume reads trainer_state.json), and it is the one file there that only an unsafe ``torch.load`` opens:
+    what stays (optimizer, scheduler, RNG state) loads with ``weights_only=True``."""
+
+    def on_save(self, args, state, control, **kwargs):
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
 
 class SnapshotCallback(TrainerCallback):

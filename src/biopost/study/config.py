@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from biopost.config import STAGE_KINDS, ConfigError, RunConfig, Strict, Tracker, describe_error, read_yaml
+from biopost.config import STAGE_KINDS, ConfigError, RunConfig, SafeName, Strict, Tracker, describe_error, read_yaml
 
 LENGTH_FIELDS = ("epochs", "max_steps")
 
@@ -60,6 +60,21 @@ class Budget(Strict):
         default_factory=dict, description="flops: tokens per training sequence, by stage (cpt: seq_length)"
     )
 
+    @model_validator(mode="after")
+    def _shares_divide_the_total(self) -> "Budget":
+        """Each share list gives every budget stage a non-negative weight, not all zero (weights are normalised,
+        so [1, 3] and [0.25, 0.75] are the same split). Checked with the study file, before any run."""
+        repeated = sorted({s for s in self.stages if self.stages.count(s) > 1})
+        if repeated:
+            raise ValueError(f"stage {repeated[0]!r} appears twice in budget.stages")
+        for share in self.shares:
+            if len(share) != len(self.stages):
+                raise ValueError(f"share {share} has {len(share)} weights for {len(self.stages)} stages "
+                                 f"({', '.join(self.stages)}); give one weight per stage")
+            if min(share) < 0 or sum(share) <= 0:
+                raise ValueError(f"share {share} must be non-negative weights, not all zero")
+        return self
+
 
 class Block(Strict):
     pipeline: list[str] | None = Field(None, description="arms of this block (default: the study's `pipeline`)")
@@ -69,7 +84,7 @@ class Block(Strict):
 
 
 class StudyConfig(Strict):
-    name: str
+    name: SafeName = Field(..., description="the study; its default directory is studies/<name>")
     base: dict[str, Any] | str = Field(..., description="the base run config, inline or a path to its YAML")
     pipelines: dict[str, Arm] = Field(default_factory=dict, description="arms; default: one arm with every base stage")
     pipeline: list[str] | None = Field(None, description="default arms of a block; default: every arm")
@@ -166,7 +181,7 @@ def describe_study_error(err: ValidationError) -> str:
         return f"study config: unknown key '{key}'"
     if first["type"] == "missing":
         return f"study config: missing required key '{key}'"
-    return f"study config: '{key}': {first['msg']}"
+    return f"study config: '{key}': {first['msg'].removeprefix('Value error, ')}"
 
 
 def check_names(study: Study) -> None:
@@ -326,8 +341,6 @@ def get_field(config: dict, key: str) -> Any:
 # ---------------------------------------------------------------- budgets
 def apply_budget(raw: dict, budget: Budget, share: list[float], where: str) -> tuple[str, dict[str, float]]:
     """Set each budget stage's length from its share of the total; drop zero-share stages."""
-    if len(share) != len(budget.stages) or sum(share) <= 0 or min(share) < 0:
-        raise ConfigError(f"{where}: budget share {share} needs {len(budget.stages)} non-negative weights, not all zero")
     label = ":".join(f"{s:g}" for s in share)
     where = f"{where}, budget {label}"
     amounts = {name: budget.total * s / sum(share) for name, s in zip(budget.stages, share)}

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from biopost.config import ConfigError
 from biopost.data import Example
+from biopost.data.sequences import check_sequence
 from biopost.registry import register_task
 from biopost.tasks.answer_kinds import exact, label_set, parse_number, set_scores, split_labels, within
 from biopost.tasks.base import LabelTask, TaskOptions
@@ -202,6 +203,8 @@ class TableTask(LabelTask):
             for col in cols:
                 if is_missing(row.get(col)):
                     raise ValueError(f"{where}: example {rid!r} has no {modality} in column {col!r} (columns.{modality})")
+                if modality != "cell":  # checked, but passed on as written (case kept: soft-masking is data)
+                    check_sequence(str(row[col]), modality, f"{where}: example {rid!r}, column {col!r}")
                 values.append(row[col])
             payloads[modality] = to_cell(values[0], rid) if modality == "cell" else (
                 str(values[0]) if len(values) == 1 else tuple(str(v) for v in values))

@@ -34,6 +34,7 @@ import re
 from pydantic import Field, StrictBool
 
 from biopost.data import Example
+from biopost.data.sequences import check_sequence
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
 from biopost.tasks.genomics.dna import describe_variant, variant_windows
@@ -149,9 +150,10 @@ class VariantEffectTask(LabelTask):
         missing = [k for k in ("question", "reference_sequence", "variant_sequence") if not record.get(k)]
         if missing:
             raise ValueError(f"{where}: a variant record needs {missing}")
-        ref, alt = variant_windows(record["reference_sequence"].strip().upper(),
-                                   record["variant_sequence"].strip().upper(), self.options.window)
-        return Example(id=str(record.get("id", where)), fields={"question": record["question"].strip()},
+        ref, alt = variant_windows(check_sequence(str(record["reference_sequence"]), "dna", f"{where}: reference_sequence"),
+                                   check_sequence(str(record["variant_sequence"]), "dna", f"{where}: variant_sequence"),
+                                   self.options.window)
+        return Example(id=str(record.get("id", where)), fields={"question": str(record["question"]).strip()},
                        answer=str(record.get("answer", "")), dna=(ref, alt))
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field, StrictBool
 
 from biopost.data import Example
+from biopost.data.sequences import check_sequence
 from biopost.data.splits import subset
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
@@ -119,9 +120,9 @@ class ModlampAMP(LabelTask):
 
     def example_from_input(self, record: dict, where: str) -> Example:
         """A user's peptide: ``{"id": ..., "sequence": "GLFDIVKKVV..."}``."""
-        sequence = str(record.get("sequence", "")).strip().upper()
-        if not sequence:
+        if not str(record.get("sequence") or "").strip():
             raise ValueError(f"{where}: a peptide needs 'sequence' (amino acids)")
+        sequence = check_sequence(str(record["sequence"]), "protein", where)
         return Example(id=str(record.get("id", where)), fields={}, answer=str(record.get("label", "")), protein=sequence)
 
 

@@ -54,6 +54,7 @@ import numpy as np
 from pydantic import Field, StrictBool, model_validator
 
 from biopost.data import Example
+from biopost.data.sequences import check_sequence, fit_length, read_fasta
 from biopost.data.splits import subset
 from biopost.registry import register_task
 from biopost.tasks.base import Task, TaskOptions
@@ -84,7 +85,10 @@ class GOOptions(TaskOptions):
     score_roots: StrictBool = Field(False, description="count the three root terms in scores (CAFA leaves them out)")
     reward_metric: Literal["f1", "f1_weighted"] = Field("f1", description="RL reward: propagated F1, or F1 "
                                                         "weighted by information accretion (needs ia)")
-    max_residues: int = Field(1000, ge=1, description="sequences are cut to this length")
+    max_residues: int = Field(1000, ge=1, description="longest sequence kept (see truncation)")
+    truncation: Literal["truncate", "error"] = Field(
+        "truncate", description="a longer sequence: truncate (default) cuts it to max_residues and the load "
+        "reports how many were cut; error refuses it, naming the record")
     rationale: Literal["neighbour", "dataset", "none"] = "neighbour"
     max_proteins: int | None = Field(None, ge=1, description="seeded subsample of proteins after loading")
     seed: int = 0
@@ -178,11 +182,25 @@ class GOTask(Task):
     def read_records(self) -> list[ProteinRecord]:
         raise NotImplementedError
 
+    def source_name(self) -> str:
+        """Where records come from, for messages."""
+        raise NotImplementedError
+
+    def fit_sequence(self, sequence: str, where: str) -> str:
+        """The sequence within ``max_residues``, by the ``truncation`` policy."""
+        opts = self.options
+        return fit_length(sequence, opts.max_residues, opts.truncation, where, "task.options.max_residues")
+
     def load(self) -> list[Example]:
         opts, onto = self.options, self.ontology
         # Cut first, then merge: two sequences that differ only after max_residues are one model input.
-        records = merge_identical_sequences([replace(r, sequence=r.sequence[: opts.max_residues])
-                                             for r in self.read_records()])
+        read = self.read_records()
+        records = merge_identical_sequences([replace(r, sequence=self.fit_sequence(
+            r.sequence, f"{self.source_name()}: protein {r.id!r}")) for r in read])
+        cut = sum(len(r.sequence) > opts.max_residues for r in read)
+        if cut:
+            print(f"{cut} of {len(read)} sequences cut to task.options.max_residues={opts.max_residues} "
+                  "(truncation: truncate)")
         examples, unknown, empty = [], 0, 0
         for rec in records:
             terms = []
@@ -311,13 +329,16 @@ class GOTask(Task):
     def example_from_input(self, record: dict, where: str) -> Example:
         """A user's protein: ``{"id": ..., "sequence": ..., "organism": ..., "context": [GO IDs]}`` (organism and
         context optional)."""
-        if not record.get("sequence"):
-            raise ValueError(f"{where}: a protein needs 'sequence' (amino acids)")
+        if not isinstance(record.get("sequence"), str) or not record["sequence"].strip():
+            raise ValueError(f"{where}: a protein needs 'sequence' (amino acids, a string)")
+        if not isinstance(record.get("context", []), list):
+            raise ValueError(f"{where}: 'context' must be a list of GO IDs")
+        sequence = self.fit_sequence(check_sequence(record["sequence"], "protein", where), where)
         context = [c for t in record.get("context", []) if (c := self.ontology.canonical(str(t))) is not None]
         return Example(
             id=str(record.get("id", where)),
             fields={"organism": str(record.get("organism") or ""), "context": context},
-            answer="", protein=str(record["sequence"]).strip()[: self.options.max_residues],
+            answer="", protein=sequence,
         )
 
     # ---- scoring
@@ -435,9 +456,11 @@ class CafaGOTask(GOTask):
     Options = CafaOptions
     CANONICAL = ("protein", "term", "evidence", "date", "taxon", "organism")
 
+    def source_name(self) -> str:
+        return Path(self.options.fasta).name
+
     def read_records(self) -> list[ProteinRecord]:
         import pandas as pd
-        from Bio import SeqIO
 
         opts = self.options
         for path in (opts.fasta, opts.annotations, opts.context):
@@ -460,11 +483,11 @@ class CafaGOTask(GOTask):
             table = table[table[cols["evidence"]].isin(opts.evidence_codes)]
             print(f"kept {len(table)} of {before} annotations with evidence in {opts.evidence_codes}")
         sequences, header_taxa = {}, {}
-        for rec in SeqIO.parse(opts.fasta, "fasta"):
-            sequences[rec.id] = str(rec.seq).upper().rstrip("*")
-            words = rec.description.split()
+        for rid, (sequence, header) in read_fasta(opts.fasta, "protein").items():
+            sequences[rid] = sequence
+            words = header.split()
             if len(words) > 1 and words[1].isdigit():
-                header_taxa[rec.id] = words[1]
+                header_taxa[rid] = words[1]
         context: dict[str, list[str]] = {}
         if opts.context is not None:
             ctx = pd.read_csv(opts.context, sep="\t", dtype=str, keep_default_na=False)
@@ -498,6 +521,9 @@ class HFGOTask(GOTask):
     name = "go/hf"
     Options = HFOptions
 
+    def source_name(self) -> str:
+        return f"dataset {self.options.dataset}"
+
     def read_records(self) -> list[ProteinRecord]:
         from datasets import load_dataset
 
@@ -524,8 +550,10 @@ class HFGOTask(GOTask):
                 organism = str(row[opts.organism_column] or "") if opts.organism_column else ""
                 if not organism and opts.ood == "taxon":
                     raise ValueError(f"protein {row[opts.id_column]} has no {opts.organism_column}; ood: taxon needs it")
+                where = f"dataset {opts.dataset} split {split!r}: protein {row[opts.id_column]!r}"
                 records.append(ProteinRecord(
-                    id=str(row[opts.id_column]), sequence=str(row[opts.sequence_column]).strip().upper(),
+                    id=str(row[opts.id_column]),
+                    sequence=check_sequence(str(row[opts.sequence_column] or ""), "protein", where),
                     taxon=organism, organism=organism, annotations=[(t, when) for t in terms],
                     context=go_ids(row[opts.context_column]) if opts.context_column else [],
                     reasoning=str(row.get(opts.reasoning_column) or ""), meta={"hf_split": split},

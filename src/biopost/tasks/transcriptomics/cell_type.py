@@ -142,12 +142,21 @@ class CellTypeTask(LabelTask):
     def example_from_input(self, record: dict, where: str) -> Example:
         """A user's cell: ``{"id": ..., "genes": [ordered symbols]}`` or ``{"id": ..., "expression": {gene: value}}``."""
         if "genes" in record:
-            genes = [str(g) for g in record["genes"]]
+            if not isinstance(record["genes"], list) or not all(isinstance(g, str) and g for g in record["genes"]):
+                raise ValueError(f"{where}: 'genes' must be a list of gene symbols ordered by expression, "
+                                 'e.g. ["LYZ", "S100A9"]')
+            genes = list(record["genes"])
         elif "expression" in record:
-            expr = {str(g): float(v) for g, v in record["expression"].items() if float(v) > 0}
+            values = record["expression"]
+            if not isinstance(values, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+                raise ValueError(f"{where}: 'expression' must map gene symbols to numbers, e.g. {{\"LYZ\": 4.1}}")
+            expr = {str(g): float(v) for g, v in values.items() if v > 0}
             genes = sorted(expr, key=lambda g: -expr[g])
         else:
             raise ValueError(f"{where}: a cell needs 'genes' (ordered by expression) or 'expression' ({{gene: value}})")
+        if not genes:
+            raise ValueError(f"{where}: the cell lists no expressed genes")
         return Example(
             id=str(record.get("id", where)),
             fields={"organism": record.get("organism", self.organism), "genes": genes[: self.options.top_k_genes]},
@@ -231,9 +240,15 @@ class H5adCellType(CellTypeTask):
         if not opts.path.is_file():
             raise FileNotFoundError(f"h5ad file not found: {opts.path}; set task.options.path to an AnnData file")
         adata = anndata.read_h5ad(opts.path)
-        for key in (opts.label_key, opts.group_key):
+        for option, key in (("label_key", opts.label_key), ("group_key", opts.group_key)):
             if key not in adata.obs:
-                raise ValueError(f"obs column {key!r} not in {opts.path.name}; columns: {list(adata.obs.columns)}")
+                raise ValueError(f"{opts.path.name}: no obs column {key!r} (task.options.{option}); "
+                                 f"columns: {list(adata.obs.columns)}")
+            empty = adata.obs[key].isna().to_numpy() | (adata.obs[key].astype(str).str.strip() == "").to_numpy()
+            if empty.any():
+                raise ValueError(f"{opts.path.name}: cell {str(adata.obs_names[empty.argmax()])!r} and {empty.sum() - 1} "
+                                 f"more have no value in obs column {key!r} (task.options.{option}); fill them or "
+                                 f"drop those cells (e.g. adata[adata.obs[{key!r}].notna()])")
         if opts.use_raw:
             if adata.raw is None:
                 raise ValueError(f"{opts.path.name} has no .raw; set task.options.use_raw: false")
