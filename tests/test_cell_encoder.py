@@ -191,3 +191,37 @@ def test_fused_cell_sft_rl_leaves_the_encoder_unchanged_and_reloads(tmp_path, ti
     examples = {e.id: e for e in task.load()}
     again = generate_completions(load_policy(final), task, [examples[r["id"]] for r in saved], config.eval)
     assert again == [r["completions"] for r in saved]
+
+
+def test_training_steps_move_the_projector_and_leave_the_encoder_bit_identical(tiny_backbone, tiny_cell_dir, pbmc):
+    """Optimiser steps on everything trainable of a fused LoRA policy: the cell encoder's weights stay exactly
+    the same in memory (no gradient reaches them), while the projector and adapter move."""
+    from biopost.config import LoraConfig
+    from biopost.models.adapters import prepare_for_training
+    from biopost.models.fusion import fuse
+    from biopost.models.policy import load_policy
+    from biopost.stages.sft import tokenize_example
+    from biopost.stages.trainer import collate
+
+    task, splits = pbmc
+    cfg = EncoderConfig(name=str(tiny_cell_dir), max_length=32, num_tokens=4, cache=False)
+    policy = fuse(load_policy(tiny_backbone), {"cell": cfg}, seed=0)
+    policy = prepare_for_training(policy, LoraConfig(rank=4, alpha=8.0, dropout=0.0), None)
+    encoder = policy.encoders["cell"].model
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    projector = {k: v.clone() for k, v in policy.projector_state().items()}
+    task.fused_modalities = frozenset({"cell"})
+    try:
+        batch = collate([tokenize_example(policy, task, e, 1024) for e in splits.train[:4]], policy.tokenizer.pad_token_id)
+    finally:
+        task.fused_modalities = frozenset()
+    params = [p for p in policy.model.parameters() if p.requires_grad] + policy.projector_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        embeds = policy.embed(batch["input_ids"], batch["payloads"])
+        policy.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert any(not torch.equal(projector[k], v) for k, v in policy.projector_state().items())
