@@ -225,3 +225,15 @@ def test_training_steps_move_the_projector_and_leave_the_encoder_bit_identical(t
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert any(not torch.equal(projector[k], v) for k, v in policy.projector_state().items())
+
+
+def test_a_users_cell_reaches_the_cell_encoder_with_its_values(pbmc):
+    task, _ = pbmc
+    record = {"id": "c1", "expression": {"MS4A1": 5.0, "CD79A": 3.0, "ACTB": 0.0}}
+    assert task.example_from_input(record, "in:1").cell == {"genes": ["MS4A1", "CD79A"], "values": [5.0, 3.0]}
+    task.fused_modalities = frozenset({"cell"})
+    try:
+        with pytest.raises(ValueError, match="needs expression values"):
+            task.example_from_input({"id": "c2", "genes": ["MS4A1"]}, "in:2")
+    finally:
+        task.fused_modalities = frozenset()

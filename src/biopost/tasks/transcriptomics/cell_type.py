@@ -140,18 +140,26 @@ class CellTypeTask(LabelTask):
         return f"Marker genes among the top genes: {', '.join(found[:4])}. They mark {example.answer}."
 
     def example_from_input(self, record: dict, where: str) -> Example:
-        """A user's cell: ``{"id": ..., "genes": [ordered symbols]}`` or ``{"id": ..., "expression": {gene: value}}``."""
+        """A user's cell: ``{"id": ..., "genes": [ordered symbols]}`` or ``{"id": ..., "expression": {gene: value}}``
+        (a model reading cells through an encoder needs the values: ``expression``)."""
+        cell = None
+        if "expression" in record:
+            expr = {str(g): float(v) for g, v in record["expression"].items() if float(v) > 0}
+            ordered = sorted(expr, key=lambda g: -expr[g])
+            cell = {"genes": ordered, "values": [expr[g] for g in ordered]}
+        if "cell" in self.fused_modalities and cell is None:
+            raise ValueError(f"{where}: this model reads cells through an encoder, which needs expression values: "
+                             "give 'expression' ({gene: value})")
         if "genes" in record:
             genes = [str(g) for g in record["genes"]]
-        elif "expression" in record:
-            expr = {str(g): float(v) for g, v in record["expression"].items() if float(v) > 0}
-            genes = sorted(expr, key=lambda g: -expr[g])
+        elif cell is not None:
+            genes = cell["genes"]
         else:
             raise ValueError(f"{where}: a cell needs 'genes' (ordered by expression) or 'expression' ({{gene: value}})")
         return Example(
             id=str(record.get("id", where)),
             fields={"organism": record.get("organism", self.organism), "genes": genes[: self.options.top_k_genes]},
-            answer=str(record.get("cell_type", "")),
+            answer=str(record.get("cell_type", "")), cell=cell,
         )
 
     def leak_keys(self, example: Example) -> list[str]:
