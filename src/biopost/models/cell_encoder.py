@@ -122,7 +122,8 @@ class GeneTokenizer:
         >>> tok = GeneTokenizer({"<pad>": 0, "<mask>": 1, "A": 2, "B": 3, "C": 4}, {"A": 4.0, "B": 1.0, "C": 2.0}, 8)
         >>> tok({"genes": ["A", "B", "C", "D"], "values": [4.0, 2.0, 1.0, 9.0]})  # B: 2/1 > A: 4/4 > C: 1/2; D unknown
         [3, 2, 4]
-        >>> GeneTokenizer({**tok.token_ids, "<cls>": 5, "<eos>": 6}, tok.medians, 3)({"genes": ["A", "B"], "values": [4.0, 2.0]})
+        >>> with_special = GeneTokenizer({**tok.token_ids, "<cls>": 5, "<eos>": 6}, tok.medians, 3)
+        >>> with_special({"genes": ["A", "B"], "values": [4.0, 2.0]})  # <cls> B <eos>: 3 tokens in all
         [5, 3, 6]
         """
         pairs = [(self.gene_key(g), v) for g, v in zip(cell["genes"], cell["values"]) if v > 0 and self.known(g)]

@@ -221,8 +221,9 @@ def pretraining_record(encoder: str, modality: str = "dna") -> Path | None:
 
 def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> None:
     """Raise if a held-out payload shares an exact ``k``-letter stretch (either strand, for DNA) with the
-    encoder's pretraining sequences, or, when shorter than ``k``, equals one (a cell: is one of its cells). Only encoders built here record
-    their pretraining data; a hub encoder's is not known, so it is not checked."""
+    encoder's pretraining sequences, or, when shorter than ``k``, equals one (a cell: is one of its training
+    cells). Only encoders built here record their pretraining data; a hub encoder's is not known, so it is not
+    checked."""
     from biopost.data.splits import TEST_SPLITS, LeakageError
     from biopost.models.encoders import payload_items
 
