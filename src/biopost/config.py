@@ -169,8 +169,9 @@ class LoraConfig(Strict):
 class EncoderConfig(Strict):
     """A frozen biological encoder read through a projector (``model.encoders.<modality>``)."""
 
-    name: str = Field(..., description="built-in tiny-dna / tiny-protein, or a hub id / local path of a transformers "
-                      "encoder (ESM-2 facebook/esm2_*, Nucleotide Transformer, any AutoModel + tokenizer), or "
+    name: str = Field(..., description="built-in tiny-dna / tiny-protein / tiny-cell, or a hub id / local path of a "
+                      "transformers encoder (ESM-2 facebook/esm2_*, Nucleotide Transformer, any AutoModel + tokenizer; "
+                      "for cell: a BERT-family model over rank-value gene tokens, e.g. Geneformer), or "
                       "'<scheme>:<id>' for an encoder registered with biopost.models.encoders.register_encoder")
     layer: int = Field(-1, description="hidden layer whose per-position states are the features (-1 = last)")
     max_length: int = Field(512, ge=2, description="encoder tokens per sequence (longer ones are truncated)")
@@ -182,12 +183,22 @@ class EncoderConfig(Strict):
     revision: str | None = None
     batch_size: int = Field(16, ge=1, description="sequences per encoder forward")
     cache: StrictBool = Field(True, description="keep features on disk per (encoder, layer, max_length, sequence)")
+    gene_tokens: str | None = Field(None, description="cell: gene -> token id file (json, tsv, or Geneformer's pkl); "
+                                    "default: gene_tokens.json in the encoder's directory")
+    gene_medians: str | None = Field(None, description="cell: gene -> non-zero median expression over a reference "
+                                     "corpus (json, tsv, pkl); default: gene_medians.json in the encoder's directory, "
+                                     "else the run's training cells")
+    gene_symbols: str | None = Field(None, description="cell: gene symbol -> dictionary key (e.g. Ensembl id) file, "
+                                     "for data with symbols and a dictionary keyed by Ensembl ids")
 
     @model_validator(mode="after")
     def _pool_needs_tokens(self) -> "EncoderConfig":
         if self.projector == "attention_pool" and self.num_tokens is None:
             raise ValueError("projector attention_pool needs num_tokens (its number of learned queries)")
         return self
+
+
+CELL_ONLY = ("gene_tokens", "gene_medians", "gene_symbols")
 
 
 class ModelConfig(Strict):
@@ -210,6 +221,14 @@ class ModelConfig(Strict):
     encoders: dict[Literal["dna", "protein", "cell"], EncoderConfig] = Field(
         default_factory=dict, description="modalities read through a frozen encoder + projector; none = sequences "
         "as text in the prompt")
+
+    @model_validator(mode="after")
+    def _gene_files_for_cells(self) -> "ModelConfig":
+        for modality, encoder in self.encoders.items():
+            wrong = [k for k in CELL_ONLY if modality != "cell" and getattr(encoder, k) is not None]
+            if wrong:
+                raise ValueError(f"model.encoders.{modality}: {', '.join(wrong)} only apply to the cell encoder")
+        return self
 
 
 # ---------------------------------------------------------------- evaluation

@@ -131,7 +131,9 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model)
     if config.model.encoders:
-        base = build_fused_base(base, run_dir, config.model, config.seed)
+        cell = prepare_cell_encoder(config, splits, run_dir)  # the training cells' medians when none are given
+        model = config.model.model_copy(update={"encoders": {**config.model.encoders, **cell}})
+        base = build_fused_base(base, run_dir, model, config.seed)
 
     finals: dict[str, Path] = {}
     inits: dict[str, Path] = {}
@@ -223,6 +225,38 @@ def check_encoder_inputs(config: RunConfig, splits) -> None:
             raise ConfigError(f"model.encoders.{modality}: task {config.task.name} has no {modality} payloads; "
                               f"remove the encoder or choose a task with {modality} inputs")
         check_encoder_leakage(encoder.name, modality, splits)
+
+
+def prepare_cell_encoder(config: RunConfig, splits, run_dir: Path) -> dict:
+    """A cell encoder's config, with the training cells' gene medians (saved in the run directory) when neither
+    the config nor the encoder supplies a median dictionary; reports (prints and writes ``encoders.json``) how
+    many of the cells' genes the encoder cannot read."""
+    from biopost.data.splits import SPLIT_NAMES
+    from biopost.models.cell_encoder import gene_medians, gene_tokenizer_for, has_medians
+    from biopost.models.encoders import ENCODER_BUILDERS
+    from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
+
+    cfg = config.model.encoders.get("cell")
+    if cfg is None or cfg.name.partition(":")[0] in ENCODER_BUILDERS:
+        return {}
+    source = tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name
+    medians = "encoder"
+    if not has_medians(cfg, source):
+        path = run_dir / "gene_medians.json"
+        path.write_text(json.dumps(gene_medians(e.cell for e in splits.train)))
+        cfg, medians = cfg.model_copy(update={"gene_medians": str(path.resolve())}), "training cells"
+    elif cfg.gene_medians:
+        medians = cfg.gene_medians
+    tokenizer = gene_tokenizer_for(cfg, source)
+    cells = [e.cell for name in SPLIT_NAMES for e in splits[name] if e.cell is not None]
+    unmatched = tokenizer.unmatched(cells)
+    expressed = len({g for c in cells for g, v in zip(c["genes"], c["values"]) if v > 0})
+    print(f"cell encoder {cfg.name}: {len(unmatched)} of {expressed} expressed genes have no token or median and are "
+          f"dropped{' (e.g. ' + ', '.join(unmatched[:5]) + ')' if unmatched else ''}")
+    (run_dir / "encoders.json").write_text(json.dumps({"cell": {
+        "encoder": cfg.name, "expressed_genes": expressed, "unmatched_genes": len(unmatched),
+        "unmatched": unmatched, "medians": medians, "max_length": cfg.max_length}}, indent=2))
+    return {"cell": cfg}
 
 
 def check_run_dir(config: RunConfig, run_dir: Path) -> RunConfig | None:

@@ -9,8 +9,9 @@ of str), or one whole ``cell`` payload (``{"genes": [...], "values": [...]}``). 
 - :class:`TransformersEncoder`: ESM-2 (``facebook/esm2_*``), Nucleotide Transformer checkpoints in ESM format,
   the built-in ``tiny-dna`` / ``tiny-protein`` (models/tiny_encoders.py), or any ``AutoModel`` + tokenizer by
   hub id or local path. Features are the hidden states of the chosen layer at every attended position.
-- Encoders outside transformers (Evo2 through the ``evo2`` package, ESM3 / ESM C through ``esm``, a
-  BERT-style cell encoder reading gene tokens + values): subclass :class:`Encoder` and register a builder
+- :class:`~biopost.models.cell_encoder.CellEncoder` (every ``cell`` encoder): a BERT-family model over a cell's
+  rank-value gene tokens (Geneformer by hub id or local path, or the built-in ``tiny-cell``).
+- Encoders outside transformers (Evo2 through the ``evo2`` package, ESM3 / ESM C through ``esm``): subclass :class:`Encoder` and register a builder
   for a name scheme, then configure ``name: "<scheme>:<model id>"``::
 
       @register_encoder("evo2")
@@ -96,13 +97,19 @@ def load_encoder(cfg, modality: str, device: torch.device | str = "cpu", dtype: 
     from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
 
     scheme, _, rest = cfg.name.partition(":")
+    if cfg.name in TINY_ENCODERS and TINY_ENCODERS[cfg.name]["modality"] != modality:
+        raise ValueError(f"model.encoders.{modality}: {cfg.name} reads {TINY_ENCODERS[cfg.name]['modality']}, "
+                         f"not {modality}")
+    source = tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name
     if rest and scheme in ENCODER_BUILDERS:
         encoder = ENCODER_BUILDERS[scheme](cfg, modality, device, dtype)
+    elif modality == "cell":
+        from biopost.models.cell_encoder import CellEncoder, gene_tokenizer_for
+
+        encoder = CellEncoder(source, gene_tokenizer_for(cfg, source), cfg.layer, device, dtype,
+                              revision=cfg.revision, batch_size=cfg.batch_size)
     elif cfg.name in TINY_ENCODERS:
-        if TINY_ENCODERS[cfg.name]["modality"] != modality:
-            raise ValueError(f"model.encoders.{modality}: {cfg.name} reads {TINY_ENCODERS[cfg.name]['modality']}, "
-                             f"not {modality}")
-        encoder = TransformersEncoder(tiny_encoder_path(cfg.name), modality, cfg.layer, cfg.max_length, device, dtype,
+        encoder = TransformersEncoder(source, modality, cfg.layer, cfg.max_length, device, dtype,
                                       batch_size=cfg.batch_size)
     else:
         encoder = TransformersEncoder(cfg.name, modality, cfg.layer, cfg.max_length, device, dtype,

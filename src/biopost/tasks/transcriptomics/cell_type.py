@@ -140,19 +140,27 @@ class CellTypeTask(LabelTask):
         return f"Marker genes among the top genes: {', '.join(found[:4])}. They mark {example.answer}."
 
     def example_from_input(self, record: dict, where: str) -> Example:
-        """A user's cell: ``{"id": ..., "genes": [ordered symbols]}`` or ``{"id": ..., "expression": {gene: value}}``."""
-        if "genes" in record:
-            if not isinstance(record["genes"], list) or not all(isinstance(g, str) and g for g in record["genes"]):
-                raise ValueError(f"{where}: 'genes' must be a list of gene symbols ordered by expression, "
-                                 'e.g. ["LYZ", "S100A9"]')
-            genes = list(record["genes"])
-        elif "expression" in record:
+        """A user's cell: ``{"id": ..., "genes": [ordered symbols]}`` or ``{"id": ..., "expression": {gene: value}}``
+        (a model reading cells through an encoder needs the values: ``expression``)."""
+        cell = None
+        if "expression" in record:
             values = record["expression"]
             if not isinstance(values, dict) or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
                 raise ValueError(f"{where}: 'expression' must map gene symbols to numbers, e.g. {{\"LYZ\": 4.1}}")
             expr = {str(g): float(v) for g, v in values.items() if v > 0}
-            genes = sorted(expr, key=lambda g: -expr[g])
+            ordered = sorted(expr, key=lambda g: -expr[g])
+            cell = {"genes": ordered, "values": [expr[g] for g in ordered]}
+        if "cell" in self.fused_modalities and cell is None:
+            raise ValueError(f"{where}: this model reads cells through an encoder, which needs expression values: "
+                             "give 'expression' ({gene: value})")
+        if "genes" in record:
+            if not isinstance(record["genes"], list) or not all(isinstance(g, str) and g for g in record["genes"]):
+                raise ValueError(f"{where}: 'genes' must be a list of gene symbols ordered by expression, "
+                                 'e.g. ["LYZ", "S100A9"]')
+            genes = list(record["genes"])
+        elif cell is not None:
+            genes = cell["genes"]
         else:
             raise ValueError(f"{where}: a cell needs 'genes' (ordered by expression) or 'expression' ({{gene: value}})")
         if not genes:
@@ -160,7 +168,7 @@ class CellTypeTask(LabelTask):
         return Example(
             id=str(record.get("id", where)),
             fields={"organism": record.get("organism", self.organism), "genes": genes[: self.options.top_k_genes]},
-            answer=str(record.get("cell_type", "")),
+            answer=str(record.get("cell_type", "")), cell=cell,
         )
 
     def leak_keys(self, example: Example) -> list[str]:
