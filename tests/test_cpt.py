@@ -92,9 +92,22 @@ def cpt_then_sft_config(backbone):
     })
 
 
+HELDOUT_PASSES: list[int] = []  # target tokens of every held-out perplexity pass of cpt_run
+
+
 @pytest.fixture(scope="module")
 def cpt_run(tmp_path_factory, tiny_backbone):
-    return run(cpt_then_sft_config(tiny_backbone), tmp_path_factory.mktemp("cpt") / "run")
+    import biopost.stages.cpt as cpt
+
+    def counted(policy, blocks, batch_size):
+        loss, tokens = heldout_loss(policy, blocks, batch_size)
+        HELDOUT_PASSES.append(tokens)
+        return loss, tokens
+
+    heldout_loss = cpt.heldout_loss
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpt, "heldout_loss", counted)
+        return run(cpt_then_sft_config(tiny_backbone), tmp_path_factory.mktemp("cpt") / "run")
 
 
 def test_cpt_lowers_heldout_perplexity(cpt_run):
@@ -113,6 +126,8 @@ def test_forgetting_corpus_rows_at_every_cpt_and_sft_evaluation_point(cpt_run):
     assert sorted(general) == [("cpt", 0), ("cpt", 15), ("cpt", 30), ("sft", 0), ("sft", 1)]
     for point, row in heldout.items():
         assert general[point]["n"] == row["n"] and general[point]["value"] == pytest.approx(row["value"], rel=1e-6)
+    # The window is scored once per evaluation point, its two rows written from one pass (was twice in CPT).
+    assert len(HELDOUT_PASSES) == len(general)
 
 
 def test_cpt_checkpoint_is_the_exact_sft_init(cpt_run):

@@ -53,3 +53,26 @@ def _forget_myrewards():
 
     yield
     sys.modules.pop("myrewards", None)
+
+
+def prompt_row(name: str) -> list[str]:
+    """The cells of the prompts table's row naming task ``name`` (``\\|`` inside a cell is a literal bar)."""
+    row = next(line for line in DOC.splitlines() if line.startswith("| ") and f"`{name}`" in line.split(" | ")[0])
+    return [cell.replace("\\|", "|") for cell in re.split(r" (?<!\\)\| ", row.strip("| "))]
+
+
+@pytest.mark.parametrize("name", ["kegg/disease", "tf_class/jaspar", "variant_effect/coding", "variant_effect/non_snv"])
+def test_documented_default_prompts_are_the_tasks_own(name):
+    """The system prompt as written, and the user prompt as a template that renders to the task's default."""
+    from biopost.data import Example
+    from biopost.registry import get_task
+    from biopost.tasks.prompts import PromptTemplate
+
+    task = get_task(name, {} if name == "tf_class/jaspar" else {"source": "variants.csv"})  # loads no data
+    task.labels = ["C2H2 zinc finger", "bZIP"]
+    _, system, user, _ = prompt_row(name)
+    assert system == task.system_prompt.replace("<", "\\<").replace(">", "\\>")
+    dna = "ACGT" if name == "tf_class/jaspar" else ("ACGTAC", "ACCTAC")
+    example = Example("e1", {"question": "Which disease does this variant cause?", "site": "ACGT"}, "x", dna=dna)
+    template = "\n".join(re.findall(r"`([^`]*)`", user.split(" (")[0]))
+    assert PromptTemplate(template).render(task.prompt_variables(example), "docs", "e1") == task.user_prompt(example)

@@ -404,3 +404,72 @@ def test_any_column_can_define_the_ood_split(tmp_path):
                                      split={"ood_field": "cell_type", "ood_test_groups": ["NK"]}))
     assert {e.answer for e in splits.ood_test} == {"NK"} and "NK" not in {e.answer for e in splits.train}
     assert task.labels == TYPES
+
+
+# ---------------------------------------------------------------- review fixes (issue 17)
+@pytest.mark.parametrize("given", [False, True])
+def test_labels_that_are_one_answer_to_the_scorer_are_refused_at_load(tmp_path, given):
+    """'A' and 'a' parse to the same answer: a perfect answer could never score, so loading refuses."""
+    rows = [{**row, "cell_type": "b" if row["cell_type"] == "NK" else row["cell_type"]} for row in cell_rows()]
+    options = {"labels": ["B", "T", "b", "Mono"]} if given else {}
+    with pytest.raises(ValueError, match=r"labels 'B' and 'b' in .* are the same answer to the scorer"):
+        load(table_config(write_csv(tmp_path / "cells.csv", rows), **options))
+    with pytest.raises(ValueError, match=r"labels 'T' and 't\.' in task.options.labels"):
+        load(table_config(write_csv(tmp_path / "ok.csv", cell_rows()), labels=TYPES + ["t."]))
+
+
+def test_a_template_indexing_choices_read_from_train_loads_and_trains_as_checked(tmp_path):
+    """check_prompts and the leakage check see the prompt that is trained on: choices filled by fit."""
+    task, splits = load(table_config(write_csv(tmp_path / "cells.csv", cell_rows()),
+                                     prompt="{{ genes }}: {{ choices[0] }} or {{ choices[-1] }}?"))
+    example = splits.train[0]
+    assert task.messages(example)[-1]["content"] == f"{example.fields['genes']}: B or T?"
+
+
+def test_split_on_a_directory_holding_one_dataset_is_an_error(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list(cell_rows(24)).save_to_disk(str(tmp_path / "single"))
+    with pytest.raises(ConfigError, match=r"task.options.split \(test\) does not apply to single: it holds one Dataset"):
+        load(_with(table_config(tmp_path / "single"), split="test"))
+
+
+def test_a_csv_in_a_data_directory_is_read_as_text_like_the_file(tmp_path):
+    """Through datasets.load_dataset too, ids '0036' stay '0036' and groups '03' stay '03'."""
+    rows = [{**row, "cell_id": f"{i:04d}", "phase": f"{PHASES.index(row['phase']) + 1:02d}"}
+            for i, row in enumerate(cell_rows())]
+    (tmp_path / "repo").mkdir()
+    write_csv(tmp_path / "repo" / "train.csv", rows)
+    split = {"ood_test_groups": ["03", "04"]}
+    _, from_file = load(table_config(tmp_path / "repo" / "train.csv", split=split))
+    _, from_dir = load(table_config(tmp_path / "repo", split=split))
+    assert from_dir.fingerprints() == from_file.fingerprints()
+    assert {e.id for e in from_dir.ood_test} == {r["cell_id"] for r in rows if r["phase"] in ("03", "04")}
+
+
+def test_eval_and_predict_find_a_relative_table_from_any_directory(tmp_path, monkeypatch, capsys, fast_config,
+                                                                   one_thread):
+    """The checkpoint records the table's absolute path; a moved table is one line naming --option source=."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    write_csv(work / "cells.csv", cell_rows())
+    raw = fast_config()
+    raw["task"] = table_config("cells.csv")["task"]
+    raw["stages"] = [{**raw["stages"][0], "max_steps": 1, "eval_every_steps": None}]
+    raw["eval"]["max_examples"] = 2
+    (work / "run.yaml").write_text(json.dumps(raw))
+    monkeypatch.chdir(work)
+    assert main(["train", "run.yaml", "--output-dir", str(tmp_path / "run")]) == 0
+    final = str(tmp_path / "run" / "stages" / "0-sft" / "final")
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "in.jsonl").write_text(json.dumps({"cell_id": "mine", "genes": "CD3E CD3D"}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", final, "--task", "table", "--splits", "val", "--max-examples", "2"]) == 0
+    assert main(["predict", final, "--task", "table", "--input", "in.jsonl", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    (work / "cells.csv").rename(elsewhere / "moved.csv")
+    assert main(["eval", final, "--task", "table", "--splits", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(work / "cells.csv") in err and "--option source=NEW_PATH" in err and len(err.splitlines()) == 1
+    assert main(["eval", final, "--task", "table", "--splits", "val", "--max-examples", "2",
+                 "--option", "source=moved.csv"]) == 0

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
     p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
     p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
     p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -223,7 +227,8 @@ def cmd_eval(args) -> int:
     from biopost.inference import evaluate_checkpoint
 
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
-                               base=args.base, trust_remote_code=args.trust_remote_code)
+                               base=args.base, trust_remote_code=args.trust_remote_code,
+                               options=args.option)
     return write_jsonl(rows, args.output, "rows")
 
 
@@ -232,7 +237,8 @@ def cmd_predict(args) -> int:
     from biopost.inference import predict_file
 
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
-                           base=args.base, trust_remote_code=args.trust_remote_code)
+                           base=args.base, trust_remote_code=args.trust_remote_code,
+                           options=args.option)
     return write_jsonl(records, args.output, "predictions")
 
 

@@ -34,14 +34,20 @@ class ForgettingChecks:
     tasks: list[CrossTask]
     packed: dict = field(default_factory=dict, compare=False, repr=False)  # name -> (tokenizer, blocks)
 
-    def evaluate(self, policy) -> tuple[list[dict], dict[str, list[dict]]]:
-        """Rows for every check, and per-example records of the other tasks keyed ``<task>/<split>``."""
+    def evaluate(self, policy, known_losses: dict | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
+        """Rows for every check, and per-example records of the other tasks keyed ``<task>/<split>``.
+        ``known_losses``: ``(documents, seq_length) -> (loss, tokens)`` already computed with ``policy`` (a CPT
+        stage's held-out window), reused rather than computed again."""
         from biopost.stages.cpt import heldout_loss, pack, perplexity_rows, tokenize_documents
 
         cfg = self.eval_cfg.forgetting
         rows, records = [], {}
         eos = policy.tokenizer.eos_token_id
         for name, docs in self.corpora.items():
+            known = (known_losses or {}).get((tuple(docs), cfg.seq_length))
+            if known is not None:
+                rows += perplexity_rows(f"general/{name}", *known)
+                continue
             tokenizer, blocks = self.packed.get(name, (None, None))
             if tokenizer is not policy.tokenizer:  # tokenized once per stage (each stage loads its own tokenizer)
                 blocks = pack(tokenize_documents(policy.tokenizer, docs, eos), cfg.seq_length, eos)

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from biopost.config import ConfigError, EvalConfig, RunConfig
+from biopost.config import ConfigError, EvalConfig, RunConfig, apply_override
 from biopost.evaluation import evaluate, generate_completions
 from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy, task_state_of
 
 
-def checkpoint_state(checkpoint: Path, name: str) -> dict:
-    """The task state a checkpoint saved; it must be a biopost checkpoint of task ``name``."""
+def checkpoint_state(checkpoint: Path, name: str, options: list[str] = ()) -> dict:
+    """The task state a checkpoint saved; it must be a biopost checkpoint of task ``name``. ``options``:
+    ``KEY=VALUE`` changes to its task options (e.g. ``source=`` a table that moved since training)."""
     state = task_state_of(checkpoint)
     if state is None:
         raise FileNotFoundError(f"{checkpoint} is not a biopost checkpoint (no biopost_checkpoint.json)")
     if state["name"] != name:
         raise ConfigError(f"{checkpoint}: checkpoint trained on task {state['name']!r}, not {name!r}; pass --task "
                           f"{state['name']} or a checkpoint of {name}")
+    for item in options:
+        state["config_task"] = apply_override({"task": state["config_task"]}, f"task.options.{item}")["task"]
+        state["options"] = state["config_task"]["options"]
     return state
 
 
@@ -30,21 +34,22 @@ def restore_task_state(task, state: dict):
     return task
 
 
-def task_for_checkpoint(checkpoint: Path, name: str):
+def task_for_checkpoint(checkpoint: Path, name: str, options: list[str] = ()):
     """The task with the options, label set and split settings saved in the checkpoint."""
     from biopost.registry import get_task
 
-    state = checkpoint_state(checkpoint, name)
+    state = checkpoint_state(checkpoint, name, options)
     task = get_task(name, state["options"], state["config_task"].get("prompt"))
     return restore_task_state(task, state), state
 
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
-                        device: str = "auto", base: Path | None = None, trust_remote_code: bool = False) -> list[dict]:
+                        device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
+                        options: list[str] = ()) -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
-    state = checkpoint_state(checkpoint, name)
+    state = checkpoint_state(checkpoint, name, options)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
     task, data = load_task_and_splits(config)  # fitted on train: the statistics some scores use (e.g. IA weights)
     if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
@@ -57,9 +62,10 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
-                 device: str = "auto", base: Path | None = None, trust_remote_code: bool = False) -> list[dict]:
+                 device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
+                 options: list[str] = ()) -> list[dict]:
     device = resolve_device(device)
-    task, _ = task_for_checkpoint(checkpoint, name)
+    task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
     examples = []

@@ -24,7 +24,8 @@ from transformers import set_seed
 
 from biopost import durable
 from biopost.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config
-from biopost.data import SplitRule, make_splits
+from biopost.data import SplitRule
+from biopost.data.splits import check_leakage, cut_splits
 from biopost.forgetting import load_forgetting
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
@@ -70,19 +71,27 @@ def load_task_and_splits(config: RunConfig):
     task.fused_modalities = frozenset(config.model.encoders)  # these payloads become prompt placeholders
     with plugin_errors(task.name, "load its data"):
         examples = task.load()
-    task.check_prompts(examples)
+    rule = split_rule(config, task)
     try:
-        splits = make_splits(examples, split_rule(config, task), task.input_key, task.overlap_remedy)
+        splits = cut_splits(examples, rule)
     except ValueError as err:
         raise ConfigError(f"task.split: {err}") from None
+    # Prompts are checked, and compared across splits, as trained: after fit (e.g. a label set the prompt shows).
     task.fit(splits.train)
+    task.check_prompts(examples)
+    if not rule.allow_overlap:
+        try:
+            check_leakage(splits, task.input_key, task.overlap_remedy)
+        except ValueError as err:
+            raise ConfigError(f"task.split: {err}") from None
     return task, splits
 
 
 def task_state(config: RunConfig, task, splits) -> dict:
     """Saved in every checkpoint: what `eval` and `predict` need to rebuild the task and its splits."""
-    return {"name": task.name, "version": task.version, "options": config.task.options,
-            "config_task": config.task.model_dump(mode="json"), "eval": config.eval.model_dump(mode="json"),
+    options = task.recorded_options(config.task.options)
+    return {"name": task.name, "version": task.version, "options": options,
+            "config_task": {**config.task.model_dump(mode="json"), "options": options}, "eval": config.eval.model_dump(mode="json"),
             "split_fingerprints": splits.fingerprints(), "fused_modalities": sorted(task.fused_modalities),
             "labels": getattr(task, "labels", None), "markers": getattr(task, "markers", None)}
 

@@ -106,6 +106,15 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
     ``input_key`` gives what the model reads of an example (``Task.input_key``: the rendered prompt plus the
     payloads an encoder reads); ``remedy`` is the task's advice when inputs collide.
     """
+    splits = cut_splits(examples, rule)
+    if not rule.allow_overlap:
+        check_leakage(splits, input_key, remedy)
+    return splits
+
+
+def cut_splits(examples: list[Example], rule: SplitRule) -> Splits:
+    """Cut ``examples`` by ``rule`` without the leakage check, for a caller that must fit its task on train
+    before it can say what the model reads (then :func:`check_leakage`)."""
     if not (0 < rule.val_fraction and 0 < rule.id_test_fraction and rule.val_fraction + rule.id_test_fraction < 1):
         raise ValueError(f"val_fraction ({rule.val_fraction}) and id_test_fraction ({rule.id_test_fraction}) must "
                          "be above 0 and sum below 1, leaving in-domain examples for train")
@@ -144,8 +153,6 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
         ood_val_groups=val_groups,
     )
     check_sizes(splits, rule)
-    if not rule.allow_overlap:
-        check_leakage(splits, input_key, remedy)
     return splits
 
 

@@ -56,12 +56,13 @@ class StageContext:
         return {name: list(self.splits[name]) for name in self.eval_cfg.splits if self.splits[name]}
 
     def evaluate_and_save(self, policy: Policy, step: int, epoch: float | None, score_task: bool = True,
-                          labels: dict | None = None) -> None:
+                          labels: dict | None = None, known_losses: dict | None = None) -> None:
         """Score the eval splits with the shared evaluator (unless ``score_task`` is false) and the forgetting
-        checks, log rows (plus ``labels``, e.g. an interpolation's alpha), keep a loadable checkpoint."""
+        checks, log rows (plus ``labels``, e.g. an interpolation's alpha), keep a loadable checkpoint.
+        ``known_losses``: corpus losses already computed at this point (see ``ForgettingChecks.evaluate``)."""
         rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg) if score_task else ([], {})
         if self.forgetting is not None:
-            other_rows, other_records = self.forgetting.evaluate(policy)
+            other_rows, other_records = self.forgetting.evaluate(policy, known_losses)
             rows, records = rows + other_rows, {**records, **other_records}
         where = {"stage": self.name, "stage_index": self.index, "step": step, "epoch": epoch, **(labels or {})}
         self.log.write([{**where, **row} for row in rows])

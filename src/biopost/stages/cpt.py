@@ -37,9 +37,11 @@ def run_cpt(ctx: StageContext):
 
     def evaluate(step: int, epoch: float) -> None:
         where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": epoch}
-        rows = perplexity_rows("heldout", *heldout_loss(policy, heldout, stage.eval_batch_size))
-        ctx.log.write([{**where, **row} for row in rows])
-        ctx.evaluate_and_save(policy, step, epoch, score_task=stage.eval_task)
+        loss = heldout_loss(policy, heldout, stage.eval_batch_size)
+        ctx.log.write([{**where, **row} for row in perplexity_rows("heldout", *loss)])
+        # A forgetting corpus that is this held-out window, packed alike, reuses the loss instead of a second pass.
+        ctx.evaluate_and_save(policy, step, epoch, score_task=stage.eval_task,
+                              known_losses={(tuple(corpus.heldout), stage.seq_length): loss})
 
     # ---- loop
     train_with_trainer(ctx, policy, train, total, every, per_epoch, evaluate)

@@ -64,6 +64,11 @@ class Task:
     def fit(self, train: list[Example] | tuple[Example, ...]) -> None:
         """Learn train-only statistics (e.g. marker genes for rationales). Default: nothing."""
 
+    def recorded_options(self, options: dict) -> dict:
+        """``task.options`` as a checkpoint records them, for ``eval`` and ``predict`` to rebuild the task from
+        any directory (e.g. a relative data path made absolute). Default: as given."""
+        return options
+
     # ---- prompting
     def use_prompt(self, system: str | None = None, user: str | None = None) -> None:
         """Replace the system prompt and / or the user prompt (a template over ``prompt_variables``)."""

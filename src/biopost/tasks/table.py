@@ -38,7 +38,7 @@ from biopost.data.sequences import check_sequence
 from biopost.registry import register_task
 from biopost.tasks.answer_kinds import exact, label_set, parse_number, set_scores, split_labels, within
 from biopost.tasks.base import LabelTask, TaskOptions
-from biopost.tasks.parsing import match_label
+from biopost.tasks.parsing import match_label, normalize
 from biopost.tasks.prompts import PromptTemplate, compile_template
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
@@ -143,6 +143,8 @@ class TableTask(LabelTask):
         self.user_template = opts.prompt
         self.default_ood_field = opts.columns.group
         self.labels: list[str] = list(opts.labels or [])
+        if opts.labels is not None:
+            check_distinct_labels(self.labels, "task.options.labels")
         self.answers: set[str] = set()  # every gold label in the table, checked against the label set
         self.field_columns: list[str] | None = None  # the prompt's columns, set by load()
         self.payload_columns = opts.columns.payloads()  # modality -> its columns
@@ -153,6 +155,12 @@ class TableTask(LabelTask):
                               + SYSTEM_PROMPTS[opts.answer_kind].format(sep=opts.separator.strip() or " "))
 
     # ---- data
+    def recorded_options(self, options: dict) -> dict:
+        """A local source as an absolute path (resolved from the directory the run started in), so that a
+        checkpoint's ``eval`` and ``predict`` find the table from any directory."""
+        path = Path(self.options.source).expanduser()
+        return {**options, "source": str(path.resolve())} if path.exists() else options
+
     def load(self) -> list[Example]:
         rows, columns, where = read_rows(self.options)
         check_columns(self.options.columns, columns, where)
@@ -164,6 +172,7 @@ class TableTask(LabelTask):
             raise ValueError(f"{where}: column {self.options.columns.id!r} (columns.id) repeats ids, e.g. {repeated}")
         if self.options.answer_kind in ("label", "multilabel"):
             self.answers = {a for e in examples for a in self._gold_items(e)}
+            check_distinct_labels(sorted(self.answers), f"column {self.options.columns.answer!r} (columns.answer)")
             if self.options.labels is not None:
                 self._check_answers_in_labels("task.options.labels")
         return examples
@@ -316,11 +325,12 @@ def read_rows(opts: TableOptions) -> tuple[list[dict[str, Any]], list[str], str]
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             refuse(opts, ("subset", "revision"), "a save_to_disk directory")
-            return read_saved_dataset(path, opts.split) + (path.name,)
+            return read_saved_dataset(path, opts.split, "split" in opts.model_fields_set) + (path.name,)
         return read_hub(str(path), opts) + (path.name,)
     if opts.format or path.suffix.lower() in FILE_FORMATS or path.is_absolute() or opts.source.startswith("."):
-        raise FileNotFoundError(f"table not found: {opts.source} (relative paths start at {Path.cwd()}); "
-                                "set task.options.source to a file, a datasets directory or a Hub dataset id")
+        raise FileNotFoundError(f"table not found: {opts.source} (relative paths start at {Path.cwd()}); set "
+                                "task.options.source to a file, a datasets directory or a Hub dataset id (eval / "
+                                "predict of a checkpoint whose table moved: --option source=NEW_PATH)")
     return read_hub(opts.source, opts) + (opts.source,)
 
 
@@ -366,11 +376,14 @@ def read_file(path: Path, fmt: str | None) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
-def read_saved_dataset(path: Path, split: str) -> tuple[list[dict], list[str]]:
+def read_saved_dataset(path: Path, split: str, split_given: bool = False) -> tuple[list[dict], list[str]]:
     """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     from datasets import DatasetDict, load_from_disk
 
     data = load_from_disk(str(path))
+    if not isinstance(data, DatasetDict) and split_given:
+        raise ConfigError(f"task.options.split ({split}) does not apply to {path.name}: it holds one Dataset, "
+                          "not splits; remove task.options.split")
     if isinstance(data, DatasetDict):
         if split not in data:
             raise ValueError(f"{path.name} has no split {split!r}; splits: {', '.join(data)} (set task.options.split)")
@@ -380,10 +393,14 @@ def read_saved_dataset(path: Path, split: str) -> tuple[list[dict], list[str]]:
 
 def read_hub(source: str, opts: TableOptions) -> tuple[list[dict], list[str]]:
     """A Hub dataset id (or a local data directory), through ``datasets.load_dataset``."""
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
 
     try:
         data = load_dataset(source, opts.subset, split=opts.split, revision=opts.revision)
+        if data.builder_name == "csv":  # read as text, as a local file is: no id "0036" -> 36, no "NA" -> missing
+            as_text = Features({column: Value("string") for column in data.column_names})
+            data = load_dataset(source, opts.subset, split=opts.split, revision=opts.revision, features=as_text,
+                                keep_default_na=False)
     except Exception as err:  # network, unknown id, unknown split or subset: one line, with what was asked
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"could not load dataset {source!r} (subset {opts.subset}, split {opts.split}, "
@@ -403,6 +420,24 @@ def check_columns(cmap: ColumnMap, present: list[str], where: str, required_only
     if clash:
         raise ValueError(f"{where}: column {clash[0]!r} has the name of a prompt variable the task adds; rename it "
                          "or leave it out with task.options.columns.fields")
+
+
+def check_distinct_labels(labels: list[str], what: str) -> None:
+    """No two labels may be one answer once parsed (case, spaces, quotes, a final period): neither could
+    ever be scored correct.
+
+    >>> check_distinct_labels(["A", "B", "a."], "task.options.labels")
+    Traceback (most recent call last):
+    ...
+    ValueError: labels 'A' and 'a.' in task.options.labels are the same answer to the scorer (case, spaces, quotes and a final period are ignored), so neither can be scored correct; merge or rename them in the table or task.options.labels
+    """
+    seen: dict[str, str] = {}
+    for label in labels:
+        other = seen.setdefault(normalize(label), label)
+        if other != label:
+            raise ValueError(f"labels {other!r} and {label!r} in {what} are the same answer to the scorer (case, "
+                             "spaces, quotes and a final period are ignored), so neither can be scored correct; "
+                             "merge or rename them in the table or task.options.labels")
 
 
 def is_missing(value: Any) -> bool:
