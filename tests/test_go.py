@@ -16,7 +16,7 @@ from biopost.config import ConfigError
 from biopost.data import SplitRule, make_splits
 from biopost.registry import get_task
 from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
-from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology
+from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology, read_ia_table
 from conftest import assert_prompt_shows_placeholder
 
 MITO, CYTO, INTRA, CELL_ENTITY = "GO:0005739", "GO:0005737", "GO:0005622", "GO:0110165"
@@ -340,6 +340,24 @@ def test_reward_metric_can_be_ia_weighted(cafa_files, scored):
     assert task.reward([answer(CYTO)], [example]) == [score["f1"]]
     with pytest.raises(ConfigError, match="f1_weighted needs IA"):
         cafa_task(cafa_files, reward_metric="f1_weighted", ia="none")
+
+
+def test_ia_file_maps_alt_ids_and_refuses_one_that_weighs_no_gold_term(cafa_files, onto, tmp_path):
+    # GO:0001948 is an alt_id of protein binding; GO:0000005 is obsolete; GO:0099999 is no GO term
+    ia = tmp_path / "IA.txt"
+    ia.write_text(f"GO:0001948\t2.5\n{MITO}\t1.5\nGO:0000005\t9\nGO:0099999\t3\n")
+    assert read_ia_table(ia, onto) == {PROTEIN_BINDING: 2.5, MITO: 1.5}
+    ia.write_text(f"GO:0001948\t2.5\n{PROTEIN_BINDING}\t0.5\n")
+    assert read_ia_table(ia, onto) == {PROTEIN_BINDING: 0.5}  # the primary id's own weight wins
+    task = cafa_task(cafa_files, ia=str(ia), reward_metric="f1_weighted", rationale="none")
+    examples = {e.id: e for e in task.load()}
+    task.fit([examples["P07"]])  # gold GO:0001948 in the table: protein binding, weighed through its alt_id
+    assert task.reward([answer(PROTEIN_BINDING)], [examples["P07"]]) == [1.0]
+    with pytest.raises(ValueError, match=r"weighs none of the 8 terms of the training proteins.*ia: train"):
+        task.fit([examples["P01"]])  # mitochondrion and its ancestors: not in this IA file
+    ia.write_text("GO:0099999\t3\nGO:0000005\t2\n")
+    with pytest.raises(ValueError, match=r"names no term of the Gene Ontology .*set task.options.ia: train$"):
+        read_ia_table(ia, onto)
 
 
 def test_naive_frequency_baseline_and_n_per_aspect(cafa_files):

@@ -262,7 +262,12 @@ class GOTask(Task):
         if opts.ia == "train":
             self.ia_weights = information_accretion(self.ontology, {e.id: self.gold_terms(e) for e in train})
         elif opts.ia != "none":
-            self.ia_weights = read_ia_table(opts.ia)
+            self.ia_weights = read_ia_table(opts.ia, self.ontology)
+            gold = set().union(*(self.gold_terms(e) for e in train))
+            if gold and not gold & self.ia_weights.keys():
+                raise ValueError(f"IA file {opts.ia} weighs none of the {len(gold)} terms of the training proteins "
+                                 "(weighted scores would all be 0); give an IA file for these annotations, or set "
+                                 "task.options.ia: train")
         self.term_frequency = self.naive_scores(train)
         if opts.rationale == "neighbour":
             from biopost.data.similarity import kmer_profiles

@@ -178,18 +178,31 @@ def information_accretion(onto: GeneOntology, annotations: Mapping[str, Iterable
     return weights
 
 
-def read_ia_table(path: Path) -> dict[str, float]:
-    """A CAFA ``IA.txt``: term and weight per line, tab- or space-separated."""
+def read_ia_table(path: Path, onto: GeneOntology) -> dict[str, float]:
+    """A CAFA ``IA.txt`` (term and weight per line, tab- or space-separated), keyed by primary id.
+
+    An alt_id's weight goes to its primary term (a weight given for the primary id itself wins); obsolete and
+    unknown ids are dropped. A file naming no term of the ontology is an error, not an all-zero weighting.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IA file not found: {path}")
-    weights = {}
+    weights, alternative = {}, {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
         try:
-            weights[parts[0]] = float(parts[1])
+            weight = float(parts[1])
         except (IndexError, ValueError):
             raise ValueError(f"{path}:{number}: expected 'GO:nnnnnnn<TAB>weight', got {line!r}") from None
+        primary = onto.canonical(parts[0])
+        if primary == parts[0]:
+            weights[primary] = weight
+        elif primary is not None:
+            alternative.setdefault(primary, weight)
+    weights = {**alternative, **weights}
+    if not weights:
+        raise ValueError(f"IA file {path} names no term of the Gene Ontology {onto.version or 'loaded'}; "
+                         "give an IA file made for this ontology, or set task.options.ia: train")
     return weights
