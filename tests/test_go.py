@@ -201,6 +201,24 @@ def test_time_split_is_a_snapshot_at_the_cutoff(cafa_files):
         cafa_task(cafa_files, ood="time")
 
 
+def test_time_split_treats_a_root_only_past_as_no_knowledge(tmp_path):
+    rng = np.random.default_rng(3)
+    seqs = {f"P{i}": random_protein(rng) for i in range(4)}
+    rows = [("P0", CC_ROOT, "20180101"), ("P0", MITO, "20210101"),  # before t0: only the (unscored) CC root
+            ("P1", MF_ROOT, "20180101"), ("P2", CYTO, "20180101"), ("P3", MEMBRANE, "20210101")]
+    (tmp_path / "s.fasta").write_text("".join(f">{p} 9606\n{s}\n" for p, s in seqs.items()))
+    (tmp_path / "t.tsv").write_text("protein\tterm\tevidence\tdate\n"
+                                    + "".join(f"{p}\t{t}\tIDA\t{d}\n" for p, t, d in rows))
+    options = {"fasta": str(tmp_path / "s.fasta"), "annotations": str(tmp_path / "t.tsv"), "ood": "time",
+               "cutoff_date": "2020-01-01", "rationale": "none"}
+    examples = {e.id: e for e in get_task("go/cafa", options).load()}
+    assert examples["P0"].meta["period"] == "after" and examples["P0"].answer == MITO
+    assert examples["P2"].meta["period"] == "before" and examples["P3"].meta["period"] == "after"
+    assert "P1" not in examples  # nothing but a root, ever: no scored term
+    with_roots = {e.id: e for e in get_task("go/cafa", {**options, "score_roots": True}).load()}
+    assert with_roots["P0"].meta["period"] == "before" and with_roots["P0"].answer == CC_ROOT
+
+
 def load_or_refuse_without_mmseqs(task, method):
     """The task's examples; without the MMseqs2 binary, choosing mmseqs must be a clear error instead (None)."""
     if method == "mmseqs" and shutil.which("mmseqs") is None:

@@ -23,7 +23,8 @@ field and published in ``splits.json``:
 - ``taxon``: held-out species (meta ``taxon``; a seeded fraction of taxa unless groups are named);
 - ``time``: CAFA's no-knowledge benchmark. With ``cutoff_date`` t0, a protein with an annotation dated
   <= t0 is in the training pool with only those annotations as gold (its later ones are ignored, as in a
-  t0 snapshot); a protein whose first annotation is after t0 is held out (meta ``period``: before / after);
+  t0 snapshot); a protein whose first annotation is after t0 is held out (meta ``period``: before / after),
+  and so is one annotated before t0 only with a root term (roots are not scored, so they are not knowledge);
 - ``similarity``: held-out clusters of similar sequences (meta ``cluster``) at ``similarity_identity``
   (default 0.5): single-linkage k-mer clusters (measured to split at ~50-55% identity, see
   :mod:`biopost.data.similarity`), or MMseqs2 clusters (``similarity_method: mmseqs``, never chosen for you).
@@ -245,7 +246,10 @@ class GOTask(Task):
         after = [t for t, when in terms if when > cutoff]
         first = min((when for _, when in terms), default=None)
         meta = {"date": first.isoformat() if first else ""}
-        return (before, {**meta, "period": "before"}) if before else (after, {**meta, "period": "after"})
+        # Known at t0 means a scored term: a root alone (left out of scores by default) is no prior knowledge.
+        if self.ontology.propagate(before, roots=self.options.score_roots):
+            return before, {**meta, "period": "before"}
+        return after, {**meta, "period": "after"}
 
     def with_clusters(self, examples: list[Example]) -> list[Example]:
         from biopost.data.similarity import sequence_clusters
