@@ -73,6 +73,27 @@ def test_any_obo_file_with_the_message_counting_obsolete_terms(tmp_path, capsys)
         load_ontology(tmp_path / "missing.obo")
 
 
+def test_closure_stays_inside_an_aspect_as_in_cafa(tmp_path, capsys):
+    # full go.obo links aspects, e.g. a molecular function part_of a biological process; CAFA scores each
+    # aspect on its own graph, so such an edge propagates nothing
+    obo = tmp_path / "go-full.obo"
+    obo.write_text(
+        "format-version: 1.2\ndata-version: full/1\n\n"
+        "[Term]\nid: GO:0008150\nname: biological_process\nnamespace: biological_process\n\n"
+        "[Term]\nid: GO:0003674\nname: molecular_function\nnamespace: molecular_function\n\n"
+        "[Term]\nid: GO:0000001\nname: p\nnamespace: biological_process\nis_a: GO:0008150\n\n"
+        "[Term]\nid: GO:0000002\nname: f\nnamespace: molecular_function\nis_a: GO:0003674\n"
+        "relationship: part_of GO:0000001\n\n"
+        "[Term]\nid: GO:0000004\nname: g\nnamespace: molecular_function\nis_a: GO:0000002\nis_a: GO:0000001\n"
+    )
+    full = load_ontology(obo, cache=False)
+    assert "2 edges between aspects dropped" in capsys.readouterr().out
+    assert full.ancestors("GO:0000002") == {"GO:0000002", MF_ROOT}
+    assert full.propagate(["GO:0000004"]) == {"GO:0000004", "GO:0000002"}
+    assert full.propagate(["GO:0000001"]) == {"GO:0000001"}
+    assert all(full.aspects[a] == full.aspects[t] for t in full.names for a in full.ancestors(t))
+
+
 def test_information_accretion_on_a_small_table(onto):
     table = {"a": [MITO], "b": ["GO:0043231"], "c": [CYTO], "d": [INTRA], "e": [MEMBRANE]}
     ia = information_accretion(onto, table)
