@@ -316,6 +316,20 @@ def test_missing_columns_and_files_are_one_line_errors(cafa_files, tmp_path):
         cafa_task(cafa_files, fasta=str(tmp_path / "none.fasta")).load()
 
 
+def test_malformed_obo_and_headerless_context_are_one_line_errors(cafa_files, tmp_path):
+    bad = tmp_path / "bad.obo"
+    for text in ("not an obo\n", "format-version: 1.2\n\n[Term]\nid: GO:0000001\nname\n",
+                 "format-version: 1.2\n\n[Term]\nid: GO:0000001\nname: no namespace\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError) as err:
+            load_ontology(bad, cache=False)
+        assert "\n" not in str(err.value) and str(bad) in str(err.value) and "task.options.obo" in str(err.value)
+    headerless = tmp_path / "context.tsv"
+    headerless.write_text("P01\tGO:0005515\nP01\tGO:0016020\n")  # read with a header, P01's first term is lost
+    with pytest.raises(ValueError, match=r"context.tsv: the first line must be a header .*add a header line$"):
+        cafa_task(cafa_files, context=str(headerless)).load()
+
+
 # ---------------------------------------------------------------- reward and its gaming cases
 @pytest.fixture(scope="module")
 def scored(cafa_files):

@@ -109,7 +109,8 @@ class CafaOptions(GOOptions):
                               "optionally evidence, date, taxon, organism columns")
     columns: dict[str, str] = Field(default_factory=dict, description="column names in the annotation table, "
                                     "e.g. {protein: EntryID, term: term} for CAFA 5's train_terms.tsv")
-    context: Path | None = Field(None, description="TSV (protein, term) of context terms shown in the prompt")
+    context: Path | None = Field(None, description="TSV of context terms shown in the prompt: a header line, "
+                                 "then protein and GO term per row")
     evidence_codes: list[str] | None = Field(EXPERIMENTAL_CODES, description="keep annotations with these "
                                              "evidence codes (null = all; needs an evidence column otherwise)")
 
@@ -502,6 +503,9 @@ class CafaGOTask(GOTask):
             ctx = pd.read_csv(opts.context, sep="\t", dtype=str, keep_default_na=False)
             if len(ctx.columns) < 2:
                 raise ValueError(f"{opts.context.name}: expected two columns (protein, term)")
+            if GO_ANY.fullmatch(str(ctx.columns[1]).strip()):  # read as a header, that row would be lost
+                raise ValueError(f"{opts.context}: the first line must be a header (protein<TAB>term), found "
+                                 f"{ctx.columns[0]}<TAB>{ctx.columns[1]}; add a header line")
             for protein, term in zip(ctx.iloc[:, 0], ctx.iloc[:, 1]):
                 context.setdefault(protein, []).append(term)
         has = {c: cols[c] in table.columns for c in self.CANONICAL}

@@ -130,7 +130,12 @@ def parse_obo(path: Path) -> dict:
     obsolete ids, and the number of is_a/part_of edges dropped for joining two aspects."""
     import obonet
 
-    graph = obonet.read_obo(path, ignore_obsolete=False)
+    try:
+        graph = obonet.read_obo(path, ignore_obsolete=False)
+    except (ValueError, KeyError, UnicodeDecodeError) as err:  # obonet's messages quote the bad line over 2 lines
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"{path} is not a readable OBO file ({reason}); set task.options.obo to a Gene Ontology "
+                         ".obo file such as go-basic.obo") from None
     names, aspects, parents, alt_ids, obsolete = {}, {}, {}, {}, []
     for term, data in graph.nodes(data=True):
         if not term.startswith("GO:") or "name" not in data:
@@ -152,6 +157,9 @@ def parse_obo(path: Path) -> dict:
                 cross_aspect += 1
                 continue
             parents.setdefault(child, []).append(parent)
+    if not names:
+        raise ValueError(f"{path} holds no GO term with a GO namespace; set task.options.obo to a Gene Ontology "
+                         ".obo file such as go-basic.obo")
     version = str(graph.graph.get("data-version", ""))
     return {"names": names, "aspects": aspects, "parents": {t: sorted(p) for t, p in parents.items()},
             "alt_ids": alt_ids, "obsolete": sorted(obsolete), "version": version, "cross_aspect": cross_aspect}
