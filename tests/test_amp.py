@@ -73,3 +73,23 @@ def test_a_negated_answer_is_no_answer(amp, negated):
     assert task.score(completion, positive)["accuracy"] == task.score(completion, negative)["accuracy"] == 0.0
     assert task.reward([completion], [positive]) == [0.0]
     assert AMP not in INACTIVE and INACTIVE not in AMP  # no label can be read inside the other
+
+
+@pytest.mark.slow  # the full-split k-mer baseline (~45 s on 2 cores)
+def test_docstring_and_demo_config_state_the_biopost_baseline(tmp_path):
+    import re
+    from pathlib import Path
+
+    from biopost.baselines import run_baseline
+    from biopost.config import load_config
+    from biopost.tasks.proteins import amp as amp_module
+
+    config_path = Path(__file__).parents[1] / "configs" / "demo" / "protein-text-tiny.yaml"
+    rows = run_baseline(load_config(config_path, ["eval.max_examples=null"]), tmp_path)
+    acc = {r["split"]: r for r in rows if r["metric"] == "accuracy"}
+    doc = " ".join(amp_module.__doc__.split())
+    for split in ("val", "id_test", "ood_test"):
+        assert re.search(rf"{acc[split]['value']:.3f} \(({split}, )?n = {acc[split]['n']}\)", doc), split
+    comment = config_path.read_text()
+    assert f"ID {acc['id_test']['value']:.3f}".replace("0.", ".") in comment
+    assert f"OOD {acc['ood_test']['value']:.3f}".replace("0.", ".") in comment

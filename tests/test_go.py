@@ -16,7 +16,7 @@ from biopost.config import ConfigError
 from biopost.data import SplitRule, make_splits
 from biopost.registry import get_task
 from biopost.tasks.proteins.go_scoring import fmax, parse_go_terms, precision_recall_f1
-from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology
+from biopost.tasks.proteins.ontology import default_obo_path, information_accretion, load_ontology, read_ia_table
 from conftest import assert_prompt_shows_placeholder
 
 MITO, CYTO, INTRA, CELL_ENTITY = "GO:0005739", "GO:0005737", "GO:0005622", "GO:0110165"
@@ -71,6 +71,27 @@ def test_any_obo_file_with_the_message_counting_obsolete_terms(tmp_path, capsys)
     assert mini.canonical("GO:0000009") == "GO:0000001" and mini.canonical("GO:0000003") is None
     with pytest.raises(FileNotFoundError, match="task.options.obo"):
         load_ontology(tmp_path / "missing.obo")
+
+
+def test_closure_stays_inside_an_aspect_as_in_cafa(tmp_path, capsys):
+    # full go.obo links aspects, e.g. a molecular function part_of a biological process; CAFA scores each
+    # aspect on its own graph, so such an edge propagates nothing
+    obo = tmp_path / "go-full.obo"
+    obo.write_text(
+        "format-version: 1.2\ndata-version: full/1\n\n"
+        "[Term]\nid: GO:0008150\nname: biological_process\nnamespace: biological_process\n\n"
+        "[Term]\nid: GO:0003674\nname: molecular_function\nnamespace: molecular_function\n\n"
+        "[Term]\nid: GO:0000001\nname: p\nnamespace: biological_process\nis_a: GO:0008150\n\n"
+        "[Term]\nid: GO:0000002\nname: f\nnamespace: molecular_function\nis_a: GO:0003674\n"
+        "relationship: part_of GO:0000001\n\n"
+        "[Term]\nid: GO:0000004\nname: g\nnamespace: molecular_function\nis_a: GO:0000002\nis_a: GO:0000001\n"
+    )
+    full = load_ontology(obo, cache=False)
+    assert "2 edges between aspects dropped" in capsys.readouterr().out
+    assert full.ancestors("GO:0000002") == {"GO:0000002", MF_ROOT}
+    assert full.propagate(["GO:0000004"]) == {"GO:0000004", "GO:0000002"}
+    assert full.propagate(["GO:0000001"]) == {"GO:0000001"}
+    assert all(full.aspects[a] == full.aspects[t] for t in full.names for a in full.ancestors(t))
 
 
 def test_information_accretion_on_a_small_table(onto):
@@ -201,6 +222,24 @@ def test_time_split_is_a_snapshot_at_the_cutoff(cafa_files):
         cafa_task(cafa_files, ood="time")
 
 
+def test_time_split_treats_a_root_only_past_as_no_knowledge(tmp_path):
+    rng = np.random.default_rng(3)
+    seqs = {f"P{i}": random_protein(rng) for i in range(4)}
+    rows = [("P0", CC_ROOT, "20180101"), ("P0", MITO, "20210101"),  # before t0: only the (unscored) CC root
+            ("P1", MF_ROOT, "20180101"), ("P2", CYTO, "20180101"), ("P3", MEMBRANE, "20210101")]
+    (tmp_path / "s.fasta").write_text("".join(f">{p} 9606\n{s}\n" for p, s in seqs.items()))
+    (tmp_path / "t.tsv").write_text("protein\tterm\tevidence\tdate\n"
+                                    + "".join(f"{p}\t{t}\tIDA\t{d}\n" for p, t, d in rows))
+    options = {"fasta": str(tmp_path / "s.fasta"), "annotations": str(tmp_path / "t.tsv"), "ood": "time",
+               "cutoff_date": "2020-01-01", "rationale": "none"}
+    examples = {e.id: e for e in get_task("go/cafa", options).load()}
+    assert examples["P0"].meta["period"] == "after" and examples["P0"].answer == MITO
+    assert examples["P2"].meta["period"] == "before" and examples["P3"].meta["period"] == "after"
+    assert "P1" not in examples  # nothing but a root, ever: no scored term
+    with_roots = {e.id: e for e in get_task("go/cafa", {**options, "score_roots": True}).load()}
+    assert with_roots["P0"].meta["period"] == "before" and with_roots["P0"].answer == CC_ROOT
+
+
 def load_or_refuse_without_mmseqs(task, method):
     """The task's examples; without the MMseqs2 binary, choosing mmseqs must be a clear error instead (None)."""
     if method == "mmseqs" and shutil.which("mmseqs") is None:
@@ -277,6 +316,20 @@ def test_missing_columns_and_files_are_one_line_errors(cafa_files, tmp_path):
         cafa_task(cafa_files, fasta=str(tmp_path / "none.fasta")).load()
 
 
+def test_malformed_obo_and_headerless_context_are_one_line_errors(cafa_files, tmp_path):
+    bad = tmp_path / "bad.obo"
+    for text in ("not an obo\n", "format-version: 1.2\n\n[Term]\nid: GO:0000001\nname\n",
+                 "format-version: 1.2\n\n[Term]\nid: GO:0000001\nname: no namespace\n"):
+        bad.write_text(text)
+        with pytest.raises(ValueError) as err:
+            load_ontology(bad, cache=False)
+        assert "\n" not in str(err.value) and str(bad) in str(err.value) and "task.options.obo" in str(err.value)
+    headerless = tmp_path / "context.tsv"
+    headerless.write_text("P01\tGO:0005515\nP01\tGO:0016020\n")  # read with a header, P01's first term is lost
+    with pytest.raises(ValueError, match=r"context.tsv: the first line must be a header .*add a header line$"):
+        cafa_task(cafa_files, context=str(headerless)).load()
+
+
 # ---------------------------------------------------------------- reward and its gaming cases
 @pytest.fixture(scope="module")
 def scored(cafa_files):
@@ -340,6 +393,24 @@ def test_reward_metric_can_be_ia_weighted(cafa_files, scored):
     assert task.reward([answer(CYTO)], [example]) == [score["f1"]]
     with pytest.raises(ConfigError, match="f1_weighted needs IA"):
         cafa_task(cafa_files, reward_metric="f1_weighted", ia="none")
+
+
+def test_ia_file_maps_alt_ids_and_refuses_one_that_weighs_no_gold_term(cafa_files, onto, tmp_path):
+    # GO:0001948 is an alt_id of protein binding; GO:0000005 is obsolete; GO:0099999 is no GO term
+    ia = tmp_path / "IA.txt"
+    ia.write_text(f"GO:0001948\t2.5\n{MITO}\t1.5\nGO:0000005\t9\nGO:0099999\t3\n")
+    assert read_ia_table(ia, onto) == {PROTEIN_BINDING: 2.5, MITO: 1.5}
+    ia.write_text(f"GO:0001948\t2.5\n{PROTEIN_BINDING}\t0.5\n")
+    assert read_ia_table(ia, onto) == {PROTEIN_BINDING: 0.5}  # the primary id's own weight wins
+    task = cafa_task(cafa_files, ia=str(ia), reward_metric="f1_weighted", rationale="none")
+    examples = {e.id: e for e in task.load()}
+    task.fit([examples["P07"]])  # gold GO:0001948 in the table: protein binding, weighed through its alt_id
+    assert task.reward([answer(PROTEIN_BINDING)], [examples["P07"]]) == [1.0]
+    with pytest.raises(ValueError, match=r"weighs none of the 8 terms of the training proteins.*ia: train"):
+        task.fit([examples["P01"]])  # mitochondrion and its ancestors: not in this IA file
+    ia.write_text("GO:0099999\t3\nGO:0000005\t2\n")
+    with pytest.raises(ValueError, match=r"names no term of the Gene Ontology .*set task.options.ia: train$"):
+        read_ia_table(ia, onto)
 
 
 def test_naive_frequency_baseline_and_n_per_aspect(cafa_files):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from biopost.data.similarity import kmer_clusters, kmer_profiles, linked_pairs, sequence_clusters
+from biopost.data.similarity import kmer_clusters, kmer_profiles, linked_pairs, mmseqs_command, sequence_clusters
 
 AA = list("ACDEFGHIKLMNPQRSTVWY")
 
@@ -53,3 +54,18 @@ def test_blocked_links_are_the_brute_force_links(threshold):
 def test_identity_is_a_fraction():
     with pytest.raises(ValueError, match="identity must be in"):
         sequence_clusters(["MKT"], identity=50)
+
+
+def test_mmseqs_puts_a_fragment_in_its_parents_cluster():
+    """An exact 80-residue piece of a 300-residue protein covers 27% of it: coverage of both sequences
+    (MMseqs2's default mode) would leave it alone, out of its parent's cluster."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    parents = ["".join(rng.choice(AA, 300)) for _ in range(3)]
+    sequences = parents + [parents[0][100:180], parents[1][:60]]
+    if shutil.which("mmseqs") is None:  # no binary: the command line must ask for target coverage
+        cmd = mmseqs_command("mmseqs", Path("tmp"), 0.5, 0.8)
+        assert cmd[cmd.index("--cov-mode") + 1] == "1"
+        pytest.skip("the MMseqs2 binary is not on PATH")
+    assert sequence_clusters(sequences, "mmseqs", 0.5) == [0, 1, 2, 0, 1]

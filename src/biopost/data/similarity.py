@@ -2,8 +2,11 @@
 
 Both methods take a sequence ``identity`` (a fraction) that links two sequences:
 
-``mmseqs``: MMseqs2 ``easy-cluster`` with ``--min-seq-id identity`` and 80% coverage (its greedy set-cover
-clustering, the field's standard; the binary must be on PATH, e.g. Debian's ``mmseqs2``).
+``mmseqs``: MMseqs2 ``easy-cluster`` with ``--min-seq-id identity`` and 80% coverage of the member
+(``-c 0.8 --cov-mode 1``: the alignment must span 80% of the target, the sequence joining a cluster), with its
+greedy set-cover clustering, the field's standard; the binary must be on PATH, e.g. Debian's ``mmseqs2``.
+Target coverage puts a fragment in its parent's cluster (the default ``--cov-mode 0`` asks 80% of both, so an
+exact 80-residue piece of a 300-residue training protein would be its own cluster and could be tested OOD).
 
 ``kmer``: single-linkage clusters over shared k-mers, no alignment. Two sequences are linked when the
 distinct k-mers they share cover at least ``identity ** k`` of the shorter one's k-mers: the share a
@@ -133,9 +136,7 @@ def mmseqs_clusters(sequences: list[str], min_seq_id: float = 0.5, coverage: flo
     with tempfile.TemporaryDirectory() as tmp:
         fasta = Path(tmp) / "in.fasta"
         write([SeqRecord(Seq(s), id=f"s{i}", description="") for i, s in enumerate(sequences)], fasta, "fasta")
-        cmd = [binary, "easy-cluster", str(fasta), str(Path(tmp) / "out"), str(Path(tmp) / "work"),
-               "--min-seq-id", str(min_seq_id), "-c", str(coverage), "--threads", "1", "-v", "1"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(mmseqs_command(binary, Path(tmp), min_seq_id, coverage), capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"mmseqs easy-cluster failed: {done.stderr.strip()[-500:]}")
         rep = {}
@@ -146,6 +147,17 @@ def mmseqs_clusters(sequences: list[str], min_seq_id: float = 0.5, coverage: flo
     if missing:
         raise RuntimeError(f"mmseqs left {len(missing)} sequences unclustered (e.g. index {missing[0]})")
     return _first_seen_order(np.array([rep[i] for i in range(len(sequences))]))
+
+
+def mmseqs_command(binary: str, tmp: Path, min_seq_id: float, coverage: float) -> list[str]:
+    """The ``easy-cluster`` command line; ``--cov-mode 1`` (coverage of the target, the joining member) so that
+    fragments join their parents' clusters.
+
+    >>> " ".join(mmseqs_command("mmseqs", Path("t"), 0.5, 0.8)[5:])
+    '--min-seq-id 0.5 -c 0.8 --cov-mode 1 --threads 1 -v 1'
+    """
+    return [binary, "easy-cluster", str(tmp / "in.fasta"), str(tmp / "out"), str(tmp / "work"),
+            "--min-seq-id", str(min_seq_id), "-c", str(coverage), "--cov-mode", "1", "--threads", "1", "-v", "1"]
 
 
 def _first_seen_order(labels) -> list[int]:

