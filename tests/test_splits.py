@@ -231,3 +231,14 @@ def test_empty_split_through_the_pipeline_is_a_config_error():
                               "stages": [{"kind": "sft"}]})
     with pytest.raises(ConfigError, match=r"task.split: empty split: train, val, id_test \(train=0, .*ood_test=700\)"):
         load_task_and_splits(config)
+
+
+def test_leakage_is_judged_on_what_a_fused_model_reads():
+    """Eight gene names can coincide across cells, but a model reading cells through an encoder sees their
+    values too: `biopost eval` of a fused checkpoint must judge leakage as the run did (it used to refuse)."""
+    config = validate_config({"task": {"name": "cell_type/pbmc68k", "options": {"top_k_genes": 8}},
+                              "stages": [{"kind": "sft"}]})
+    with pytest.raises(ConfigError, match="identical inputs"):
+        load_task_and_splits(config)
+    task, _ = load_task_and_splits(config, frozenset({"cell"}))
+    assert task.fused_modalities == {"cell"}

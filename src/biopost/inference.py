@@ -51,7 +51,8 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
     state = checkpoint_state(checkpoint, name, options)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
-    task, data = load_task_and_splits(config)  # fitted on train: the statistics some scores use (e.g. IA weights)
+    fused = frozenset(state.get("fused_modalities") or [])  # compared across splits as the model read them
+    task, data = load_task_and_splits(config, fused)  # fitted on train: the statistics some scores use (e.g. IA weights)
     if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     restore_task_state(task, state)

@@ -66,9 +66,12 @@ def split_rule(config: RunConfig, task) -> SplitRule:
     )
 
 
-def load_task_and_splits(config: RunConfig):
+def load_task_and_splits(config: RunConfig, fused_modalities: frozenset[str] | None = None):
+    """The task, fitted on train, and its checked splits. ``fused_modalities``: the payloads read through an
+    encoder (default: the config's ``model.encoders``); they become prompt placeholders, which the leakage check
+    compares as trained."""
     task = get_task(config.task.name, config.task.options, config.task.prompt.model_dump())
-    task.fused_modalities = frozenset(config.model.encoders)  # these payloads become prompt placeholders
+    task.fused_modalities = frozenset(config.model.encoders) if fused_modalities is None else fused_modalities
     with plugin_errors(task.name, "load its data"):
         examples = task.load()
     rule = split_rule(config, task)
