@@ -12,8 +12,8 @@ import pandas as pd
 
 from biopost.study.results import collect, load_plan, run_table
 
-ID, OOD = "id_test", "ood_test"
-SPLITS = ["val", ID, OOD]
+ID, OOD, OOD_VAL = "id_test", "ood_test", "ood_val"
+SPLITS = ["val", ID, OOD_VAL, OOD]
 LENGTH_FIELDS = ("max_steps", "epochs", "steps")  # axes that set a stage's length, not what it is
 
 
@@ -205,8 +205,11 @@ def rl_curves(data: ReportData, pts: pd.DataFrame, info: pd.DataFrame) -> dict[s
     curves: dict[str, pd.DataFrame] = {}
     for run_id, rows in rl_pts.groupby("run_id", sort=True):
         row = info.loc[run_id]
-        start = "cold (from the base model)" if row["rl_cold"] else "warm" + (
-            f" (after SFT {int(row['sft_steps'])} steps)" if not is_missing(row["sft_steps"]) else "")
+        before = row["kinds"][row["kinds"].index("rl") - 1] if not row["rl_cold"] else None
+        # warm means started from SFT; RL straight after another stage (CPT) is labelled by that stage
+        start = ("cold (from the base model)" if row["rl_cold"] else
+                 f"after {before.upper()}" if before != "sft" else "warm" + (
+                     f" (after SFT {int(row['sft_steps'])} steps)" if not is_missing(row["sft_steps"]) else ""))
         other = describe(info, run_id, varied) if varied or row.get("budget") else ""
         label = f"{start}, {other}" if other and other != row["pipeline"] else start
         if label not in curves or len(rows) > len(curves[label]):

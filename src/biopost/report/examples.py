@@ -50,6 +50,7 @@ class Difference:
     high: float
     n: int
     method: str  # "paired bootstrap" or "interval overlap"
+    level: float = 0.95
 
     @property
     def sign(self) -> int:
@@ -57,11 +58,13 @@ class Difference:
         return 1 if self.low > 0 else -1 if self.high < 0 else 0
 
     def text(self) -> str:
-        return f"{self.value:+.3f} (95% CI {self.low:+.3f} to {self.high:+.3f}, {self.method}, n={self.n})"
+        return (f"{self.value:+.3f} ({100 * self.level:.3g}% CI {self.low:+.3f} to {self.high:+.3f}, {self.method}, "
+                f"n={self.n})")
 
 
-def paired_bootstrap(a: pd.Series, b: pd.Series, resamples: int = RESAMPLES, seed: int = SEED) -> Difference:
-    """Mean of ``b - a`` over the shared example ids, percentile 95% interval from resampling examples.
+def paired_bootstrap(a: pd.Series, b: pd.Series, resamples: int = RESAMPLES, seed: int = SEED,
+                     level: float = 0.95) -> Difference:
+    """Mean of ``b - a`` over the shared example ids, percentile ``level`` interval from resampling examples.
 
     >>> a = pd.Series([0.0] * 50 + [1.0] * 50, index=range(100))
     >>> d = paired_bootstrap(a, a.copy())
@@ -76,8 +79,9 @@ def paired_bootstrap(a: pd.Series, b: pd.Series, resamples: int = RESAMPLES, see
     diff = (b[ids] - a[ids]).to_numpy(dtype=float)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    return Difference(float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
-                      len(ids), "paired bootstrap")
+    tail = 100 * (1 - level) / 2
+    return Difference(float(diff.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)),
+                      len(ids), "paired bootstrap", level)
 
 
 def interval_difference(a, b, split: str) -> Difference:
@@ -90,12 +94,13 @@ def interval_difference(a, b, split: str) -> Difference:
     return Difference(float(b[split] - a[split]), float(lo), float(hi), 0 if pd.isna(n) else int(n), "interval overlap")
 
 
-def compare(run_dirs: dict[str, Path], a, b, split: str, metric: str) -> Difference:
-    """``b - a`` on ``split``: paired over the same test examples where both points' records exist."""
+def compare(run_dirs: dict[str, Path], a, b, split: str, metric: str, level: float = 0.95) -> Difference:
+    """``b - a`` on ``split``: paired over the same test examples where both points' records exist (a ``level``
+    interval); else the table's 95% intervals, which cannot be widened."""
     sa = scores(run_dirs[a["run_id"]], a, split, metric)
     sb = scores(run_dirs[b["run_id"]], b, split, metric)
     if sa is not None and sb is not None and len(sa.index.intersection(sb.index)) >= 2:
-        return paired_bootstrap(sa, sb)
+        return paired_bootstrap(sa, sb, level=level)
     return interval_difference(a, b, split)
 
 
