@@ -76,7 +76,7 @@ def rl_section(data, pts, info, base, metric):
              "ID at start": ci(c.iloc[0], d.ID), "ID at end": ci(c.iloc[-1], d.ID)} for label, c in curves.items()]
     return Section("rl", "OOD across RL steps, per starting point", [
         ("text", "Each line is one RL stage from its starting checkpoint (step 0): warm starts from SFT (solid), "
-                 "cold starts from the base model (dotted). Where a shorter RL is the prefix of a longer one, the "
+                 "starts after another stage such as CPT (solid, named), cold starts from the base model (dotted). Where a shorter RL is the prefix of a longer one, the "
                  "longer is drawn."),
         ("figure", "rl-steps", figures.rl_steps(curves, metric, base), "OOD and ID across RL steps"),
         ("table", pd.DataFrame(rows))])
