@@ -238,11 +238,20 @@ def test_budget_and_rank_findings_from_a_study_table(tmp_path):
         assert found[key].verdict == UNSURE and "also differs in another axis" in found[key].text
     sections = {s.key: s for s in task_report(data, TASK).sections}
     assert {"budget", "lora", "rl"} <= set(sections) and "cpt" not in sections
-    # both runs share their SFT points: those flips are one row naming both runs; RL's are one row each
-    flip_rows = [b[1] for b in sections["flips"].blocks if b[0] == "table"][0]
-    ood = flip_rows[flip_rows["split"] == "ood_test"]
-    assert ood[["runs", "from", "to"]].values.tolist() == [
-        ["less-sft, more-sft", "sft@0", "sft@10"], ["less-sft", "sft@10", "rl@5"], ["more-sft", "sft@10", "rl@5"]]
+
+    def ood_flips():
+        flips_section = {s.key: s for s in task_report(data, TASK).sections}["flips"]
+        flip_rows = [b[1] for b in flips_section.blocks if b[0] == "table"][0]
+        return flip_rows[flip_rows["split"] == "ood_test"][["runs", "from", "to"]].values.tolist()
+
+    # equal SFT flips by coincidence are each run's own rows
+    assert ood_flips() == [["less-sft", "sft@0", "sft@10"], ["less-sft", "sft@10", "rl@5"],
+                           ["more-sft", "sft@0", "sft@10"], ["more-sft", "sft@10", "rl@5"]]
+    # more-sft copied SFT up to step 10 from less-sft (the study's branching): one row naming both; RL's stay apart
+    (data.run_dirs["more-sft"] / "branched_from.json").write_text(
+        json.dumps({"donor": "less-sft", "stage_index": 0, "step": 10}))
+    assert ood_flips() == [["less-sft, more-sft", "sft@0", "sft@10"], ["less-sft", "sft@10", "rl@5"],
+                           ["more-sft", "sft@10", "rl@5"]]
 
 
 def test_without_predictions_the_table_intervals_are_compared(tmp_path):

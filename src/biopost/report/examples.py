@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from biopost.study.branch import MARKER
+
 RESAMPLES = 2000
 SEED = 0
 
@@ -122,10 +124,21 @@ def flips(run_dir: Path, run_points: pd.DataFrame, split: str, metric: str) -> p
             rows.append({"from": label(previous[0]), "to": label(point), "split": split, "n": len(ids),
                          "right_to_wrong": int((before[ids] & ~after[ids]).sum()),
                          "wrong_to_right": int((~before[ids] & after[ids]).sum()),
-                         "key": hash((split, tuple(ids), tuple(before[ids]), tuple(after[ids]), label(previous[0]),
-                                         label(point)))})
+                         "to_index": int(point["stage_index"]), "to_step": int(point["step"])})
         previous = (point, current)
-    return pd.DataFrame(rows, columns=["from", "to", "split", "n", "right_to_wrong", "wrong_to_right", "key"])
+    return pd.DataFrame(rows, columns=["from", "to", "split", "n", "right_to_wrong", "wrong_to_right", "to_index",
+                                       "to_step"])
+
+
+def origin(run_dirs: dict[str, Path], run_id: str, stage_index: int, step: int) -> str:
+    """The run that computed a point: a branched run's prefix up to its branch point was copied from its donor
+    (``branched_from.json``), so its points there are the donor's (or the donor's donor's)."""
+    marker = Path(run_dirs[run_id]) / MARKER
+    if marker.is_file():
+        branch = json.loads(marker.read_text())
+        if branch["donor"] in run_dirs and (stage_index, step) <= (branch["stage_index"], branch["step"]):
+            return origin(run_dirs, branch["donor"], stage_index, step)
+    return run_id
 
 
 def label(point) -> str:

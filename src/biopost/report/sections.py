@@ -9,7 +9,7 @@ import pandas as pd
 
 from biopost.report import data as d
 from biopost.report import figures
-from biopost.report.examples import broken_and_fixed, flips
+from biopost.report.examples import broken_and_fixed, flips, origin
 from biopost.report.findings import Finding, all_findings
 
 
@@ -215,18 +215,19 @@ def flips_section(data, pts, info, base, metric, shown: int = 3):
     for run_id, run_pts in d.trained(pts).groupby("run_id", sort=True):
         for split in (d.ID, d.OOD):
             for _, f in flips(data.run_dirs[run_id], run_pts, split, metric).iterrows():
-                if f["key"] in seen:  # a prefix shared by several runs: one row naming them all
-                    if run_id not in rows[seen[f["key"]]]["runs"]:
-                        rows[seen[f["key"]]]["runs"] += f", {run_id}"
+                # a prefix one run copied from another (the study's branching): one row naming both
+                key = (origin(data.run_dirs, run_id, f["to_index"], f["to_step"]), split, f["from"], f["to"])
+                if key in seen:
+                    rows[seen[key]]["runs"] += f", {run_id}"
                     continue
-                seen[f["key"]] = len(rows)
+                seen[key] = len(rows)
                 rows.append({"runs": run_id, "split": split, "from": f["from"], "to": f["to"], "n": f["n"],
                              "right to wrong": f["right_to_wrong"], "wrong to right": f["wrong_to_right"]})
     if not rows:
         return None
     blocks.append(("text", "An example is right when its per-example score is at least 0.5 (accuracy: correct). "
-                           "Counts between consecutive evaluations of each run, on the same test examples; rows "
-                           "shared by runs with a common prefix are listed once."))
+                           "Counts between consecutive evaluations of each run, on the same test examples; the "
+                           "rows of a prefix one run copied from another (the study's branching) are listed once."))
     blocks.append(("table", pd.DataFrame(rows)))
     blocks += broken_blocks(data, pts, info, metric, shown)
     return Section("flips", "Example-level flips: what each stage broke and fixed", blocks)
