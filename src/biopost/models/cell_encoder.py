@@ -170,7 +170,7 @@ class CellEncoder(Encoder):
 
     def __init__(self, source: str | Path, tokenizer: GeneTokenizer, layer: int = -1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 revision: str | None = None, batch_size: int = 16):
+                 revision: str | None = None, batch_size: int = 16, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
         source = str(source)
@@ -178,16 +178,23 @@ class CellEncoder(Encoder):
         if looks_local and not (Path(source).expanduser() / "config.json").is_file():
             raise FileNotFoundError(f"no cell encoder at {source}: expected a transformers model directory (config.json)")
         try:
-            config = AutoConfig.from_pretrained(source, revision=revision)
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
             if any(a.endswith("ForMaskedLM") for a in config.architectures or []):  # Geneformer, tiny-cell
-                model = AutoModelForMaskedLM.from_pretrained(source, config=config, revision=revision, dtype=dtype)
+                model = AutoModelForMaskedLM.from_pretrained(source, config=config, revision=revision, dtype=dtype,
+                                                             trust_remote_code=trust_remote_code)
                 self.model = model.base_model  # the encoder; the MLM head is dropped
             else:
                 pooler = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
-                self.model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=dtype, **pooler)
+                self.model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code, **pooler)
         except OSError as err:
             raise FileNotFoundError(f"could not load cell encoder {source!r} ({err.__class__.__name__}): give a local "
                                     "model directory, a reachable hub id, or tiny-cell") from None
+        except ValueError as err:
+            if "trust_remote_code" in str(err) and not trust_remote_code:
+                raise ValueError(f"cell encoder {source!r} runs its own code: set model.encoders.cell."
+                                 "trust_remote_code: true if you trust it") from None
+            raise
         self.model.requires_grad_(False).eval().to(device)
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and tokenizer.max_length > positions:
