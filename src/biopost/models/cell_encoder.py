@@ -36,6 +36,7 @@ from biopost.models.encoders import Encoder, _local_version
 
 TOKENS_FILE, MEDIANS_FILE = "gene_tokens.json", "gene_medians.json"
 SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
+MAX_UNMATCHED = 0.5  # a run whose dictionaries miss more of its expressed genes than this is misconfigured
 
 
 class _DictUnpickler(pickle.Unpickler):
@@ -132,6 +133,10 @@ class GeneTokenizer:
         ids = [self.token_ids[pairs[i][0]] for i in ranked[:room]]
         return [self.token_ids["<cls>"], *ids, self.token_ids["<eos>"]] if self.special else ids
 
+    def matched(self, cell: dict) -> int:
+        """How many of ``cell``'s expressed genes it reads (0: the cell would be only ``<cls> <eos>``)."""
+        return sum(1 for g, v in zip(cell["genes"], cell["values"]) if v > 0 and self.known(g))
+
     def unmatched(self, cells: Iterable[dict]) -> list[str]:
         """Distinct genes expressed in ``cells`` that have no token or no reference median (they are dropped)."""
         return sorted({g for c in cells for g, v in zip(c["genes"], c["values"]) if v > 0 and not self.known(g)})
@@ -161,6 +166,20 @@ def gene_tokenizer_for(cfg, source: str | Path, medians: dict[str, float] | None
 
 def has_medians(cfg, source: str | Path) -> bool:
     return bool(cfg.gene_medians) or (Path(source).expanduser() / MEDIANS_FILE).is_file()
+
+
+def check_cells_readable(policy, cells: Iterable[tuple[str, dict]]) -> None:
+    """Raise naming the first ``(where, cell)`` of which ``policy``'s cell encoder reads no gene (a cell it would see
+    as empty); nothing to check for a model without a rank-value cell encoder."""
+    encoder = getattr(policy, "encoders", {}).get("cell")
+    encoder = getattr(encoder, "encoder", encoder)  # under its FeatureCache
+    if not isinstance(encoder, CellEncoder):
+        return
+    for where, cell in cells:
+        if cell is not None and not encoder.tokenizer.matched(cell):
+            genes = [g for g, v in zip(cell["genes"], cell["values"]) if v > 0]
+            raise ValueError(f"{where}: the model's cell encoder knows none of the cell's {len(genes)} expressed genes "
+                             f"({', '.join(genes[:3])}...); name genes as its training data did (symbols or Ensembl ids)")
 
 
 class CellEncoder(Encoder):
