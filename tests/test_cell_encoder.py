@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,30 @@ def test_gene_files_belong_to_the_cell_encoder_only():
                          "model": {"encoders": {"dna": {"name": "tiny-dna", "gene_tokens": "x.json"}}}})
 
 
+def test_a_run_whose_cells_lose_most_genes_is_a_config_error_naming_gene_symbols(geneformer_dir, pbmc, tmp_path):
+    """Dictionaries keyed by Ensembl id over data named by symbol (no ``gene_symbols``) read almost no gene."""
+    from biopost.pipeline import prepare_cell_encoder
+
+    cfg = geneformer_config(geneformer_dir).model_dump(exclude={"gene_symbols"})
+    config = validate_config({"task": {"name": PBMC}, "stages": [{"kind": "sft"}], "model": {"encoders": {"cell": cfg}}})
+    with pytest.raises(ConfigError, match=r"reads only 0 of the task's \d+ expressed genes .*set model.encoders.cell.gene_symbols"):
+        prepare_cell_encoder(config, pbmc[1], tmp_path)
+    assert json.loads((tmp_path / "encoders.json").read_text())["cell"]["unmatched_genes"] > 0  # recorded first
+
+
+def test_a_cell_the_encoder_cannot_read_is_refused_naming_its_record(geneformer_dir):
+    from types import SimpleNamespace
+
+    from biopost.models.cell_encoder import check_cells_readable
+
+    policy = SimpleNamespace(encoders={"cell": load_encoder(geneformer_config(geneformer_dir, max_length=16), "cell")})
+    check_cells_readable(policy, [("in.jsonl:1", CELLS[0])])
+    with pytest.raises(ValueError, match=r"^in.jsonl:2: the model's cell encoder knows none of the cell's 2 expressed"):
+        check_cells_readable(policy, [("in.jsonl:1", CELLS[0]), ("in.jsonl:2", {"genes": ["FOO", "BAR", "CD3E"],
+                                                                                 "values": [1.0, 2.0, 0.0]})])
+    check_cells_readable(SimpleNamespace(), [("in.jsonl:1", {"genes": ["FOO"], "values": [1.0]})])  # no cell encoder
+
+
 # ---------------------------------------------------------------- checkpoints and features
 def test_a_geneformer_checkpoint_loads_from_a_local_path_and_batches_match_one_at_a_time(geneformer_dir, tmp_path):
     cfg = geneformer_config(geneformer_dir, max_length=16, batch_size=2)
@@ -126,8 +151,8 @@ def test_tiny_cell_pretrains_on_training_cells_only(tiny_cell_dir, pbmc):
     _, splits = pbmc
     report = json.loads((tiny_cell_dir / "pretraining.json").read_text())
     record = json.loads((tiny_cell_dir / "cells.json").read_text())
-    assert record["train"] == [cell_key(e.cell) for e in splits.train]
-    assert record["heldout"] == [cell_key(e.cell) for e in splits.val]
+    assert record["train"] == [cell_key(e) for e in splits.train]
+    assert record["heldout"] == [cell_key(e) for e in splits.val]
     assert record["split_fingerprints"] == splits.fingerprints()
     assert report["train_cells"] == len(splits.train) and report["heldout_mlm_loss"] > 0
     assert json.loads((tiny_cell_dir / "gene_medians.json").read_text()) == gene_medians(e.cell for e in splits.train)
@@ -150,13 +175,41 @@ def test_leakage_guard_refuses_a_test_cell_seen_in_pretraining(tiny_cell_dir, pb
         check_encoder_leakage(str(tiny_cell_dir), "cell", Resplit(splits))
 
 
+def test_leakage_guard_knows_a_pretraining_cell_under_another_option_seed_and_max_cells(tiny_cell_dir, pbmc):
+    """Another ``task.options.seed`` breaks expression ties in another order and ``max_cells`` keeps other cells, so
+    a pretraining cell's payload lists its genes differently; the guard still knows it by its id and its values."""
+    from biopost.data.splits import TEST_SPLITS
+    from biopost.pipeline import load_task_and_splits
+
+    _, splits = pbmc
+    pretrained = {e.id: e for e in splits.train}
+    config = validate_config({"task": {"name": PBMC, "split": {"seed": 1},
+                                       "options": {"rationale": False, "seed": 7, "max_cells": 600}},
+                              "stages": [{"kind": "sft"}]})
+    _, other = load_task_and_splits(config)
+    seen = [e for name in TEST_SPLITS for e in other[name] if e.id in pretrained]
+    assert seen and any(e.cell["genes"] != pretrained[e.id].cell["genes"] for e in seen)
+    with pytest.raises(LeakageError, match=f"{len(seen)} held-out cells were in the pretraining data"):
+        check_encoder_leakage(str(tiny_cell_dir), "cell", other)
+
+
+def test_leakage_guard_refuses_a_record_keyed_the_old_way(tiny_cell_dir, pbmc, tmp_path):
+    old = tmp_path / "old-cell"
+    shutil.copytree(tiny_cell_dir, old)
+    record = json.loads((old / "cells.json").read_text())
+    del record["key"]
+    (old / "cells.json").write_text(json.dumps(record))
+    with pytest.raises(LeakageError, match="keys cells the old way"):
+        check_encoder_leakage(str(old), "cell", pbmc[1])
+
+
 # ---------------------------------------------------------------- a fused run
 def test_fused_cell_sft_rl_leaves_the_encoder_unchanged_and_reloads(tmp_path, tiny_cell_dir, monkeypatch):
     """SFT then RL of a fused model reading cells through a local cell encoder without its own medians (the run's
     training cells give them): the encoder's files stay bit-identical, the unmatched-gene count is recorded, and
-    the final checkpoint reloads and reproduces the run's own predictions."""
+    the final checkpoint reloads from the moved run directory and reproduces the run's own predictions."""
     from biopost.evaluation import generate_completions
-    from biopost.inference import task_for_checkpoint
+    from biopost.inference import predict_file, task_for_checkpoint
     from biopost.models.policy import load_policy
     from biopost.pipeline import run
     from biopost.runlog import read_metrics
@@ -186,11 +239,20 @@ def test_fused_cell_sft_rl_leaves_the_encoder_unchanged_and_reloads(tmp_path, ti
     rows = read_metrics(run_dir)
     assert {(r["stage"], r["split"]) for r in rows if r["metric"] == "accuracy"} >= {
         ("sft", "val"), ("sft", "ood_test"), ("rl", "val"), ("rl", "ood_test")}
-    final = run_dir / "stages" / "1-rl" / "final"
-    saved = [json.loads(line) for line in (run_dir / "predictions" / "rl-step000002-val.jsonl").read_text().splitlines()]
+    for checkpoint in (run_dir / "backbone-fused", run_dir / "stages" / "1-rl" / "final"):
+        encoder_config = json.loads((checkpoint / "biopost_checkpoint.json").read_text())["fusion"]["encoders"]["cell"]
+        assert not Path(encoder_config["gene_medians"]).is_absolute()  # the run's medians move with the run
+    moved = Path(shutil.move(run_dir, tmp_path / "moved"))  # run directories are portable (DESIGN rule 10)
+    final = moved / "stages" / "1-rl" / "final"
+    saved = [json.loads(line) for line in (moved / "predictions" / "rl-step000002-val.jsonl").read_text().splitlines()]
     examples = {e.id: e for e in task.load()}
-    again = generate_completions(load_policy(final), task, [examples[r["id"]] for r in saved], config.eval)
+    again, _ = generate_completions(load_policy(final), task, [examples[r["id"]] for r in saved], config.eval)
     assert again == [r["completions"] for r in saved]
+    unreadable = tmp_path / "in.jsonl"
+    unreadable.write_text(json.dumps({"id": "c1", "expression": {"LYZ": 2.0}}) + "\n" +
+                          json.dumps({"id": "c2", "expression": {"NOT-A-GENE": 2.0}}) + "\n")
+    with pytest.raises(ValueError, match="^in.jsonl:2: the model's cell encoder knows none"):
+        predict_file(final, PBMC, unreadable, max_new_tokens=4, device="cpu")
 
 
 def test_training_steps_move_the_projector_and_leave_the_encoder_bit_identical(tiny_backbone, tiny_cell_dir, pbmc):

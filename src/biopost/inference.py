@@ -7,6 +7,7 @@ from pathlib import Path
 
 from biopost.config import ConfigError, EvalConfig, RunConfig, apply_override
 from biopost.evaluation import evaluate, generate_completions
+from biopost.models.cell_encoder import check_cells_readable
 from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy, task_state_of
 
@@ -69,7 +70,7 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
     task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
-    examples = []
+    examples, wheres = [], []
     for number, line in enumerate(input_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -80,10 +81,12 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         if not isinstance(record, dict):
             raise ValueError(f"{input_path}:{number}: a {type(record).__name__}, not a JSON object; write one object "
                              "per line in the task's input format (docs/tasks.md)")
-        examples.append(task.example_from_input(record, f"{input_path.name}:{number}"))
+        wheres.append(f"{input_path.name}:{number}")
+        examples.append(task.example_from_input(record, wheres[-1]))
     if not examples:
         raise ValueError(f"{input_path}: no records; write one JSON object per line in the task's input format")
     policy = load_policy(checkpoint, device=device, base=base, trust_remote_code=trust_remote_code)
+    check_cells_readable(policy, [(where, example.cell) for where, example in zip(wheres, examples)])
     cfg = EvalConfig(max_new_tokens=max_new_tokens)
     completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
     out = []

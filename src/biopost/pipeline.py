@@ -143,6 +143,7 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model)
     if config.model.encoders:
+        (run_dir / "stages").mkdir(exist_ok=True)  # marks the run directory: the fused base records paths in it relative
         cell = prepare_cell_encoder(config, splits, run_dir)  # the training cells' medians when none are given
         model = config.model.model_copy(update={"encoders": {**config.model.encoders, **cell}})
         base = build_fused_base(base, run_dir, model, config.seed)
@@ -244,7 +245,7 @@ def prepare_cell_encoder(config: RunConfig, splits, run_dir: Path) -> dict:
     the config nor the encoder supplies a median dictionary; reports (prints and writes ``encoders.json``) how
     many of the cells' genes the encoder cannot read."""
     from biopost.data.splits import SPLIT_NAMES
-    from biopost.models.cell_encoder import gene_medians, gene_tokenizer_for, has_medians
+    from biopost.models.cell_encoder import MAX_UNMATCHED, gene_medians, gene_tokenizer_for, has_medians
     from biopost.models.encoders import ENCODER_BUILDERS
     from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
 
@@ -268,6 +269,10 @@ def prepare_cell_encoder(config: RunConfig, splits, run_dir: Path) -> dict:
     (run_dir / "encoders.json").write_text(json.dumps({"cell": {
         "encoder": cfg.name, "expressed_genes": expressed, "unmatched_genes": len(unmatched),
         "unmatched": unmatched, "medians": medians, "max_length": cfg.max_length}}, indent=2))
+    if len(unmatched) > MAX_UNMATCHED * expressed:  # the cells would reach the encoder nearly empty
+        raise ConfigError(f"model.encoders.cell: {cfg.name} reads only {expressed - len(unmatched)} of the task's "
+                          f"{expressed} expressed genes (e.g. not {', '.join(unmatched[:3])}); if its dictionaries "
+                          "use Ensembl ids and the data gene symbols, set model.encoders.cell.gene_symbols")
     return {"cell": cfg}
 
 

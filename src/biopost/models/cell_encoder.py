@@ -36,6 +36,7 @@ from biopost.models.encoders import Encoder, _local_version
 
 TOKENS_FILE, MEDIANS_FILE = "gene_tokens.json", "gene_medians.json"
 SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
+MAX_UNMATCHED = 0.5  # a run whose dictionaries miss more of its expressed genes than this is misconfigured
 
 
 class _DictUnpickler(pickle.Unpickler):
@@ -132,6 +133,10 @@ class GeneTokenizer:
         ids = [self.token_ids[pairs[i][0]] for i in ranked[:room]]
         return [self.token_ids["<cls>"], *ids, self.token_ids["<eos>"]] if self.special else ids
 
+    def matched(self, cell: dict) -> int:
+        """How many of ``cell``'s expressed genes it reads (0: the cell would be only ``<cls> <eos>``)."""
+        return sum(1 for g, v in zip(cell["genes"], cell["values"]) if v > 0 and self.known(g))
+
     def unmatched(self, cells: Iterable[dict]) -> list[str]:
         """Distinct genes expressed in ``cells`` that have no token or no reference median (they are dropped)."""
         return sorted({g for c in cells for g, v in zip(c["genes"], c["values"]) if v > 0 and not self.known(g)})
@@ -163,6 +168,20 @@ def has_medians(cfg, source: str | Path) -> bool:
     return bool(cfg.gene_medians) or (Path(source).expanduser() / MEDIANS_FILE).is_file()
 
 
+def check_cells_readable(policy, cells: Iterable[tuple[str, dict]]) -> None:
+    """Raise naming the first ``(where, cell)`` of which ``policy``'s cell encoder reads no gene (a cell it would see
+    as empty); nothing to check for a model without a rank-value cell encoder."""
+    encoder = getattr(policy, "encoders", {}).get("cell")
+    encoder = getattr(encoder, "encoder", encoder)  # under its FeatureCache
+    if not isinstance(encoder, CellEncoder):
+        return
+    for where, cell in cells:
+        if cell is not None and not encoder.tokenizer.matched(cell):
+            genes = [g for g, v in zip(cell["genes"], cell["values"]) if v > 0]
+            raise ValueError(f"{where}: the model's cell encoder knows none of the cell's {len(genes)} expressed genes "
+                             f"({', '.join(genes[:3])}...); name genes as its training data did (symbols or Ensembl ids)")
+
+
 class CellEncoder(Encoder):
     """Hidden states of one layer of a BERT-family model (Geneformer, ``tiny-cell``) over a cell's rank-value
     gene tokens: one row per token. A ``BertForMaskedLM`` checkpoint (Geneformer's) loads whole and its
@@ -170,7 +189,7 @@ class CellEncoder(Encoder):
 
     def __init__(self, source: str | Path, tokenizer: GeneTokenizer, layer: int = -1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 revision: str | None = None, batch_size: int = 16):
+                 revision: str | None = None, batch_size: int = 16, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
         source = str(source)
@@ -178,16 +197,23 @@ class CellEncoder(Encoder):
         if looks_local and not (Path(source).expanduser() / "config.json").is_file():
             raise FileNotFoundError(f"no cell encoder at {source}: expected a transformers model directory (config.json)")
         try:
-            config = AutoConfig.from_pretrained(source, revision=revision)
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
             if any(a.endswith("ForMaskedLM") for a in config.architectures or []):  # Geneformer, tiny-cell
-                model = AutoModelForMaskedLM.from_pretrained(source, config=config, revision=revision, dtype=dtype)
+                model = AutoModelForMaskedLM.from_pretrained(source, config=config, revision=revision, dtype=dtype,
+                                                             trust_remote_code=trust_remote_code)
                 self.model = model.base_model  # the encoder; the MLM head is dropped
             else:
                 pooler = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
-                self.model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=dtype, **pooler)
+                self.model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code, **pooler)
         except OSError as err:
             raise FileNotFoundError(f"could not load cell encoder {source!r} ({err.__class__.__name__}): give a local "
                                     "model directory, a reachable hub id, or tiny-cell") from None
+        except ValueError as err:
+            if "trust_remote_code" in str(err) and not trust_remote_code:
+                raise ValueError(f"cell encoder {source!r} runs its own code: set model.encoders.cell."
+                                 "trust_remote_code: true if you trust it") from None
+            raise
         self.model.requires_grad_(False).eval().to(device)
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and tokenizer.max_length > positions:

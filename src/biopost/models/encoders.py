@@ -107,7 +107,8 @@ def load_encoder(cfg, modality: str, device: torch.device | str = "cpu", dtype: 
         from biopost.models.cell_encoder import CellEncoder, gene_tokenizer_for
 
         encoder = CellEncoder(source, gene_tokenizer_for(cfg, source), cfg.layer, device, dtype,
-                              revision=cfg.revision, batch_size=cfg.batch_size)
+                              revision=cfg.revision, batch_size=cfg.batch_size,
+                              trust_remote_code=cfg.trust_remote_code)
     elif cfg.name in TINY_ENCODERS:
         encoder = TransformersEncoder(source, modality, cfg.layer, cfg.max_length, device, dtype,
                                       batch_size=cfg.batch_size)

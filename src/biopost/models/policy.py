@@ -26,6 +26,7 @@ import torch
 CHECKPOINT_FILE = "biopost_checkpoint.json"
 PROJECTOR_FILE = "projector.safetensors"  # a fused model's projectors (models/fusion.py)
 PATH_KEYS = ("base", "backbone")  # checkpoint fields that may name a local directory
+ENCODER_PATH_KEYS = ("gene_tokens", "gene_medians", "gene_symbols")  # a fused encoder's files (the run's medians)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,9 +150,7 @@ class Policy:
         if self.is_adapter:
             info["base"] = str(self.base_path)
             info["base_architecture"] = architecture(self.model.config)  # checked when the adapter is loaded
-        for key in PATH_KEYS:
-            if key in info:
-                info[key] = recorded_path(info[key], final)  # relative to where it is published
+        info = map_paths(info, lambda value: recorded_path(value, final))  # relative to where it is published
         if task_state is not None:
             info["task"] = task_state
         (path / CHECKPOINT_FILE).write_text(json.dumps(info, indent=2))
@@ -179,6 +178,17 @@ def recorded_path(value: str, checkpoint: Path) -> str:
     return relative if relative.startswith(".") else f"./{relative}"
 
 
+def map_paths(info: dict, convert) -> dict:
+    """A copy of checkpoint ``info`` with each local path it records (:data:`PATH_KEYS`, and the fused encoders'
+    :data:`ENCODER_PATH_KEYS`) passed through ``convert``."""
+    info = {**info, **{key: convert(info[key]) for key in PATH_KEYS if key in info}}
+    if "fusion" in info:
+        encoders = {m: {**cfg, **{key: convert(cfg[key]) for key in ENCODER_PATH_KEYS if cfg.get(key)}}
+                    for m, cfg in info["fusion"]["encoders"].items()}
+        info["fusion"] = {**info["fusion"], "encoders": encoders}
+    return info
+
+
 def resolved_path(value: str, checkpoint: Path) -> str:
     """Inverse of :func:`recorded_path`: relative records are read against the checkpoint directory."""
     return str((checkpoint.resolve() / value).resolve()) if value.startswith(".") else value
@@ -193,10 +203,8 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(durable.MANIFEST))
         marker = tmp / CHECKPOINT_FILE
         if marker.is_file():
-            info = json.loads(marker.read_text())
-            for key in PATH_KEYS:
-                if key in info:
-                    info[key] = recorded_path(resolved_path(info[key], Path(source)), Path(target))
+            info = map_paths(json.loads(marker.read_text()),
+                             lambda value: recorded_path(resolved_path(value, Path(source)), Path(target)))
             marker.write_text(json.dumps(info, indent=2))
     return Path(target)
 
@@ -228,10 +236,7 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
     path = Path(source).expanduser()
     marker = path / CHECKPOINT_FILE
     if marker.is_file():
-        info = json.loads(marker.read_text())
-        for key in PATH_KEYS:
-            if key in info:
-                info[key] = resolved_path(info[key], path)
+        info = map_paths(json.loads(marker.read_text()), lambda value: resolved_path(value, path))
         if info["kind"] == "adapter":
             if base is None:
                 base = info["base"]

@@ -5,7 +5,7 @@ MLM loss is measured on the ``val`` cells, and the builder asserts that no ``id_
 among either. Its vocabulary is the genes of the training cells (plus ``<pad>``, ``<mask>``, ``<cls>``,
 ``<eos>``) and its reference medians are those cells' non-zero medians (:func:`~biopost.models.cell_encoder.gene_medians`):
 both are saved beside the weights (``gene_tokens.json``, ``gene_medians.json``), so the directory loads as any
-Geneformer-style checkpoint would. ``cells.json`` records a hash of every pretraining cell and the split
+Geneformer-style checkpoint would. ``cells.json`` records a key of every pretraining cell (:func:`cell_key`) and the split
 fingerprints, for :func:`biopost.models.tiny_encoders.check_encoder_leakage`.
 """
 
@@ -27,9 +27,22 @@ ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, 
 TRAINING = dict(steps=300, batch_size=32, lr=2e-3, warmup=20, mlm_probability=0.15, max_length=64)
 
 
-def cell_key(cell: dict) -> str:
-    """Hash of a cell payload as an encoder reads it (the feature cache's item key)."""
-    return hashlib.sha256(json.dumps(cell, sort_keys=True, default=str).encode()).hexdigest()
+KEY = "id+sorted-gene-values"  # how cells.json keys cells; a record keyed otherwise cannot be checked
+
+
+def cell_key(example) -> str:
+    """Hash of a cell as its dataset names it: the cell's id and its (gene, value) pairs, sorted. The task's gene
+    order (a tie-break shuffle seeded by ``task.options.seed``) and which cells ``max_cells`` keeps do not change it.
+
+    >>> from types import SimpleNamespace as Cell
+    >>> a = cell_key(Cell(id="c1", cell={"genes": ["A", "B"], "values": [1.0, 1.0]}))
+    >>> a == cell_key(Cell(id="c1", cell={"genes": ["B", "A"], "values": [1.0, 1.0]}))
+    True
+    >>> a == cell_key(Cell(id="c1", cell={"genes": ["A", "B"], "values": [1.0, 2.0]}))
+    False
+    """
+    pairs = sorted(zip(example.cell["genes"], map(float, example.cell["values"])))
+    return hashlib.sha256(json.dumps([str(example.id), pairs]).encode()).hexdigest()
 
 
 def pretraining_cells():
@@ -40,9 +53,9 @@ def pretraining_cells():
     config = validate_config({"task": {"name": TASK, "options": {"rationale": False}}, "stages": [{"kind": "sft"}]})
     _, splits = load_task_and_splits(config)
     train, heldout = [e.cell for e in splits.train], [e.cell for e in splits.val]
-    tested = {cell_key(e.cell) for name in ("id_test", "ood_test") for e in splits[name]}
+    tested = {cell_key(e) for name in ("id_test", "ood_test") for e in splits[name]}
     tested_ids = {e.id for name in ("id_test", "ood_test") for e in splits[name]}
-    assert not tested & {cell_key(c) for c in train + heldout}, "a test cell is in tiny-cell's pretraining data"
+    assert not tested & {cell_key(e) for e in splits.train + splits.val}, "a test cell is in tiny-cell's pretraining data"
     assert not tested_ids & {e.id for e in splits.train + splits.val}, "a test cell id is in tiny-cell's pretraining"
     return train, heldout, splits
 
@@ -72,7 +85,7 @@ def build_tiny_cell(target: Path, seed: int = 0, steps: int | None = None) -> di
     (work / TOKENS_FILE).write_text(json.dumps(token_ids))
     (work / MEDIANS_FILE).write_text(json.dumps(medians))
     (work / "cells.json").write_text(json.dumps({
-        "train": [cell_key(c) for c in train], "heldout": [cell_key(c) for c in heldout],
+        "key": KEY, "train": [cell_key(e) for e in splits.train], "heldout": [cell_key(e) for e in splits.val],
         "split_fingerprints": splits.fingerprints()}))
     report = {
         "name": "tiny-cell", "seed": seed, "steps": steps, "source": f"{TASK} train cells (default split)",

