@@ -51,6 +51,11 @@ def test_seeds_repeat_every_run_with_run_and_stage_seeds():
     assert seeds == {(0, (0, 0)), (1, (1, 1))}
     with pytest.raises(ConfigError, match="at least 1"):
         demo_study(0)
+    for override in ("base.seed=7", "zip.1.seed=[7]", "base.stages.1.seed=7", "zip.1.stages.*.seed=[7]"):
+        with pytest.raises(ConfigError, match="--seeds"):  # would be replaced by --seeds without a word
+            demo_study(2, [override])
+    split_seed = make_plan(demo_study(1, ["base.task.split.seed=3"]), load_data=False)
+    assert {r.config.task.split.seed for r in split_seed.runs} == {3}  # other seeds are the user's to set
 
 
 def shrunken_preset(tmp_path: Path, blocks: list[str], name: str = "demo.yaml", lengths=(0.1, 0.2)) -> Path:
@@ -123,3 +128,16 @@ def test_the_full_demo(tmp_path):
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
     summary = (tmp_path / "demo" / "summary.txt").read_text()
     assert all(task in summary for task in TASKS) and "fused: SFT" in summary and "CPT -> SFT" in summary
+
+
+def test_closing_line_says_what_the_cpu_time_covers(monkeypatch, capsys, tmp_path):
+    import biopost.demo
+
+    summary = pd.DataFrame({"task": ["t"], "arm": ["base model"], "ID mean": [0.5], "ID spread": [0.1],
+                            "ID seeds": [1.0], "OOD mean": [0.4], "OOD spread": [0.1], "OOD seeds": [1.0]})
+    monkeypatch.setattr(biopost.demo, "run_demo", lambda *a, **k: {
+        "summary": summary, "report": None, "failed": [], "wall_s": 60.0, "runs_cpu_s": 600.0})
+    assert main(["demo", "--output-dir", str(tmp_path), "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    # a resumed demo's runs include ones an earlier invocation ran: the two numbers are labelled apart
+    assert "this invocation took 1.0 min" in out and "earlier invocations): 10.0 CPU-min" in out

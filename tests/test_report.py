@@ -283,3 +283,67 @@ def test_cli_report_and_its_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("biopost report:") and "\n" not in err
+
+
+def arms_data(tmp_path: Path) -> d.ReportData:
+    """A text and a fused arm, each SFT for 1 or 2 epochs then RL, over seeds 0 and 1 (axes as collect writes
+    them). RL raises OOD in the text arm and lowers it in the fused arm, whose starts are stronger on val."""
+    tables, dirs, fused = [], {}, set()
+    for arm in ("text", "fused"):
+        for epochs in (1, 2):
+            for seed in (0, 1):
+                run_id = f"{arm}-{epochs}-s{seed}"
+                ood = [0, 10 + 5 * seed, 20 + 5 * seed][: epochs + 1]
+                points = sft_points(ood, [0, 30, 40][: epochs + 1])
+                val_start = 20 if arm == "text" else 50
+                rl_ood = ood[-1] + 30 if arm == "text" else 0
+                points[-1]["splits"]["val"] = right(60, val_start)
+                points += [{"stage": "rl", "step": 0, "splits": {**points[-1]["splits"]}},
+                           {"stage": "rl", "step": 5, "splits": {
+                               "val": right(60, 30), "id_test": right(60, 35), "ood_test": right(60, rl_ood, 40)}}]
+                dirs[run_id] = write_run(tmp_path / run_id, points, kinds=("sft", "rl"), run_id=run_id)
+                tables.append(run_table(dirs[run_id]).assign(
+                    **{"seed": seed, "stages.sft.epochs": epochs, "pipeline": f"{arm}-sft-rl"}))
+                fused |= {run_id} if arm == "fused" else set()
+    return d.ReportData(tmp_path, "study", pd.concat(tables, ignore_index=True), ["seed", "stages.sft.epochs"], dirs,
+                        {r: TASK for r in dirs}, fused=fused)
+
+
+def test_rl_curves_of_each_arm_and_seed_are_drawn_and_the_finding_uses_the_text_arm(tmp_path):
+    data = arms_data(tmp_path)
+    pts = d.points(data, TASK, "accuracy")
+    curves = d.rl_curves(data, pts, d.run_info(data, pts))
+    assert len(curves) == 8  # 2 arms x 2 SFT lengths x 2 seeds: none replaces another
+    assert {c["run_id"].iloc[0] for c in curves.values()} == set(data.run_dirs)
+    assert all(f"{c['arm'].iloc[0]} arm" in label for label, c in curves.items())
+    rl = {f.title.split()[0]: f for f in all_findings(data, TASK, "accuracy")}["RL"]
+    assert rl.verdict == HOLDS and "text arm" in rl.text.split("Other RL curves")[0], rl.paragraph()
+
+
+def test_sft_length_shows_the_spread_over_seeds_and_arms_are_compared(tmp_path):
+    data = arms_data(tmp_path)
+    pts = d.points(data, TASK, "accuracy")
+    info = d.run_info(data, pts)
+    curve, how = d.sft_curve(data, pts, info)
+    assert set(curve["run_id"]) <= {"text-1-s0", "text-2-s0"} and "text arm" in how and "seed=0" in how
+    spread = d.sft_spread(data, pts, info)
+    assert spread["seeds"].tolist() == [2, 2, 2]
+    # OOD after 2 epochs: 20/60 (seed 0) and 25/60 (seed 1)
+    last = spread.iloc[-1]
+    assert last["ood_test_mean"] == pytest.approx(22.5 / 60) and last["ood_test_min"] == pytest.approx(20 / 60)
+    assert last["ood_test_max"] == pytest.approx(25 / 60) and last["ood_test_std"] == pytest.approx(np.std([20, 25], ddof=1) / 60)
+    sections = {s.key: s for s in task_report(data, TASK).sections}
+    seeds_table = [b[1] for b in sections["sft"].blocks if b[0] == "table"][-1]
+    assert seeds_table["OOD mean ± sd [min, max]"].iloc[-1].startswith("0.375 ± 0.059 [0.333, 0.417]")
+    arms = [b[1] for b in sections["arms"].blocks if b[0] == "table"][0]
+    after_rl = arms[(arms["checkpoint"] == "after rl") & (arms["SFT steps"] == 20)].set_index("arm")
+    assert after_rl.loc["fused", "OOD"].startswith("0.000") and after_rl.loc["text", "seeds"] == 2
+    assert after_rl.loc["text", "OOD"].startswith(f"{(50 + 55) / 2 / 60:.3f} ± ")
+
+
+def test_a_study_with_one_arm_and_one_seed_has_no_arm_or_seed_section(tmp_path):
+    data = study_data(tmp_path)
+    pts = d.points(data, TASK, "accuracy")
+    assert d.sft_spread(data, pts, d.run_info(data, pts)) is None
+    sections = {s.key: s for s in task_report(data, TASK).sections}
+    assert "arms" not in sections and "sft-length-seeds" not in [b[1] for b in sections["sft"].blocks if b[0] == "figure"]

@@ -124,8 +124,8 @@ def cmd_demo(args) -> int:
 
     result = run_demo(args.output_dir, args.seeds, args.overrides, args.executor or default_executor())
     print(format_summary(result["summary"]))
-    print(f"\ntook {result['wall_s'] / 60:.1f} min ({result['runs_cpu_s'] / 60:.1f} CPU-min in runs); "
-          f"study directory: {args.output_dir}")
+    print(f"\nthis invocation took {result['wall_s'] / 60:.1f} min; CPU in runs (every run, last attempt, this and "
+          f"earlier invocations): {result['runs_cpu_s'] / 60:.1f} CPU-min; study directory: {args.output_dir}")
     if result["report"] is not None:
         print(f"report: {result['report']}")
     if result["failed"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from biopost.config import ConfigError
 
 PRESET = Path(__file__).resolve().parents[2] / "configs" / "studies" / "demo.yaml"
 SEED_AXIS = ("seed", "stages.*.seed")  # the preset's zip group that --seeds replaces
+# the run seed and the stage seeds, in the base or the zip group (split, eval and corpus seeds are left alone)
+SEED_OVERRIDE = re.compile(r"base\.(stages\.[^.]+\.)?seed|zip\.\d+\.(stages\.\*\.)?seed")
 SPLITS = {"id_test": "ID", "ood_test": "OOD"}
 STAGE_LABELS = {"eval": "base model", "baseline": "baseline", "cpt": "CPT", "rl": "RL"}
 
@@ -36,6 +39,11 @@ def demo_study(seeds: int = 1, overrides: list[str] = (), preset: Path = PRESET)
     if not preset.is_file():
         raise ConfigError(f"the demo preset {preset} is missing: run biopost demo from a clone of the repository "
                           "(pip install -e .)")
+    for item in overrides:  # --seeds replaces the seed group: an override of a seed would be silently lost
+        key = item.split("=", 1)[0]
+        if SEED_OVERRIDE.fullmatch(key):
+            raise ConfigError(f"{key}: the demo's run and stage seeds are set by --seeds N (seeds 0..N-1); drop the "
+                              f"override, or run `biopost study run` on a copy of {preset.name} to choose seeds")
     raw = read_yaml(preset, overrides, "study")
     groups = [g for g in raw.get("zip", []) if set(g) == set(SEED_AXIS)]
     if len(groups) != 1:
@@ -75,7 +83,8 @@ def write_demo_report(study_dir: Path) -> Path:
 
 
 def runs_cpu_seconds(study_dir: Path, plan) -> float:
-    """CPU seconds the runs recorded (``logs/<run>.cost.json``, last attempt of each run)."""
+    """CPU seconds the runs recorded (``logs/<run>.cost.json``, last attempt of each run), whichever invocation
+    ran them: after a resume this counts runs an earlier invocation finished, so it is no share of this one's wall."""
     total = 0.0
     for run in plan.runs:
         cost = Path(study_dir) / "logs" / f"{run.id}.cost.json"

@@ -66,6 +66,42 @@ def sft_length(curve: pd.DataFrame, x: pd.Series, unit: str, metric: str, base) 
     return png(fig)
 
 
+def sft_length_seeds(spread: pd.DataFrame, x: pd.Series, unit: str, metric: str, base) -> bytes:
+    """Mean across seeds as the line, the lowest to the highest seed as the band."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    x = x.to_numpy()
+    for split in ("id_test", "ood_test"):
+        ax.errorbar(x, spread[f"{split}_mean"], yerr=spread[f"{split}_std"].fillna(0), color=COLORS[split], marker="o",
+                    capsize=3, label=f"{NAMES[split]}, mean ± sd")
+        ax.fill_between(x, spread[f"{split}_min"], spread[f"{split}_max"], color=COLORS[split], alpha=0.15, lw=0)
+    reference_lines(ax, base)
+    seeds = int(spread["seeds"].max())
+    finish(ax, unit, metric, f"ID and OOD {metric} against SFT length over {seeds} seeds (bands: min to max)")
+    ax.set_ylim(bottom=0)
+    return png(fig)
+
+
+def arms(rows: pd.DataFrame, metric: str, base) -> bytes:
+    """Per SFT length and checkpoint, each arm's ID and OOD as bars (hatched: fused)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    groups = list(dict.fromkeys(zip(rows["sft_steps"], rows["checkpoint"])))
+    names = list(dict.fromkeys(rows["arm"]))
+    width = 0.8 / len(names)
+    for ax, split in zip(axes, ("ood_test", "id_test")):
+        for k, arm in enumerate(names):
+            mine = rows[rows["arm"] == arm].set_index(["sft_steps", "checkpoint"]).reindex(groups)
+            several = mine["seeds"].max() > 1
+            err = (mine[f"{split}_sd"].to_numpy() if several else
+                   np.vstack([mine[split] - mine[f"{split}_lo"], mine[f"{split}_hi"] - mine[split]]))
+            ax.bar(np.arange(len(groups)) + (k - (len(names) - 1) / 2) * width, mine[split], width,
+                   color=COLORS[split], alpha=1 - 0.45 * k, hatch="//" if arm == "fused" else None,
+                   yerr=None if np.isnan(np.asarray(err, dtype=float)).all() else err, capsize=3, label=f"{arm} arm")
+        ax.set_xticks(range(len(groups)), [f"SFT {s} steps\n{c}" for s, c in groups], fontsize=8)
+        reference_lines(ax, base, (split,))
+        finish(ax, "", metric, f"{NAMES[split]}: fused against text at equal SFT length")
+    return png(fig)
+
+
 def rl_steps(curves: dict[str, pd.DataFrame], metric: str, base) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split in zip(axes, ("ood_test", "id_test")):

@@ -93,6 +93,7 @@ def rl_recovers(curves: dict[str, pd.DataFrame], run_dirs, metric: str) -> Findi
     """RL from a strong SFT checkpoint raises OOD (warm start); the cold start is reported beside it."""
     title = "RL from a strong SFT checkpoint raises OOD"
     warm = {k: c for k, c in curves.items() if k.startswith("warm") and len(c) >= 2}
+    warm = {k: c for k, c in warm.items() if c["arm"].iloc[0] == d.TEXT} or warm  # the plain text arm first
     if not warm:
         return Finding(title, UNSURE, "No RL started from SFT: no run has an RL stage right after SFT with at least "
                                       "two evaluations (RL from the base model or after CPT is not a warm start).")

@@ -47,10 +47,15 @@ def task_report(data: d.ReportData, task: str) -> TaskReport:
                          f"{sorted(set(data.table['metric']))}")
     info = d.run_info(data, pts)
     base = d.baseline(pts)
-    builders = [sft_section, rl_section, scatter_section, budget_section, rank_section, cpt_section,
+    builders = [sft_section, rl_section, arms_section, scatter_section, budget_section, rank_section, cpt_section,
                 interpolation_section, baseline_section, runs_section, flips_section]
     sections = [s for s in (b(data, pts, info, base, metric) for b in builders) if s is not None]
     return TaskReport(task, metric, all_findings(data, task, metric), sections)
+
+
+def spread(mean, sd, low, high) -> str:
+    """``0.412 ± 0.051 [0.350, 0.470]``: mean ± sd across seeds [min, max]."""
+    return "" if pd.isna(mean) else f"{mean:.3f} ± {sd:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def sft_section(data, pts, info, base, metric):
@@ -61,25 +66,57 @@ def sft_section(data, pts, info, base, metric):
     table = pd.DataFrame({unit: x.map(lambda v: f"{v:g}"), "run": curve["run_id"], "step": curve["step"],
                           "ID": [ci(r, d.ID) for _, r in curve.iterrows()],
                           "OOD": [ci(r, d.OOD) for _, r in curve.iterrows()]})
-    return Section("sft", "ID and OOD against SFT length", [
-        ("text", f"Points: {how}. Bands are bootstrap 95% intervals; the star marks OOD's highest point."),
-        ("figure", "sft-length", figures.sft_length(curve, x, unit, metric, base), "ID and OOD against SFT length"),
-        ("table", table)])
+    blocks = [("text", f"Points: {how}. Bands are bootstrap 95% intervals; the star marks OOD's highest point."),
+              ("figure", "sft-length", figures.sft_length(curve, x, unit, metric, base), "ID and OOD against SFT length"),
+              ("table", table)]
+    seeds = d.sft_spread(data, pts, info)
+    if seeds is not None:
+        sx, sunit = d.x_of(seeds)
+        blocks += [
+            ("text", f"Over every seed ({int(seeds['seeds'].max())}): the same points for each seed, as the mean across "
+                     f"seeds with its standard deviation and, as bands, the range from the lowest to the highest seed."),
+            ("figure", "sft-length-seeds", figures.sft_length_seeds(seeds, sx, sunit, metric, base),
+             "ID and OOD against SFT length, mean and range over seeds"),
+            ("table", pd.DataFrame({sunit: sx.map(lambda v: f"{v:g}"), "seeds": seeds["seeds"],
+                                    **{f"{name} mean ± sd [min, max]": [spread(*(r[f"{s}_{k}"] for k in ("mean", "std", "min", "max")))
+                                                                        for _, r in seeds.iterrows()]
+                                       for s, name in ((d.ID, "ID"), (d.OOD, "OOD"))}}))]
+    return Section("sft", "ID and OOD against SFT length", blocks)
 
 
 def rl_section(data, pts, info, base, metric):
     curves = d.rl_curves(data, pts, info)
     if not curves:
         return None
-    rows = [{"start": label, "run": c.iloc[0]["run_id"], "RL steps": int(c["step"].max()),
+    rows = [{"start": label, "arm": c.iloc[0]["arm"], "run": c.iloc[0]["run_id"], "RL steps": int(c["step"].max()),
              "OOD at start": ci(c.iloc[0], d.OOD), "OOD at end": ci(c.iloc[-1], d.OOD),
              "ID at start": ci(c.iloc[0], d.ID), "ID at end": ci(c.iloc[-1], d.ID)} for label, c in curves.items()]
     return Section("rl", "OOD across RL steps, per starting point", [
         ("text", "Each line is one RL stage from its starting checkpoint (step 0): warm starts from SFT (solid), "
-                 "starts after another stage such as CPT (solid, named), cold starts from the base model (dotted). Where a shorter RL is the prefix of a longer one, the "
-                 "longer is drawn."),
+                 "starts after another stage such as CPT (solid, named), cold starts from the base model (dotted). "
+                 "A start names its arm (text: the sequence as text; fused: read through an encoder; CPT: after "
+                 "continued pretraining). Where a shorter RL is the prefix of a longer one, the longer is drawn."),
         ("figure", "rl-steps", figures.rl_steps(curves, metric, base), "OOD and ID across RL steps"),
         ("table", pd.DataFrame(rows))])
+
+
+def arms_section(data, pts, info, base, metric):
+    """Fused encoder against DNA / protein / cells as text, at the same SFT length: after SFT and after RL."""
+    rows = d.arm_comparison(data, pts, info)
+    if rows.empty:
+        return None
+    several = rows["seeds"].max() > 1
+    cell = ((lambda r, s: f"{r[s]:.3f} ± {r[f'{s}_sd']:.3f}") if several else (lambda r, s: ci(r, s)))
+    table = pd.DataFrame({"SFT steps": rows["sft_steps"], "checkpoint": rows["checkpoint"], "arm": rows["arm"],
+                          "seeds": rows["seeds"], "ID": [cell(r, d.ID) for _, r in rows.iterrows()],
+                          "OOD": [cell(r, d.OOD) for _, r in rows.iterrows()], "runs": rows["runs"]})
+    spread_text = "mean ± sd across seeds" if several else "value [bootstrap 95% interval]"
+    return Section("arms", "Fused encoder against text, at equal SFT length", [
+        ("text", f"Runs of the fused arm (a frozen encoder read through a projector) and of the text arm (the sequence "
+                 f"as text) that trained SFT for the same number of steps, after SFT and at the run's end. Values: "
+                 f"{metric}, {spread_text}."),
+        ("figure", "arms", figures.arms(rows, metric, base), "fused against text at equal SFT length"),
+        ("table", table)])
 
 
 def scatter_section(data, pts, info, base, metric):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
 import shutil
 import time
@@ -56,12 +57,15 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
     ``study``: the study's name, the group of the run in experiment trackers.
     """
     import torch
+    import transformers
 
     from biopost.pipeline import run as run_pipeline
     from biopost.study.branch import MARKER, materialise
 
     if threads:
         torch.set_num_threads(threads)
+    # transformers' load reports and warnings go to the terminal, not the run's log, and land over the progress bar
+    transformers.logging.set_verbosity_error()
     run = PlannedRun.from_json(entry)
     study_dir = Path(study_dir)
     run_dir = run_dir_of(study_dir, run.id)
@@ -195,7 +199,9 @@ def run_ray(study_dir: Path, study: str, todo: list[PlannedRun], resources: Reso
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=resources.address, include_dashboard=False, log_to_driver=False)
+        # no worker output or startup banner over the progress bar (each run logs to logs/<run>.log)
+        ray.init(address=resources.address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
     try:
         cpus = resources.cpus or 1
         task = ray.remote(num_cpus=cpus, num_gpus=resources.gpus, max_retries=0)(execute_run)
