@@ -43,7 +43,7 @@ def test_out_of_gpu_memory_in_a_stage_names_the_settings_to_lower(kind, advice, 
 @pytest.mark.parametrize("command, advice", [
     ("eval", ["--batch-size below 8", "--dtype bfloat16"]),
     ("predict", ["--batch-size below 3", "--max-new-tokens below 16", "--dtype bfloat16"]),
-])
+], ids=["eval", "predict"])
 def test_out_of_gpu_memory_in_eval_and_predict_names_the_options_to_lower(command, advice, sft_run, tmp_path, capsys,
                                                                          monkeypatch):
     import transformers
