@@ -99,3 +99,23 @@ def test_data_fractions_are_nested_for_one_seed():
         assert set(small) < set(large)
     assert all(s == sorted(s, key=examples.index) for s in subsets)  # split order kept
     assert sample_fraction(examples, 0.4, seed=3) == subsets[1] != sample_fraction(examples, 0.4, seed=4)
+
+
+def test_training_arguments_and_lora_raise_no_deprecation_warnings(fast_config, tmp_path):
+    """Our calls use transformers' current names (``activation_checkpointing``); peft's read of the renamed
+    ``is_gradient_checkpointing`` is silenced where we call it, so ``biopost train`` prints no FutureWarning."""
+    import warnings
+    from types import SimpleNamespace
+
+    from biopost.models.adapters import prepare_for_training
+    from biopost.stages.trainer import training_arguments
+
+    config = validate_config(fast_config())
+    stage = config.stages[0].model_copy(update={"gradient_checkpointing": True})
+    ctx = SimpleNamespace(stage=stage, stage_dir=tmp_path, device="cpu", config=config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training_arguments(ctx, total=6, every=3)
+        prepare_for_training(load_policy(config.model.backbone), config.model.lora, tmp_path)
+    assert args.activation_checkpointing is True
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]

@@ -24,7 +24,6 @@ encoder`` (or ``kmer+encoder``) then uses it with no change here.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,10 +31,12 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
+from biopost import durable
 from biopost.config import ConfigError, RunConfig
 from biopost.data import Example
 from biopost.data.splits import fingerprint
 from biopost.evaluation import bootstrap_ci, subset
+from biopost.locks import DirectoryLock
 from biopost.runlog import RunLog
 from biopost.trackers import check_installed, open_trackers
 
@@ -239,16 +240,18 @@ def run_baseline(config: RunConfig, output_dir: Path, features: str = "auto") ->
     from biopost.pipeline import load_task_and_splits, tracker_identity
 
     check_installed(config.report_to)
-    task, splits = load_task_and_splits(config)
-    rows, predictions, info = fit_baseline(config, task, splits, features)
-    common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
-              "split_fingerprints": splits.fingerprints()}
-    trackers = open_trackers(config.report_to, Path(output_dir), tracker_identity(config, task.name))
-    with RunLog(Path(output_dir), common, trackers) as log:
-        log.drop_rows(STAGE)
-        rows = [{**common, "stage": STAGE, "stage_index": -1, **row} for row in rows]
-        log.write(rows)
-        for name, records in predictions.items():
-            log.write_predictions(f"{STAGE}-{name}", records)
-    (Path(output_dir) / "baseline.json").write_text(json.dumps(info, indent=2))
+    output_dir = Path(output_dir)
+    with DirectoryLock(output_dir, "run"):  # a run training in output_dir appends to the same metrics.jsonl
+        task, splits = load_task_and_splits(config)
+        rows, predictions, info = fit_baseline(config, task, splits, features)
+        common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
+                  "split_fingerprints": splits.fingerprints()}
+        trackers = open_trackers(config.report_to, output_dir, tracker_identity(config, task.name))
+        with RunLog(output_dir, common, trackers) as log:
+            log.drop_rows(STAGE)
+            rows = [{**common, "stage": STAGE, "stage_index": -1, **row} for row in rows]
+            log.write(rows)
+            for name, records in predictions.items():
+                log.write_predictions(f"{STAGE}-{name}", records)
+        durable.write_json(output_dir / "baseline.json", info)
     return rows

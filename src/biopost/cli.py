@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from biopost.config import DEVICES, TEST_SPLITS, ConfigError
+from biopost.config import DEVICES, TEST_SPLITS, ConfigError, EvalConfig
 from biopost.locks import DirectoryBusy, DirectoryLock
 from biopost.resources import ResourceError, disk_full_advice
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
+    add_memory_options(p, "default: the checkpoint's eval.batch_size")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
+    add_memory_options(p, f"default {EvalConfig.model_fields['batch_size'].default}")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -100,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, ResourceError) as err:
         print(f"biopost {args.command}: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk outside a run (writing a table, a plan): say where the space went
-        if err.errno != errno.ENOSPC:
+    except OSError as err:
+        if err.errno == errno.ENOSPC:  # a full disk outside a run (writing a table, a plan): say where the space went
+            where = getattr(args, "output_dir", None) or getattr(args, "study_dir", None) or Path.cwd()
+            print(f"biopost {args.command}: {disk_full_advice(Path(where), err)}", file=sys.stderr)
+            return 2
+        if err.filename is None:  # not about a file the user named: a bug, keep its traceback
             raise
-        where = getattr(args, "output_dir", None) or getattr(args, "study_dir", None) or Path.cwd()
-        print(f"biopost {args.command}: {disk_full_advice(Path(where), err)}", file=sys.stderr)
+        # a user's file or directory that cannot be read or written (permissions, a damaged file, a file where a
+        # directory should be): name it; the library's traceback says nothing more to them
+        names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        print(f"biopost {args.command}: {names}: {err.strerror or err}", file=sys.stderr)
         return 2
 
 
@@ -222,13 +230,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def add_memory_options(parser, batch_default: str) -> None:
+    """The options an out-of-GPU-memory error tells the user to lower (see :func:`biopost.resources.inference_oom_advice`)."""
+    parser.add_argument("--batch-size", type=int, default=None, help=f"examples generated together ({batch_default})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="weights' precision on the device (bfloat16 halves the memory)")
+
+
 def cmd_eval(args) -> int:
     quiet_libraries()
     from biopost.inference import evaluate_checkpoint
 
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
                                base=args.base, trust_remote_code=args.trust_remote_code,
-                               options=args.option)
+                               options=args.option, batch_size=args.batch_size, dtype=args.dtype)
     return write_jsonl(rows, args.output, "rows")
 
 
@@ -238,7 +253,7 @@ def cmd_predict(args) -> int:
 
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
                            base=args.base, trust_remote_code=args.trust_remote_code,
-                           options=args.option)
+                           options=args.option, batch_size=args.batch_size, dtype=args.dtype)
     return write_jsonl(records, args.output, "predictions")
 
 

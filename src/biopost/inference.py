@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from biopost.evaluation import evaluate, generate_completions
 from biopost.models.cell_encoder import check_cells_readable
 from biopost.models.device import resolve_device
 from biopost.models.policy import load_policy, task_state_of
+from biopost.resources import ResourceError, inference_oom_advice
 
 
 def checkpoint_state(checkpoint: Path, name: str, options: list[str] = ()) -> dict:
@@ -46,7 +48,7 @@ def task_for_checkpoint(checkpoint: Path, name: str, options: list[str] = ()):
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
                         device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                        options: list[str] = ()) -> list[dict]:
+                        options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
@@ -57,15 +59,17 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     if state.get("split_fingerprints") and data.fingerprints() != state["split_fingerprints"]:
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     restore_task_state(task, state)
-    cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples})
-    policy = load_policy(checkpoint, device=device, base=base, trust_remote_code=trust_remote_code)
-    rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
+    cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples,
+                                         "batch_size": batch_size or config.eval.batch_size})
+    with out_of_memory_explained("eval", cfg.batch_size, dtype):
+        policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
+        rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
                  device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                 options: list[str] = ()) -> list[dict]:
+                 options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
     device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
@@ -85,13 +89,25 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         examples.append(task.example_from_input(record, wheres[-1]))
     if not examples:
         raise ValueError(f"{input_path}: no records; write one JSON object per line in the task's input format")
-    policy = load_policy(checkpoint, device=device, base=base, trust_remote_code=trust_remote_code)
-    check_cells_readable(policy, [(where, example.cell) for where, example in zip(wheres, examples)])
-    cfg = EvalConfig(max_new_tokens=max_new_tokens)
-    completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, **({"batch_size": batch_size} if batch_size else {}))
+    with out_of_memory_explained("predict", cfg.batch_size, dtype, max_new_tokens):
+        policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
+        check_cells_readable(policy, [(where, example.cell) for where, example in zip(wheres, examples)])
+        completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
     out = []
     for example, (completion,) in zip(examples, completions):
         think = completion.split("</think>")[0].replace("<think>", "").strip() if "</think>" in completion else None
         out.append({"id": example.id, "answer": task.prediction(completion)["lenient"],
                     "answer_strict": task.prediction(completion)["strict"], "reasoning": think, "completion": completion})
     return out
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(command: str, batch_size: int, dtype: str, max_new_tokens: int | None = None):
+    """GPU out of memory while loading or generating: a :class:`ResourceError` naming the options to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise ResourceError(inference_oom_advice(command, err, batch_size, dtype, max_new_tokens)) from None

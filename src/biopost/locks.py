@@ -36,6 +36,7 @@ class DirectoryLock:
         self.lock = FileLock(self.directory / LOCK_FILE)
 
     def __enter__(self) -> "DirectoryLock":
+        check_directory(self.directory, self.what)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = self.directory.resolve()
         if self.key in _HELD:  # already ours (e.g. the CLI locked the study, then the executor did)
@@ -63,6 +64,12 @@ class DirectoryLock:
         del _HELD[self.key]
         (self.directory / HOLDER_FILE).unlink(missing_ok=True)
         self.lock.release()
+
+
+def check_directory(directory: Path, what: str = "run") -> None:
+    """Refuse, in one line, a ``--output-dir`` that names an existing file (mkdir would raise FileExistsError)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a {what} directory; choose another --output-dir")
 
 
 def read_holder(path: Path) -> dict | None:

@@ -31,7 +31,7 @@ from biopost.models.backbones import ensure_think_tokens, resolve_backbone
 from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
-from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock
+from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock, check_directory
 from biopost.preflight import check_run
 from biopost.registry import get_task, plugin_errors
 from biopost.resources import explained
@@ -279,6 +279,7 @@ def prepare_cell_encoder(config: RunConfig, splits, run_dir: Path) -> dict:
 def check_run_dir(config: RunConfig, run_dir: Path) -> RunConfig | None:
     """The config of another run that ``run_dir`` holds and that may be replaced (none of its stages
     finished), or None when the directory is free or holds this run; refuse one with finished stages."""
+    check_directory(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return None

@@ -2,7 +2,7 @@
 
 :func:`explained` wraps a stage (or a whole run): ``torch.OutOfMemoryError`` becomes advice naming the
 stage's settings that set its memory (batch and micro-batch sizes, sequence and completion lengths, gradient
-checkpointing, the evaluator's batch); ``OSError(ENOSPC)`` becomes a note of the free space and of where the
+checkpointing, the evaluator's batch); :func:`inference_oom_advice` does the same for ``biopost eval`` / ``predict``; ``OSError(ENOSPC)`` becomes a note of the free space and of where the
 run directory's space went (checkpoints, resumable states, built backbones).
 """
 
@@ -63,6 +63,21 @@ def out_of_memory_advice(config, index: int | None, err: BaseException) -> str:
     if dtype == "float32":
         hints.append("model.dtype=bfloat16")
     return f"out of GPU memory in {where} ({first_line(err)}); try {'; '.join(hints)}"
+
+
+def inference_oom_advice(command: str, err: BaseException, batch_size: int, dtype: str,
+                         max_new_tokens: int | None = None) -> str:
+    """``biopost eval`` / ``predict`` ran out of GPU memory: the options that set its memory, with their values.
+
+    >>> inference_oom_advice("predict", RuntimeError("CUDA out of memory."), 32, "float32", 128)
+    'out of GPU memory in biopost predict (CUDA out of memory); try --batch-size below 32; --max-new-tokens below 128; --dtype bfloat16'
+    """
+    hints = [f"--batch-size below {batch_size}"]
+    if max_new_tokens is not None:
+        hints.append(f"--max-new-tokens below {max_new_tokens}")
+    if dtype == "float32":
+        hints.append("--dtype bfloat16")
+    return f"out of GPU memory in biopost {command} ({first_line(err)}); try {'; '.join(hints)}"
 
 
 def disk_full_advice(run_dir: Path, err: BaseException) -> str:

@@ -80,6 +80,25 @@ def h5ad_task(tmp_path: Path, labels: list, label_key: str = "cell_type") -> dic
                                                   "group_key": "tissue"}}
 
 
+def damaged_h5ad_task(tmp_path: Path, damage: str) -> dict:
+    """A valid h5ad cut to half its size (a copy that stopped early), or a text file given the name."""
+    task = h5ad_task(tmp_path, ["B", "T", "NK"] * 10)
+    path = Path(task["options"]["path"])
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("cell,cell_type\ncell0,B\n")
+    return task
+
+
+def file_as_output_dir(tmp_path: Path, command: str):
+    """``train`` / ``baseline`` with ``--output-dir`` naming an existing file."""
+    out = tmp_path / "run"
+    out.write_text("notes\n")
+    config = write_config(tmp_path, {"name": PBMC})
+    return [command, str(config), "--output-dir", str(out)], []
+
+
 def predict(tmp_path: Path, ckpt: Path, lines: list[str]):
     source = tmp_path / "cells.jsonl"
     source.write_text("\n".join(lines) + "\n")
@@ -136,6 +155,18 @@ CASES = {
     "empty labels in an h5ad": (
         lambda t, r: train(t, h5ad_task(t, ["B", "T", None] * 10)),
         ["cells.h5ad", "cell 'cell2' and 9 more", "obs column 'cell_type'", "fill them or drop those cells"]),
+    "a truncated h5ad": (
+        lambda t, r: train(t, damaged_h5ad_task(t, "truncated")),
+        ["cells.h5ad: not a readable AnnData .h5ad file", "truncated file", "point task.options.path at it"]),
+    "a text file named .h5ad": (
+        lambda t, r: train(t, damaged_h5ad_task(t, "text")),
+        ["cells.h5ad: not a readable AnnData .h5ad file", "write it with adata.write_h5ad"]),
+    "train: --output-dir names a file": (
+        lambda t, r: file_as_output_dir(t, "train"),
+        ["run is a file, not a run directory", "choose another --output-dir"]),
+    "baseline: --output-dir names a file": (
+        lambda t, r: file_as_output_dir(t, "baseline"),
+        ["run is a file, not a run directory", "choose another --output-dir"]),
     "an empty split": (
         lambda t, r: train(t, table_task(t, rows(6), split={"ood_test_groups": ["B", "C"]})),
         ["task.split", "empty split: ", "change val_fraction / id_test_fraction or the OOD groups"]),

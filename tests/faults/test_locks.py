@@ -40,6 +40,19 @@ def test_a_second_runner_is_refused_in_one_line_naming_the_holder(fast_config, t
         holder.wait()
 
 
+def test_baseline_is_refused_in_a_directory_a_run_holds(fast_config, tmp_path, capsys):
+    config = write_yaml(fast_config(), tmp_path / "fast.yaml")
+    holder = hold(tmp_path / "run", "run")
+    try:
+        assert main(["baseline", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is in use by another run (pid {holder.pid} on " in err, err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", HOLDER_FILE]
+
+
 def test_a_second_study_runner_is_refused(fast_config, tmp_path, capsys):
     spec = {"name": "locked", "base": fast_config(), "pipelines": {"sft": ["sft"]},
             "blocks": {"one": {"pipeline": ["sft"]}}}

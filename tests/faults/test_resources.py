@@ -40,6 +40,28 @@ def test_out_of_gpu_memory_in_a_stage_names_the_settings_to_lower(kind, advice, 
         assert hint in err
 
 
+@pytest.mark.parametrize("command, advice", [
+    ("eval", ["--batch-size below 8", "--dtype bfloat16"]),
+    ("predict", ["--batch-size below 3", "--max-new-tokens below 16", "--dtype bfloat16"]),
+], ids=["eval", "predict"])
+def test_out_of_gpu_memory_in_eval_and_predict_names_the_options_to_lower(command, advice, sft_run, tmp_path, capsys,
+                                                                         monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", oom)  # every batch runs out, as on a too-large one
+    source = tmp_path / "cells.jsonl"
+    source.write_text('{"genes": ["CD3E", "CD3D", "IL7R"]}\n')
+    argv = {"eval": ["eval", str(sft_run.final), "--task", "cell_type/pbmc68k", "--splits", "val", "--max-examples", "2"],
+            "predict": ["predict", str(sft_run.final), "--task", "cell_type/pbmc68k", "--input", str(source),
+                        "--batch-size", "3", "--max-new-tokens", "16", "--output", str(tmp_path / "out.jsonl")]}
+    assert main(argv[command]) == 2
+    err = one_line_error(capsys)
+    assert f"biopost {command}: out of GPU memory in biopost {command} (CUDA out of memory" in err
+    for hint in advice:
+        assert hint in err, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_full_disk_says_where_the_space_went(fast_config, tmp_path, capsys, monkeypatch):
     from biopost import pipeline
 
@@ -66,3 +88,14 @@ def test_other_os_errors_are_not_disguised(fast_config, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "stage_runners", lambda: {"sft": denied})
     with pytest.raises(PermissionError):
         main(["train", str(write_yaml(fast_config(), tmp_path / "c.yaml")), "--output-dir", str(tmp_path / "run")])
+
+
+def test_an_os_error_on_a_named_file_is_one_line_naming_it(fast_config, tmp_path, capsys, monkeypatch):
+    from biopost import pipeline
+
+    def unreadable(ctx):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "cells.h5ad"))
+
+    monkeypatch.setattr(pipeline, "stage_runners", lambda: {"sft": unreadable})
+    assert main(["train", str(write_yaml(fast_config(), tmp_path / "c.yaml")), "--output-dir", str(tmp_path / "run")]) == 2
+    assert one_line_error(capsys) == f"biopost train: {tmp_path / 'cells.h5ad'}: Permission denied\n"

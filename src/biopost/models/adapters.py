@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
         task_type="CAUSAL_LM",
         trainable_token_indices=embedding_rows(policy.model, added) if added else None,
     )
-    model = get_peft_model(policy.model, config)
+    with warnings.catch_warnings():  # peft reads transformers' renamed `is_gradient_checkpointing`; not ours to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(policy.model, config)
     return replace(policy, model=model)
 
 

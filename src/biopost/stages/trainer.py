@@ -110,8 +110,8 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         output_dir=str(ctx.stage_dir / "trainer"),
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
-        gradient_checkpointing=stage.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
+        activation_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
         learning_rate=stage.lr,
         weight_decay=stage.weight_decay,
         lr_scheduler_type=scheduler,

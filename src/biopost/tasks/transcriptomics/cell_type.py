@@ -247,7 +247,12 @@ class H5adCellType(CellTypeTask):
         opts = self.options
         if not opts.path.is_file():
             raise FileNotFoundError(f"h5ad file not found: {opts.path}; set task.options.path to an AnnData file")
-        adata = anndata.read_h5ad(opts.path)
+        try:
+            adata = anndata.read_h5ad(opts.path)
+        except OSError as err:  # truncated, damaged, or not HDF5 at all (h5py says only "unable to open")
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{opts.path}: not a readable AnnData .h5ad file ({reason}); copy it again or write it "
+                             "with adata.write_h5ad, and point task.options.path at it") from None
         for option, key in (("label_key", opts.label_key), ("group_key", opts.group_key)):
             if key not in adata.obs:
                 raise ValueError(f"{opts.path.name}: no obs column {key!r} (task.options.{option}); "
