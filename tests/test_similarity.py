@@ -56,16 +56,22 @@ def test_identity_is_a_fraction():
         sequence_clusters(["MKT"], identity=50)
 
 
+def test_mmseqs_asks_for_the_coverage_of_the_joining_sequence():
+    cmd = mmseqs_command("mmseqs", Path("tmp"), 0.5, 0.8)
+    assert cmd[cmd.index("--cov-mode") + 1] == "1" and cmd[cmd.index("-c") + 1] == "0.8"
+
+
 def test_mmseqs_puts_a_fragment_in_its_parents_cluster():
     """An exact 80-residue piece of a 300-residue protein covers 27% of it: coverage of both sequences
-    (MMseqs2's default mode) would leave it alone, out of its parent's cluster."""
+    (MMseqs2's default mode) would leave it alone, out of its parent's cluster. Without the binary, choosing
+    mmseqs is a clear error instead."""
     import shutil
 
     rng = np.random.default_rng(0)
     parents = ["".join(rng.choice(AA, 300)) for _ in range(3)]
     sequences = parents + [parents[0][100:180], parents[1][:60]]
-    if shutil.which("mmseqs") is None:  # no binary: the command line must ask for target coverage
-        cmd = mmseqs_command("mmseqs", Path("tmp"), 0.5, 0.8)
-        assert cmd[cmd.index("--cov-mode") + 1] == "1"
-        pytest.skip("the MMseqs2 binary is not on PATH")
+    if shutil.which("mmseqs") is None:
+        with pytest.raises(FileNotFoundError, match="needs the MMseqs2 binary on PATH"):
+            sequence_clusters(sequences, "mmseqs", 0.5)
+        return
     assert sequence_clusters(sequences, "mmseqs", 0.5) == [0, 1, 2, 0, 1]
