@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from biopost.models.cell_encoder import MEDIANS_FILE, SPECIAL, TOKENS_FILE, GeneTokenizer, gene_medians
+from biopost.models.tiny_encoders import publish_build
 
 TASK = "cell_type/pbmc68k"
 ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
@@ -94,11 +95,7 @@ def build_tiny_cell(target: Path, seed: int = 0, steps: int | None = None) -> di
         "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
-    (work / "pretraining.json").write_text(json.dumps(report, indent=2))  # written last: marks a finished build
-    try:
-        os.rename(work, target)
-    except OSError:  # another process finished the same (deterministic) build first
-        shutil.rmtree(work, ignore_errors=True)
+    publish_build(work, target, report)
     print(f"built encoder tiny-cell: held-out (val cells) MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
           f"{losses['heldout_mlm_loss']:.3f} (gene frequencies alone: {losses['gene_frequency_loss']:.3f}) "
           f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")

@@ -140,15 +140,20 @@ def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None
         "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
-    (work / "pretraining.json").write_text(json.dumps(report, indent=2))  # written last: marks a finished build
-    try:
-        os.rename(work, target)
-    except OSError:  # another process finished the same (deterministic) build first
-        shutil.rmtree(work, ignore_errors=True)
+    publish_build(work, target, report)
     print(f"built encoder {name}: held-out MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
           f"{losses['heldout_mlm_loss']:.3f} (letter frequencies alone: {losses['letter_frequency_loss']:.3f}) "
           f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
     return report
+
+
+def publish_build(work: Path, target: Path, report: dict) -> None:
+    """Write ``pretraining.json`` last (it marks a finished build) and move the build into place."""
+    (work / "pretraining.json").write_text(json.dumps(report, indent=2))
+    try:
+        os.rename(work, target)
+    except OSError:  # another process finished the same (deterministic) build first
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def pretrain(tokenizer, train: list[str], heldout: list[str], seed: int, steps: int):
