@@ -122,6 +122,10 @@ def test_ray_runs_the_mini_plan_on_a_local_instance(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert execute(plan, study_dir, "ray", Resources(cpus=1)) == []
+        # a one-CPU run uses one thread in torch and in every native pool (idle pool threads spin otherwise)
+        for r in plan.runs:
+            threads = json.loads((study_dir / "runs" / r.id / "env.json").read_text())["threads"]
+            assert set(threads.values()) == {1}, threads
     finally:
         ray.shutdown()
     assert all((study_dir / "runs" / r.id / "DONE").is_file() for r in plan.runs)

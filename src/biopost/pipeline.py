@@ -346,4 +346,13 @@ def environment() -> dict:
 
     return {"python": sys.version.split()[0], "platform": platform.platform(), "biopost": biopost.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.cuda.is_available(), "argv": sys.argv}
+            "cuda": torch.cuda.is_available(), "argv": sys.argv, "threads": threads_in_use()}
+
+
+def threads_in_use() -> dict[str, int]:
+    """torch's threads and each native pool's (a seed's numbers and a run's speed depend on them)."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    pools = {f"{p['internal_api']}:{Path(p['filepath']).name}": p["num_threads"] for p in threadpool_info()}
+    return {"torch": torch.get_num_threads(), **pools}

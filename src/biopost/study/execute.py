@@ -63,7 +63,7 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
     from biopost.study.branch import MARKER, materialise
 
     if threads:
-        torch.set_num_threads(threads)
+        limit_threads(threads)
     # transformers' load reports and warnings go to the terminal, not the run's log, and land over the progress bar
     transformers.logging.set_verbosity_error()
     run = PlannedRun.from_json(entry)
@@ -92,6 +92,26 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
     log.with_suffix(".cost.json").write_text(json.dumps(
         {"wall_s": round(time.perf_counter() - started, 2), "cpu_s": round(cpu_seconds() - cpu, 2)}))
     return run.id
+
+
+# Every native thread pool a run can start. Two one-CPU runs on a two-core machine ran 4 to 5 times slower
+# per step when any pool kept its default size: its idle threads spin on the core the other run needs.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
+                    "RAYON_NUM_THREADS")
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """Environment for a worker process that may use ``threads`` threads (read by the libraries as they load)."""
+    return {name: str(threads) for name in THREAD_VARIABLES} | {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def limit_threads(threads: int) -> None:
+    """Cap torch's and every already loaded BLAS / OpenMP pool of this process at ``threads``."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)  # not as a context manager: the cap holds for the rest of the run
 
 
 def cpu_seconds() -> float:
@@ -204,7 +224,8 @@ def run_ray(study_dir: Path, study: str, todo: list[PlannedRun], resources: Reso
                  logging_level=logging.ERROR)
     try:
         cpus = resources.cpus or 1
-        task = ray.remote(num_cpus=cpus, num_gpus=resources.gpus, max_retries=0)(execute_run)
+        task = ray.remote(num_cpus=cpus, num_gpus=resources.gpus, max_retries=0,
+                          runtime_env={"env_vars": thread_environment(cpus)})(execute_run)
         refs: dict[str, object] = {}
         for run in todo:
             after = [refs[run.donor]] if run.donor in refs else []
@@ -234,7 +255,8 @@ def run_slurm(study_dir: Path, study: str, todo: list[PlannedRun], resources: Re
 
     executor = submitit.AutoExecutor(folder=study_dir / "slurm" / "%j", cluster=resources.cluster)
     cpus = resources.cpus or 1
-    params = {"timeout_min": resources.time_min, "cpus_per_task": cpus, "name": f"biopost-{study_dir.name}"}
+    params = {"timeout_min": resources.time_min, "cpus_per_task": cpus, "name": f"biopost-{study_dir.name}",
+              "slurm_setup": [f"export {name}={value}" for name, value in thread_environment(cpus).items()]}
     if resources.gpus:
         params["gpus_per_node"] = resources.gpus
     if resources.partition:
