@@ -111,8 +111,8 @@ def test_training_arguments_and_lora_raise_no_deprecation_warnings(fast_config, 
     from biopost.stages.trainer import training_arguments
 
     config = validate_config(fast_config())
-    stage = config.stages[0].model_copy(update={"gradient_checkpointing": True})
-    ctx = SimpleNamespace(stage=stage, stage_dir=tmp_path, device="cpu", config=config)
+    config.model.gradient_checkpointing = True
+    ctx = SimpleNamespace(stage=config.stages[0], stage_dir=tmp_path, device="cpu", dtype="float32", config=config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = training_arguments(ctx, total=6, every=3)

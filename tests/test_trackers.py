@@ -182,8 +182,8 @@ def test_mlflow_file_store_holds_the_metrics_rows_and_moves_with_the_run(tracked
 
 def test_trainer_reports_to_no_tracker_itself(tmp_path):
     """SFT and CPT train in transformers' Trainer: its own tracker callbacks stay off, so no row arrives twice."""
-    ctx = SimpleNamespace(stage=SFTStage(), stage_dir=tmp_path, device="cpu",
-                          config=SimpleNamespace(model=SimpleNamespace(dtype="float32")))
+    ctx = SimpleNamespace(stage=SFTStage(), stage_dir=tmp_path, device="cpu", dtype="float32",
+                          config=SimpleNamespace(model=SimpleNamespace(gradient_checkpointing=False)))
     assert training_arguments(ctx, total=4, every=2).report_to in ([], "none", ["none"])
 
 

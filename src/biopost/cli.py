@@ -233,8 +233,9 @@ def quiet_libraries() -> None:
 def add_memory_options(parser, batch_default: str) -> None:
     """The options an out-of-GPU-memory error tells the user to lower (see :func:`biopost.resources.inference_oom_advice`)."""
     parser.add_argument("--batch-size", type=int, default=None, help=f"examples generated together ({batch_default})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="weights' precision on the device (bfloat16 halves the memory)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="weights' precision on the device (auto: bfloat16 on a GPU that has it, else float32; "
+                        "bfloat16 halves the memory)")
 
 
 def cmd_eval(args) -> int:

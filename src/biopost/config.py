@@ -206,7 +206,15 @@ class ModelConfig(Strict):
         "tiny-s", description="hub id, local path, or a built-in tiny model: " "tiny-s, tiny-m"
     )
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tuning")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights' dtype in every stage, the evaluator and predict; auto = bfloat16 on a CUDA GPU "
+        "that supports it, float32 otherwise (the CPU)")
+    gradient_checkpointing: StrictBool = Field(
+        False, description="SFT, CPT and RL: recompute activations in the backward pass (less memory, about a third "
+        "more compute)")
+    quantization: Literal["4bit"] | None = Field(
+        None, description="4bit: frozen base weights in 4-bit NF4 under a LoRA adapter (QLoRA; needs a CUDA GPU and "
+        "pip install 'biopost[qlora]'); null = weights in `dtype`")
     revision: str | None = Field(None, description="hub backbones: branch, tag or commit to load")
     trust_remote_code: StrictBool = Field(
         False, description="run the backbone's own code (its config's auto_map); only for a model you trust that "
@@ -231,6 +239,18 @@ class ModelConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------- generation
+class GenerationConfig(Strict):
+    """Which engine samples completions (models/generation.py); the decoding settings stay the caller's."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: batched generate with left padding and a KV cache; vllm: a vLLM "
+        "engine on the GPU, its weights synced from the trained policy (pip install 'biopost[vllm]')")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="vllm: share of GPU memory the engine may take (training shares the GPU)")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: longest prompt + completion; None = the model's")
+
+
 # ---------------------------------------------------------------- evaluation
 class EvalConfig(Strict):
     """One evaluator for every stage: these settings are shared by SFT, RL and `biopost eval`."""
@@ -245,6 +265,7 @@ class EvalConfig(Strict):
     top_k: int = Field(0, ge=0)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% intervals")
     seed: int = 0
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     forgetting: ForgettingConfig = Field(
         default_factory=lambda: ForgettingConfig(), description="checks outside the task, at every evaluation point"
     )
@@ -293,8 +314,6 @@ class SFTStage(StageBase):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=8)
-    gradient_checkpointing: StrictBool = Field(False, description="recompute activations in the backward pass: "
-                                               "less memory, about a third more compute")
 
     @property
     def examples_per_step(self) -> int:
@@ -366,8 +385,6 @@ class CPTStage(StageBase):
     seq_length: int = Field(256, ge=8, description="tokens per packed block")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: StrictBool = Field(False, description="recompute activations in the backward pass: "
-                                               "less memory, about a third more compute")
     lora: LoraConfig | Literal["inherit", "full"] = "full"
     eval_task: StrictBool = Field(False, description="also run the task evaluator at CPT eval points")
     eval_batch_size: int = Field(16, ge=1)
@@ -435,6 +452,11 @@ class RLStage(StageBase):
     top_k: int = Field(0, ge=0)
     max_completion_length: int = Field(64, ge=1)
     rewards: RewardWeights = Field(default_factory=RewardWeights)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="the rollouts' engine")
+    reference: Literal["copy", "cpu_offload", "none"] = Field(
+        "copy", description="full fine-tuning's frozen reference for the KL term: a copy on the device, a copy kept on "
+        "the CPU and moved in per batch, or none (needs beta: 0). LoRA stages read the reference through the adapter "
+        "switched off, with no copy, whatever this says")
 
     @property
     def examples_per_step(self) -> int:
@@ -445,6 +467,9 @@ class RLStage(StageBase):
         if self.adapter == "continue" and self.lora != "inherit":
             raise ValueError("adapter: continue trains the init checkpoint's own adapter, so this stage's `lora` "
                              "would be ignored; remove `lora` or use adapter: new")
+        if self.reference == "none" and self.beta != 0:
+            raise ValueError(f"reference: none leaves nothing to compute the KL penalty against; set beta: 0 "
+                             f"(now {self.beta}) or reference: copy / cpu_offload")
         return self
 
 
@@ -539,7 +564,17 @@ class RunConfig(Strict):
         if "val" not in self.eval.splits and any(s.kind in ("interpolate", "baseline") for s in self.stages):
             raise ValueError("interpolate and baseline stages select on val: add val to eval.splits")
         self._check_references(names)
+        self._check_quantization(names)
         return self
+
+    def _check_quantization(self, names: list[str]) -> None:
+        """4-bit weights cannot be trained: every training stage needs an adapter on them (QLoRA)."""
+        if self.model.quantization is None:
+            return
+        for name, stage in zip(names, self.stages):
+            if stage.kind in ("sft", "cpt", "rl") and stage.resolved_lora(self.model) is None:
+                raise ValueError(f"model.quantization: {self.model.quantization} freezes the base weights, so stage "
+                                 f"{name} needs a LoRA adapter (set model.lora or the stage's lora, not full)")
 
     def _check_references(self, names: list[str]) -> None:
         """Every checkpoint a stage starts from (``init``; an interpolation's ``start`` / ``end``) exists by the time

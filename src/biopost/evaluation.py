@@ -1,6 +1,6 @@
 """The one evaluator: every stage and `biopost eval` call :func:`evaluate` with the same settings.
 
-Batched generation (left padding, KV cache), greedy or k samples, the task's parser and scorer,
+Batched generation (left padding, KV cache; or a vLLM engine, ``eval.generation``), greedy or k samples, the task's parser and scorer,
 per-example records and summary rows with n and a bootstrap 95% interval.
 """
 
@@ -16,19 +16,18 @@ from tqdm.auto import tqdm
 from biopost.config import EvalConfig
 from biopost.data import Example
 from biopost.data.splits import fingerprint, subset
+from biopost.models.generation import Sampling, TransformersBackend
 from biopost.stages.grpo import completion_mask
 
 
-def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
-                         desc: str = "generate") -> tuple[list[list[str]], list[int]]:
+def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig, desc: str = "generate",
+                         backend=None) -> tuple[list[list[str]], list[int]]:
     """``cfg.num_samples`` completions per example (greedy when 1), and each completion's generated token
-    count through end-of-turn (RL's completion mask: the count its length reward sees)."""
-    sampling = cfg.num_samples > 1
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sampling, use_cache=True)
-    if sampling:
-        gen_kwargs.update(num_return_sequences=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    count through end-of-turn (RL's completion mask: the count its length reward sees). ``backend``: the
+    generation backend (models/generation.py); None = transformers ``generate`` on the live policy."""
+    backend = backend or TransformersBackend()
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, greedy=cfg.num_samples == 1, temperature=cfg.temperature,
+                        top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_samples, seed=cfg.seed)
     was_training = policy.model.training
     policy.model.eval()
     out: list[list[str]] = []
@@ -40,7 +39,7 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
                 batch = examples[start : start + cfg.batch_size]
                 payloads = collate_payloads(batch, policy.modalities)
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)
-                new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
+                new = backend.generate(policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
                 texts = [policy.decode(row) for row in new]
                 lengths += completion_mask(new, policy.end_of_turn_id).sum(1).tolist()
                 out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
@@ -108,14 +107,16 @@ def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, 
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Evaluate on each split; returns summary rows and per-example records by split."""
+def evaluate(policy, task, splits: dict[str, list[Example]], cfg: EvalConfig,
+             backend=None) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Evaluate on each split; returns summary rows and per-example records by split. ``backend``: as
+    :func:`generate_completions`."""
     rows, records = [], {}
     for name, examples in splits.items():
         chosen = subset(examples, cfg.max_examples, cfg.seed)
         if not chosen:
             continue
-        completions, lengths = generate_completions(policy, task, chosen, cfg, desc=f"eval {name}")
+        completions, lengths = generate_completions(policy, task, chosen, cfg, desc=f"eval {name}", backend=backend)
         recs, per_metric = score_split(task, chosen, completions)
         records[name] = recs
         for metric, values in per_metric.items():

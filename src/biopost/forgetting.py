@@ -34,10 +34,12 @@ class ForgettingChecks:
     tasks: list[CrossTask]
     packed: dict = field(default_factory=dict, compare=False, repr=False)  # name -> (tokenizer, blocks)
 
-    def evaluate(self, policy, known_losses: dict | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
+    def evaluate(self, policy, known_losses: dict | None = None,
+                 backend=None) -> tuple[list[dict], dict[str, list[dict]]]:
         """Rows for every check, and per-example records of the other tasks keyed ``<task>/<split>``.
         ``known_losses``: ``(documents, seq_length) -> (loss, tokens)`` already computed with ``policy`` (a CPT
-        stage's held-out window), reused rather than computed again."""
+        stage's held-out window), reused rather than computed again. ``backend``: the evaluator's generation
+        backend (models/generation.py), the same as the run's task sees."""
         from biopost.stages.cpt import heldout_loss, pack, perplexity_rows, tokenize_documents
 
         cfg = self.eval_cfg.forgetting
@@ -54,7 +56,7 @@ class ForgettingChecks:
                 self.packed[name] = (policy.tokenizer, blocks)
             rows += perplexity_rows(f"general/{name}", *heldout_loss(policy, blocks, cfg.batch_size))
         for other in self.tasks:
-            found, recs = evaluate(policy, other.task, other.splits, self.eval_cfg)
+            found, recs = evaluate(policy, other.task, other.splits, self.eval_cfg, backend)
             about = {"task": other.task.name, "task_version": other.task.version,
                      "split_fingerprints": other.fingerprints}
             rows += [{**about, **row} for row in found]

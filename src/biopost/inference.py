@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 from biopost.config import ConfigError, EvalConfig, RunConfig, apply_override
 from biopost.evaluation import evaluate, generate_completions
 from biopost.models.cell_encoder import check_cells_readable
-from biopost.models.device import resolve_device
+from biopost.models.device import resolve_device, resolve_dtype
+from biopost.models.generation import check_backend, make_backend
 from biopost.models.policy import load_policy, task_state_of
 from biopost.resources import ResourceError, inference_oom_advice
 
@@ -48,7 +50,7 @@ def task_for_checkpoint(checkpoint: Path, name: str, options: list[str] = ()):
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
                         device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                        options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
+                        options: list[str] = (), batch_size: int | None = None, dtype: str = "auto") -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
@@ -61,15 +63,18 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     restore_task_state(task, state)
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples,
                                          "batch_size": batch_size or config.eval.batch_size})
-    with out_of_memory_explained("eval", cfg.batch_size, dtype):
+    check_backend(cfg.generation, "eval")
+    dtype = resolve_dtype(dtype, device)
+    with out_of_memory_explained("eval", cfg.batch_size, dtype), tempfile.TemporaryDirectory() as scratch:
         policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
-        rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg)
+        backend = make_backend(cfg.generation, policy, Path(scratch), cfg.seed)  # a vLLM engine reads its copy here
+        rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg, backend)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
                  device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                 options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
+                 options: list[str] = (), batch_size: int | None = None, dtype: str = "auto") -> list[dict]:
     device = resolve_device(device)
     task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
@@ -90,6 +95,7 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
     if not examples:
         raise ValueError(f"{input_path}: no records; write one JSON object per line in the task's input format")
     cfg = EvalConfig(max_new_tokens=max_new_tokens, **({"batch_size": batch_size} if batch_size else {}))
+    dtype = resolve_dtype(dtype, device)
     with out_of_memory_explained("predict", cfg.batch_size, dtype, max_new_tokens):
         policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
         check_cells_readable(policy, [(where, example.cell) for where, example in zip(wheres, examples)])

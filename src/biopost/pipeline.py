@@ -28,7 +28,9 @@ from biopost.data import SplitRule
 from biopost.data.splits import check_leakage, cut_splits
 from biopost.forgetting import load_forgetting
 from biopost.models.backbones import ensure_think_tokens, resolve_backbone
-from biopost.models.device import resolve_device
+from biopost.models.device import resolve_device, resolve_dtype
+from biopost.models.generation import check_backends
+from biopost.models.memory import check_quantization
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock, check_directory
@@ -108,6 +110,8 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     check_run_dir(config, run_dir)
     check_installed(config.report_to)
     device = resolve_device(config.model.device)
+    check_quantization(config.model.quantization, device)
+    check_backends(config)
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir
@@ -219,7 +223,8 @@ def with_think_tokens(base: str, run_dir: Path, model: ModelConfig) -> str:
     target = run_dir / "backbone-think"
     if (target / "config.json").is_file():
         return str(target)
-    policy = load_policy(base, model.dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    policy = load_policy(base, dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
     added = ensure_think_tokens(policy)
     if not added:
         return base

@@ -2,7 +2,7 @@
 
 :func:`explained` wraps a stage (or a whole run): ``torch.OutOfMemoryError`` becomes advice naming the
 stage's settings that set its memory (batch and micro-batch sizes, sequence and completion lengths, gradient
-checkpointing, the evaluator's batch); :func:`inference_oom_advice` does the same for ``biopost eval`` / ``predict``; ``OSError(ENOSPC)`` becomes a note of the free space and of where the
+checkpointing, the evaluator's batch, the weights' dtype); :func:`inference_oom_advice` does the same for ``biopost eval`` / ``predict``; ``OSError(ENOSPC)`` becomes a note of the free space and of where the
 run directory's space went (checkpoints, resumable states, built backbones).
 """
 
@@ -56,13 +56,17 @@ def out_of_memory_advice(config, index: int | None, err: BaseException) -> str:
         for field in ("max_length", "seq_length"):
             if hasattr(stage, field):
                 hints.append(f"{key}.{field} below {getattr(stage, field)}")
-        if hasattr(stage, "gradient_checkpointing") and not stage.gradient_checkpointing:
-            hints.append(f"{key}.gradient_checkpointing=true")
+    if stage_trains(config, index) and not config.model.gradient_checkpointing:
+        hints.append("model.gradient_checkpointing=true")
     hints.append(f"eval.batch_size below {config.eval.batch_size}")
-    dtype = getattr(config.model, "dtype", "float32")
-    if dtype == "float32":
+    if config.model.dtype in ("float32", "auto"):  # auto is float32 where bfloat16 is not supported
         hints.append("model.dtype=bfloat16")
     return f"out of GPU memory in {where} ({first_line(err)}); try {'; '.join(hints)}"
+
+
+def stage_trains(config, index: int | None) -> bool:
+    """Whether the stage at ``index`` trains a model (gradient checkpointing then lowers its memory)."""
+    return index is not None and config.stages[index].kind in ("sft", "cpt", "rl")
 
 
 def inference_oom_advice(command: str, err: BaseException, batch_size: int, dtype: str,

@@ -23,8 +23,9 @@ def oom(*args, **kwargs):
 
 @pytest.mark.parametrize("kind, advice", [
     ("sft", ["stages.0.batch_size below 8 with stages.0.grad_accum raised to keep 8 examples per step",
-             "stages.0.max_length below 512", "stages.0.gradient_checkpointing=true", "eval.batch_size below 8"]),
-    ("rl", ["stages.0.micro_batch_size below 8", "stages.0.max_completion_length below 8"]),
+             "stages.0.max_length below 512", "model.gradient_checkpointing=true", "eval.batch_size below 8"]),
+    ("rl", ["stages.0.micro_batch_size below 8", "stages.0.max_completion_length below 8",
+            "model.gradient_checkpointing=true"]),
 ])
 def test_out_of_gpu_memory_in_a_stage_names_the_settings_to_lower(kind, advice, fast_config, tmp_path, capsys, monkeypatch):
     from biopost import pipeline

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from biopost.config import LoraConfig
+from biopost.models.memory import is_quantized, prepare_quantized
 from biopost.models.policy import Policy, run_root
 from biopost.models.weights import merged
 
@@ -47,9 +48,13 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
     elif policy.base_path is None:
         policy.base_path = Path(policy.model.name_or_path)
     if lora is None:
+        if is_quantized(policy.model):
+            raise ValueError("4-bit base weights cannot be trained: give the stage a LoRA adapter (QLoRA)")
         for param in policy.model.parameters():
             param.requires_grad = True
         return policy
+    if is_quantized(policy.model):
+        policy = replace(policy, model=prepare_quantized(policy.model))
     added = policy.tokenizer.convert_tokens_to_ids(policy.info.get("added_tokens", []))
     config = PeftLora(
         r=lora.rank,

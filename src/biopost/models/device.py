@@ -22,3 +22,17 @@ def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
+
+
+def resolve_dtype(choice: str, device: str) -> str:
+    """``auto``: bfloat16 on a CUDA device that supports it, else float32 (CPUs train and generate in float32);
+    any other choice is kept as given.
+
+    >>> resolve_dtype("auto", "cpu"), resolve_dtype("bfloat16", "cpu")
+    ('float32', 'bfloat16')
+    """
+    if choice != "auto":
+        return choice
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"

@@ -49,8 +49,12 @@ class Policy:
         return next(self.model.parameters()).device
 
     def to(self, device: str | torch.device) -> "Policy":
-        """Place the model on ``device`` (a subclass moves whatever else it runs, e.g. encoders, too)."""
-        self.model.to(device)
+        """Place the model on ``device`` (a subclass moves whatever else it runs, e.g. encoders, too). 4-bit weights
+        are placed on the GPU as they load and cannot move."""
+        from biopost.models.memory import is_quantized
+
+        if not is_quantized(self.model):
+            self.model.to(device)
         return self
 
     @property
@@ -69,7 +73,8 @@ class Policy:
             inputs = {"inputs_embeds": self.embed(input_ids, payloads)}
         else:
             inputs = {"input_ids": input_ids}
-        return self.model(**inputs, attention_mask=attention_mask, logits_to_keep=keep_last).logits
+        # no KV cache: nothing generates from this forward, and the cache would hold every layer's keys and values
+        return self.model(**inputs, attention_mask=attention_mask, logits_to_keep=keep_last, use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, payloads=None, **kwargs) -> torch.Tensor:
@@ -211,16 +216,17 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: bool = False,
                 revision: str | None = None, device: str | None = None, trust_remote_code: bool = False,
-                base: str | Path | None = None) -> Policy:
+                base: str | Path | None = None, quantization: str | None = None) -> Policy:
     """Load a biopost checkpoint, a local Hugging Face directory, or a hub id (at ``revision``), placed on
     ``device`` (None: where transformers loads it, the CPU). Stages pass the run's one resolved device.
 
     A model's own code (``auto_map`` in its config) runs only with ``trust_remote_code`` (``model.trust_remote_code``
     in a run config, ``--trust-remote-code`` for eval / predict); otherwise loading it is a one-line error.
     ``base`` overrides where an adapter checkpoint's base model is (when it was moved away from the location
-    the checkpoint records)."""
+    the checkpoint records). ``quantization="4bit"``: the full weights load in 4-bit NF4 on the current CUDA device
+    (``dtype`` is then the compute dtype), for a LoRA adapter on top (QLoRA)."""
     try:
-        policy = _load_policy(source, dtype, trainable_adapter, revision, trust_remote_code, base)
+        policy = _load_policy(source, dtype, trainable_adapter, revision, trust_remote_code, base, quantization)
     except ValueError as err:  # transformers' own refusal (an encoder's is already one line, and kept)
         if "`trust_remote_code=True`" not in str(err) or trust_remote_code:
             raise
@@ -230,8 +236,15 @@ def load_policy(source: str | Path, dtype: str = "float32", trainable_adapter: b
 
 
 def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revision: str | None,
-                 trust_remote_code: bool, base: str | Path | None) -> Policy:
+                 trust_remote_code: bool, base: str | Path | None, quantization: str | None) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from biopost.models.memory import quantization_config
+
+    weights = {"dtype": DTYPES[dtype]}
+    if quantization is not None:
+        weights.update(quantization_config=quantization_config(quantization, dtype),
+                       device_map={"": torch.cuda.current_device()})
 
     path = Path(source).expanduser()
     marker = path / CHECKPOINT_FILE
@@ -246,12 +259,13 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
                         f"adapter checkpoint {path} applies to the base model recorded as {recorded!r}, which is "
                         f"missing at {base}: put it back there or pass its location (--base PATH; load_policy(base=PATH))"
                     )
-            under = load_policy(base, dtype, revision=info.get("revision"), trust_remote_code=trust_remote_code)
+            under = load_policy(base, dtype, revision=info.get("revision"), trust_remote_code=trust_remote_code,
+                                quantization=quantization)
             model = attach_adapter(under, path, info, trainable_adapter)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             policy = replace(under, model=model, tokenizer=tokenizer, base_path=Path(base), info=_kept(info))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **weights)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             policy = Policy(model, tokenizer, info=_kept(info))
         from biopost.models.fusion import attach_saved_fusion
@@ -268,8 +282,8 @@ def _load_policy(source: str | Path, dtype: str, trainable_adapter: bool, revisi
             f"no model at {path}: expected a Hugging Face model directory (config.json) or a biopost checkpoint"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[dtype], revision=revision,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(source), revision=revision,
+                                                     trust_remote_code=trust_remote_code, **weights)
         tokenizer = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         from biopost.models.backbones import builtin_backbones

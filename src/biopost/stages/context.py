@@ -13,6 +13,8 @@ from biopost import durable
 from biopost.config import EvalConfig, RunConfig
 from biopost.data import Splits
 from biopost.evaluation import evaluate
+from biopost.models.device import resolve_dtype
+from biopost.models.generation import make_backend
 from biopost.models.policy import Policy, load_policy
 from biopost.runlog import RunLog
 
@@ -37,6 +39,7 @@ class StageContext:
     forgetting: ForgettingChecks | None = None  # scored at every evaluation point
     evaluated: set[int] = field(default_factory=set)  # steps with evaluation rows (kept or written now)
     snapshot_steps: tuple[int, ...] = ()  # steps to keep a resumable state at, for runs that branch off here
+    generation: object | None = None  # the evaluator's generation backend, built at the first evaluation
 
     @property
     def stage(self):
@@ -45,8 +48,14 @@ class StageContext:
     def load_policy(self, path: Path, trainable_adapter: bool = False) -> Policy:
         """A checkpoint (or the backbone) as the run's model settings say: dtype, revision, remote code, device."""
         model = self.config.model
-        return load_policy(path, model.dtype, trainable_adapter=trainable_adapter, revision=model.revision,
-                           device=self.device, trust_remote_code=model.trust_remote_code)
+        return load_policy(path, self.dtype, trainable_adapter=trainable_adapter, revision=model.revision,
+                           device=self.device, trust_remote_code=model.trust_remote_code,
+                           quantization=model.quantization)
+
+    @property
+    def dtype(self) -> str:
+        """``model.dtype`` resolved for the run's device (auto: bfloat16 on a CUDA GPU that has it, else float32)."""
+        return resolve_dtype(self.config.model.dtype, self.device)
 
     @property
     def eval_cfg(self) -> EvalConfig:
@@ -60,9 +69,10 @@ class StageContext:
         """Score the eval splits with the shared evaluator (unless ``score_task`` is false) and the forgetting
         checks, log rows (plus ``labels``, e.g. an interpolation's alpha), keep a loadable checkpoint.
         ``known_losses``: corpus losses already computed at this point (see ``ForgettingChecks.evaluate``)."""
-        rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg) if score_task else ([], {})
+        backend = self.eval_backend(policy)
+        rows, records = evaluate(policy, self.task, self.eval_splits(), self.eval_cfg, backend) if score_task else ([], {})
         if self.forgetting is not None:
-            other_rows, other_records = self.forgetting.evaluate(policy, known_losses)
+            other_rows, other_records = self.forgetting.evaluate(policy, known_losses, backend)
             rows, records = rows + other_rows, {**records, **other_records}
         where = {"stage": self.name, "stage_index": self.index, "step": step, "epoch": epoch, **(labels or {})}
         self.log.write([{**where, **row} for row in rows])
@@ -74,6 +84,15 @@ class StageContext:
         if val:
             self.history.append({"step": step, "value": val[0]["value"]})
             self.write_selection()
+
+    def eval_backend(self, policy: Policy):
+        """The evaluator's generation backend (``eval.generation``), built once per stage and synced to ``policy``'s
+        current weights before each use."""
+        if self.generation is None:
+            self.generation = make_backend(self.eval_cfg.generation, policy, self.stage_dir, self.eval_cfg.seed)
+        else:
+            self.generation.sync(policy)
+        return self.generation
 
     def resume_from(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted attempt; restore the val history before it."""

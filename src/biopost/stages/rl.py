@@ -28,6 +28,8 @@ from transformers import get_scheduler
 from biopost import durable
 from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import is_adapter_weight, prepare_for_training
+from biopost.models.generation import Sampling, TransformersBackend, make_backend
+from biopost.models.memory import checkpoint_in_eval_mode, enable_gradient_checkpointing
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
@@ -40,8 +42,12 @@ def run_rl(ctx: StageContext):
     policy = ctx.load_policy(ctx.init_path, trainable_adapter=stage.adapter == "continue")
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
-    reference = Reference.of(policy, ctx.init_path, stage.adapter)
+    reference = Reference.of(policy, ctx.init_path, stage.adapter, stage.reference)
+    if ctx.config.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy.model)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
+    if ctx.config.model.gradient_checkpointing:
+        checkpoint_in_eval_mode(policy.model)
     rewards = reward_functions(ctx.task, stage)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     total, per_epoch, every = plan_steps(stage, len(train))
@@ -51,6 +57,7 @@ def run_rl(ctx: StageContext):
     scheduler = make_scheduler(stage, optimizer, total * stage.mu)
     state = ResumeState.load(ctx, policy, optimizer, scheduler)
     ctx.resume_from(state.step if state.step > 0 else -1)
+    generator = rollout_backend(ctx, policy)  # after resume: a vLLM engine starts from the resumed weights
     if state.step == 0 and stage.eval_at_start:
         ctx.evaluate_and_save(policy, 0, epoch=0.0)
 
@@ -58,7 +65,7 @@ def run_rl(ctx: StageContext):
     bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}")
     for step in bar:
         examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)
-        batch = rollout(policy, ctx.task, examples, stage)
+        batch = rollout(policy, ctx.task, examples, stage, generator)
         scores = score_rollouts(batch, rewards, stage)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
         with torch.no_grad():
@@ -66,6 +73,7 @@ def run_rl(ctx: StageContext):
             batch.old_logps = sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         stats = optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
+        generator.sync(policy)  # the next rollouts sample from the updated policy (a no-op for transformers)
         row = {**{k: mean_or_none(v) for k, v in scores.items()}, **stats,
                "completion_length": float(batch.mask.sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
         log_train_row(ctx, step + 1, per_epoch, row)
@@ -110,18 +118,27 @@ def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
     return out
 
 
+def rollout_backend(ctx: StageContext, policy):
+    """The rollouts' generation backend (``generation`` of the stage): the evaluator's own when both name the
+    same settings, so one vLLM engine serves both."""
+    if ctx.stage.generation == ctx.eval_cfg.generation:
+        return ctx.eval_backend(policy)
+    return make_backend(ctx.stage.generation, policy, ctx.stage_dir, ctx.stage.seed, where=f"stages.{ctx.index}")
+
+
 @torch.no_grad()
-def rollout(policy, task, examples: list, stage) -> Rollouts:
-    """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
+def rollout(policy, task, examples: list, stage, backend=None) -> Rollouts:
+    """Sample G completions per prompt with the stage's temperature / top-p / top-k (``backend``: the generation
+    backend, models/generation.py; None = transformers ``generate`` on the live policy)."""
     repeated = [e for e in examples for _ in range(stage.num_generations)]
     rendered = [policy.render_prompt(task.messages(e)) for e in examples]  # once per prompt, then repeated
     prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
     enc = encode_prompts(policy, prompts, payloads)
-    completion_ids = policy.generate(
-        enc["input_ids"], enc["attention_mask"], payloads, do_sample=True, max_new_tokens=stage.max_completion_length,
-        temperature=stage.temperature, top_p=stage.top_p, top_k=stage.top_k, use_cache=True,
-    )
+    sampling = Sampling(max_new_tokens=stage.max_completion_length, greedy=False, temperature=stage.temperature,
+                        top_p=stage.top_p, top_k=stage.top_k)  # no per-request seed: G copies of a prompt must differ
+    completion_ids = (backend or TransformersBackend()).generate(
+        policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
                     [policy.decode(row) for row in completion_ids], payloads, prompts=prompts)
@@ -212,7 +229,9 @@ class Reference:
 
     new adapter: the starting policy is the model with the adapter switched off (no copy needed).
     continued adapter: the init adapter is loaded a second time, frozen, and selected per forward.
-    full fine-tuning: a frozen copy of the starting weights.
+    full fine-tuning (``reference`` of the stage): a frozen copy of the starting weights on the device
+    (``copy``), or kept on the CPU and moved to the device for each batch (``cpu_offload``: the device holds
+    it only while it scores), or none (``none``, with beta 0: no KL term, nothing computed).
     A fused model's starting projector weights are swapped in for the reference forward.
     """
 
@@ -220,22 +239,35 @@ class Reference:
         self.kind, self.frozen, self.projector = kind, frozen, projector or {}
 
     @classmethod
-    def of(cls, policy, init_path, adapter_mode: str) -> "Reference":
+    def of(cls, policy, init_path, adapter_mode: str, full: str = "copy") -> "Reference":
+        """``full``: how full fine-tuning keeps its reference (copy, cpu_offload, none); adapters need no copy."""
         if not policy.is_adapter:
+            if full == "none":
+                return cls("none")
             import copy
 
             frozen = copy.deepcopy(policy)
             frozen.model.requires_grad_(False).eval()
-            return cls("copy", frozen)
+            if full == "cpu_offload":
+                frozen.to("cpu")
+            return cls(full, frozen)
         if adapter_mode == "continue":
             policy.model.load_adapter(str(init_path), adapter_name="reference", is_trainable=False)
             return cls("named", projector=policy.projector_state())
         return cls("disabled", projector=policy.projector_state())
 
     @torch.no_grad()
-    def logps(self, policy, batch: Rollouts, temperature: float) -> torch.Tensor:
+    def logps(self, policy, batch: Rollouts, temperature: float) -> torch.Tensor | None:
+        if self.kind == "none":
+            return None
         if self.kind == "copy":
             return sequence_logps(self.frozen, batch, temperature)[0]
+        if self.kind == "cpu_offload":
+            self.frozen.to(policy.device)
+            try:
+                return sequence_logps(self.frozen, batch, temperature)[0]
+            finally:
+                self.frozen.to("cpu")
         with self._reference_weights(policy):
             return sequence_logps(policy, batch, temperature)[0]
 

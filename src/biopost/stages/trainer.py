@@ -110,7 +110,7 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         output_dir=str(ctx.stage_dir / "trainer"),
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
-        activation_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing=ctx.config.model.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
         learning_rate=stage.lr,
         weight_decay=stage.weight_decay,
@@ -128,8 +128,8 @@ def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArg
         data_seed=stage.seed,
         remove_unused_columns=False,
         use_cpu=ctx.device == "cpu",
-        bf16=ctx.config.model.dtype == "bfloat16",
-        fp16=ctx.config.model.dtype == "float16",
+        bf16=ctx.dtype == "bfloat16",
+        fp16=ctx.dtype == "float16",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
