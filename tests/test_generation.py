@@ -232,3 +232,30 @@ def test_requesting_vllm_without_it_is_one_clear_error(fast_config, tmp_path, mo
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert "stages.0.generation.backend: vllm" in err and "pip install 'biopost[vllm]'" in err
     assert not (tmp_path / "run" / "stages").exists()  # refused before anything ran
+
+
+def test_transformers_backend_batches_left_padded_with_a_kv_cache(tiny_backbone, pbmc_task, pbmc_splits, monkeypatch):
+    """The default path: the evaluator and the rollouts each call ``generate`` once per batch, on prompts padded
+    on the left (new tokens append on the right), with the KV cache on."""
+    from biopost.config import RLStage
+    from biopost.evaluation import generate_completions
+    from biopost.stages import rl
+
+    policy = load_policy(tiny_backbone)
+    calls = []
+    real = policy.model.generate
+
+    def recording(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", recording)
+    examples = list(pbmc_splits.val)[:5]
+    generate_completions(policy, pbmc_task, examples, EvalConfig(batch_size=3, max_new_tokens=4))
+    rl.rollout(policy, pbmc_task, examples[:3], RLStage(num_generations=2, max_completion_length=4))
+    assert [len(c["input_ids"]) for c in calls] == [3, 2, 6]  # two evaluation batches, one batch of 3 x 2 rollouts
+    assert all(c["use_cache"] for c in calls)
+    for c in calls:
+        mask = c["attention_mask"]
+        assert bool(mask[:, -1].all()), "every prompt ends at the right edge: padding is on the left"
+    assert any(bool((c["attention_mask"][:, 0] == 0).any()) for c in calls)  # prompts of unequal length were padded

@@ -108,10 +108,11 @@ def engine_weights(policy):
     merge / unmerge, so the trained adapter is left as it was; tensors are copied to the CPU."""
     model = policy.model
     if not policy.is_adapter:
-        return [(name, param.detach().cpu()) for name, param in model.named_parameters()]
+        return [(name, param.detach().to("cpu", copy=True)) for name, param in model.named_parameters()]
     model.merge_adapter()
     try:
-        return [(plain_name(name), param.detach().cpu()) for name, param in model.named_parameters()
+        # copies (on a CPU model .cpu() would return the weights themselves, unmerged again below)
+        return [(plain_name(name), param.detach().to("cpu", copy=True)) for name, param in model.named_parameters()
                 if not adapter_only(name)]
     finally:
         model.unmerge_adapter()
