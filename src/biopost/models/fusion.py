@@ -235,7 +235,10 @@ def build_fused_base(base: str, run_dir: Path, model, seed: int) -> str:
     target = Path(run_dir) / "backbone-fused"
     if (target / CHECKPOINT_FILE).is_file():
         return str(target)
-    policy = load_policy(base, model.dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    from biopost.models.device import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    policy = load_policy(base, dtype, revision=model.revision, trust_remote_code=model.trust_remote_code)
     fuse(policy, model.encoders, seed).save(target)
     return str(target)
 
