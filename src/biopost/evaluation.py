@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from biopost import distributed
 from biopost.config import EvalConfig
 from biopost.data import Example
 from biopost.data.splits import fingerprint, subset
@@ -29,24 +30,29 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
         gen_kwargs.update(num_return_sequences=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    starts = list(range(0, len(examples), cfg.batch_size))
+    # Greedy decoding is sharded over processes by whole batches: each batch is padded and decoded exactly as
+    # one process would, so the gathered completions are one process's. Sampled decoding draws from one RNG
+    # stream across batches, so every process decodes them all (the same samples as one process).
+    mine = [starts[i] for i in distributed.round_robin(len(starts))] if not sampling else starts
     was_training = policy.model.training
     policy.model.eval()
-    out: list[list[str]] = []
-    lengths: list[int] = []
+    done: list[tuple[int, list[list[str]], list[int]]] = []
     try:
         with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
-            for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False,
-                              disable=len(examples) == 0):
+            for start in tqdm(mine, desc=desc, leave=False, disable=len(examples) == 0):
                 batch = examples[start : start + cfg.batch_size]
                 payloads = collate_payloads(batch, policy.modalities)
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)
                 new = policy.generate(enc["input_ids"], enc["attention_mask"], payloads, **gen_kwargs)
                 texts = [policy.decode(row) for row in new]
-                lengths += completion_mask(new, policy.end_of_turn_id).sum(1).tolist()
-                out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
+                done.append((start, [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))],
+                             completion_mask(new, policy.end_of_turn_id).sum(1).tolist()))
     finally:
         policy.model.train(was_training)
-    return out, lengths
+    if not sampling:
+        done = sorted(distributed.gather(done), key=lambda d: d[0])
+    return [c for _, completions, _ in done for c in completions], [n for _, _, counts in done for n in counts]
 
 
 @contextmanager
