@@ -1,5 +1,6 @@
-"""One run config under a distributed launcher: SFT then RL with 2 CPU processes (gloo) gives the metrics rows
-and final weights of 1 process with the same global batch, and only the main process writes files."""
+"""One run config under a distributed launcher: SFT then RL with 2 CPU processes (gloo), killed in RL and
+resumed, gives the metrics rows and final weights of 1 process with the same global batch, and only the main
+process writes files."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biopost.evaluation import encode_prompts
+from biopost.models.policy import load_policy
+from biopost.sampling import PerRowSampler, row_seeds
 from conftest import fast_config_dict
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+KILLER = Path(__file__).resolve().parent / "faults" / "killer.py"
 
 REWARDS = '''
 def by_length(prompts, completions, **kwargs):
@@ -25,22 +30,55 @@ def by_length(prompts, completions, **kwargs):
 '''
 
 
+def sample(policy, prompts: list[str], seeds: list[int]) -> list[list[int]]:
+    enc = encode_prompts(policy, prompts)
+    sampler = PerRowSampler(seeds, policy.device, temperature=1.0, top_p=0.9, top_k=20)
+    out = policy.generate(enc["input_ids"], enc["attention_mask"], do_sample=True, max_new_tokens=12,
+                          logits_processor=[sampler])
+    return out.tolist()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_per_row_sampling_does_not_depend_on_the_batch(tiny_backbone, pbmc_task, pbmc_splits):
+    """What makes RL rollouts the same under any number of processes: a row's tokens depend on its seed alone,
+    not on which rows share its batch or on the global RNG."""
+    policy = load_policy(tiny_backbone)
+    prompts = [policy.render_prompt(pbmc_task.messages(e)) for e in pbmc_splits.train[:2] for _ in range(2)]
+    seeds = row_seeds(0, 5, range(4))
+    torch.manual_seed(0)
+    whole = sample(policy, prompts, seeds)
+    torch.manual_seed(1)
+    halves = sample(policy, prompts[:2], seeds[:2]) + sample(policy, prompts[2:], seeds[2:])
+    strip = lambda rows: [[t for t in row if t != policy.tokenizer.pad_token_id] for row in rows]  # noqa: E731
+    assert strip(whole) == strip(halves)
+    assert whole[0] != whole[1]  # two samples of one prompt differ: it samples, it does not decode greedily
+    assert sample(policy, prompts[:1], row_seeds(0, 6, range(1))) != whole[:1]  # another step, other tokens
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(processes: int, config: Path, out: Path) -> subprocess.CompletedProcess:
-    """``biopost train`` under torch's launcher (what ``accelerate launch`` runs for several processes)."""
+def launch(processes: int, config: Path, out: Path, kill: str | None = None) -> subprocess.Popen:
+    """``biopost train`` under torch's launcher (what ``accelerate launch`` runs for several processes), started;
+    ``kill``: SIGKILL the processes at that point (tests/faults/killer.py), as a pre-empted job."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
            "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "biopost.cli", "train", str(config), "--output-dir", str(out)]
-    done = subprocess.run(cmd, cwd=config.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+           *([str(KILLER), kill] if kill else ["-m", "biopost.cli"]), "train", str(config), "--output-dir", str(out)]
+    job = subprocess.Popen(cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job.killed = bool(kill)
+    return job
+
+
+def finish(job: subprocess.Popen) -> str:
+    """Wait for a launch; its stdout. A launch with a kill point must have failed, any other succeeded."""
+    out, err = job.communicate(timeout=300)
+    assert (job.returncode != 0) == job.killed, err[-3000:]
+    return out
 
 
 def rows_by_key(run_dir: Path) -> dict:
@@ -54,22 +92,26 @@ def files_of(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock.json"}
 
 
-def test_two_processes_match_one(tmp_path, tiny_backbone):
+def test_two_processes_killed_and_resumed_match_one(tmp_path, tiny_backbone):
     config = fast_config_dict(tiny_backbone)
     config["eval"].update(splits=["val", "ood_test"], max_examples=8, batch_size=4, max_new_tokens=8)  # 2 batches
     config["stages"] = [
-        {"kind": "sft", "max_steps": 4, "eval_every_steps": 2, "batch_size": 4, "lr": 1e-2,
+        {"kind": "sft", "max_steps": 2, "eval_every_steps": 2, "batch_size": 4, "lr": 1e-2,
          "schedule": {"name": "constant", "warmup_ratio": 0.0}},
-        {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "prompts_per_step": 2, "num_generations": 2,
-         "micro_batch_size": 2, "max_completion_length": 8, "lr": 1e-2, "beta": 0.04,
+        {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "eval_at_start": False, "prompts_per_step": 2,
+         "num_generations": 2,
+         "micro_batch_size": 2, "max_completion_length": 8, "lr": 1e-2, "beta": 0.04, "save_every_steps": 1,
          "rewards": {"custom": [{"function": "spread_rewards:by_length", "weight": 1.0}]}},
     ]
     (tmp_path / "spread_rewards.py").write_text(REWARDS)
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, path, one)
-    launch(2, path, two)
+    jobs = [launch(1, path, one), launch(2, path, two, kill="rl:2:1")]  # killed after RL step 2's rows
+    for job in jobs:
+        finish(job)
+    assert (two / "stages" / "0-sft" / "DONE").is_file() and not (two / "stages" / "1-rl" / "DONE").exists()
+    assert "resuming at step 1" in finish(launch(2, path, two))  # from the save point at step 1
 
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
     assert files_of(one) == files_of(two)  # the same files, written once (by the main process)
@@ -91,4 +133,6 @@ def test_two_processes_match_one(tmp_path, tiny_backbone):
         w_two = load_file(two / "stages" / stage / "final" / "adapter_model.safetensors")
         assert w_one.keys() == w_two.keys()
         for name in w_one:
-            torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=1e-6, msg=name)
+            # not bit-identical: sums taken in another order (docs/scale.md); measured differences are ~3e-6
+            torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=2e-5, msg=name)
+    assert any(float(w.abs().max()) > 0 for n, w in w_one.items() if "lora_B" in n)  # RL's new adapter moved off 0

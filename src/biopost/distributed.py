@@ -23,15 +23,17 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def _state():
-    """accelerate's process state; creating it the first time opens the process group."""
+def _state(cpu: bool = False):
+    """accelerate's process state; creating it the first time opens the process group (gloo for CPU
+    processes, nccl for GPUs), later calls return that state."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=True, backend="gloo") if cpu else PartialState()
 
 
-def init() -> None:
-    """Open the process group now, under a launcher: before any model is placed, so each process gets its GPU.
+def init(device: str) -> None:
+    """Open the process group now, under a launcher, for the run's resolved ``device`` ('cpu': gloo): before
+    any model is placed, so each process gets its GPU.
     Weight-sharding engines are refused: our checkpoint saves, generation and RL loop need whole weights."""
     if not launched():
         return
@@ -41,7 +43,7 @@ def init() -> None:
     if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError("DeepSpeed ZeRO-3 is not supported yet (it shards the weights biopost saves and generates "
                           "with); use ZeRO-2: configs/accelerate/deepspeed-zero2.yaml (docs/scale.md)")
-    _state()
+    _state(cpu=device == "cpu")
 
 
 def world_size() -> int:

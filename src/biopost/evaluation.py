@@ -40,7 +40,7 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     done: list[tuple[int, list[list[str]], list[int]]] = []
     try:
         with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
-            for start in tqdm(mine, desc=desc, leave=False, disable=len(examples) == 0):
+            for start in tqdm(mine, desc=desc, leave=False, disable=len(examples) == 0 or not distributed.is_main()):
                 batch = examples[start : start + cfg.batch_size]
                 payloads = collate_payloads(batch, policy.modalities)
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)

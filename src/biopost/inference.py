@@ -52,8 +52,8 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
                         options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
     from biopost.pipeline import load_task_and_splits
 
-    distributed.init()  # under a launcher: each process on its own GPU, evaluating its share
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
+    distributed.init(device)  # under a launcher: each process on its own GPU, evaluating its share
     state = checkpoint_state(checkpoint, name, options)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
     fused = frozenset(state.get("fused_modalities") or [])  # compared across splits as the model read them
@@ -72,8 +72,8 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
                  device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
                  options: list[str] = (), batch_size: int | None = None, dtype: str = "float32") -> list[dict]:
-    distributed.init()
     device = resolve_device(device)
+    distributed.init(device)
     task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")

@@ -105,10 +105,10 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     resumable state for runs that share this one's prefix (see biopost.study.plan); it changes no result.
     ``group``: the study this run belongs to, for experiment trackers (the run is then named by its id)."""
     run_dir = Path(run_dir)
-    distributed.init()
+    device = resolve_device(config.model.device)
+    distributed.init(device)
     check_run_dir(config, run_dir)  # under a launcher every process runs this; only the main one writes files
     check_installed(config.report_to)
-    device = resolve_device(config.model.device)
     if (run_dir / DONE).is_file():
         print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir

@@ -61,7 +61,8 @@ def run_rl(ctx: StageContext):
         ctx.evaluate_and_save(policy, 0, epoch=0.0)
 
     # ---- loop
-    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}")
+    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}",
+               disable=not distributed.is_main())  # one bar for the run
     for step in bar:
         share = distributed.shard_bounds(stage.prompts_per_step, "prompts_per_step")
         examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)[share]
