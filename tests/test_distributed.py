@@ -1,5 +1,5 @@
-"""One run config under a distributed launcher: SFT then RL with 2 CPU processes (gloo), killed in RL and
-resumed, gives the metrics rows and final weights of 1 process with the same global batch, and only the main
+"""One run config under a distributed launcher: SFT then RL with 2 CPU processes (gloo, `accelerate launch`),
+killed in RL and resumed, gives the metrics rows and final weights of 1 process with the same global batch, and only the main
 process writes files."""
 
 from __future__ import annotations
@@ -62,13 +62,16 @@ def free_port() -> int:
 
 
 def launch(processes: int, config: Path, out: Path, kill: str | None = None) -> subprocess.Popen:
-    """``biopost train`` under torch's launcher (what ``accelerate launch`` runs for several processes), started;
-    ``kill``: SIGKILL the processes at that point (tests/faults/killer.py), as a pre-empted job."""
+    """``biopost train`` under a distributed launcher, started; ``kill``: SIGKILL the processes at that point (tests/faults/killer.py), as a pre-empted job."""
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
            "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           *([str(KILLER), kill] if kill else ["-m", "biopost.cli"]), "train", str(config), "--output-dir", str(out)]
+    if processes > 1:  # accelerate's launcher, as users run it (it starts torch's for several processes)
+        launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--main_process_port", str(free_port())]
+    else:  # `accelerate launch` runs one process without a launcher (a plain run); torch's sets WORLD_SIZE=1
+        launcher = ["torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port())]
+    program = [str(KILLER), kill] if kill else ["-m", "biopost.cli"]
+    cmd = [sys.executable, "-m", *launcher, *program, "train", str(config), "--output-dir", str(out)]
     job = subprocess.Popen(cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job.killed = bool(kill)
     return job
