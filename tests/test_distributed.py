@@ -139,3 +139,16 @@ def test_two_processes_killed_and_resumed_match_one(tmp_path, tiny_backbone):
             # not bit-identical: sums taken in another order (docs/scale.md); measured differences are ~3e-6
             torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=2e-5, msg=name)
     assert any(float(w.abs().max()) > 0 for n, w in w_one.items() if "lora_B" in n)  # RL's new adapter moved off 0
+
+
+@pytest.mark.parametrize("env, engine", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+                                         ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3")])
+def test_weight_sharding_engines_are_refused_in_one_line(monkeypatch, env, engine):
+    from biopost import distributed
+    from biopost.config import ConfigError
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", **env}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{engine} is not supported yet") as err:
+        distributed.init("cpu")
+    assert "\n" not in str(err.value) and "docs/scale.md" in str(err.value)
