@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from biopost import distributed
 from biopost.config import DEVICES, TEST_SPLITS, ConfigError, EvalConfig
 from biopost.locks import DirectoryBusy, DirectoryLock
 from biopost.resources import ResourceError, disk_full_advice
@@ -123,7 +124,8 @@ def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
     out = args.output_dir or Path("runs") / f"{config.name}-{config.run_id()}"
     run_dir = run(config, out)
-    print(f"run directory: {run_dir}")
+    if distributed.is_main():
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -245,6 +247,8 @@ def cmd_eval(args) -> int:
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
                                base=args.base, trust_remote_code=args.trust_remote_code,
                                options=args.option, batch_size=args.batch_size, dtype=args.dtype)
+    if not distributed.is_main():  # under a launcher every process holds the gathered rows; one writes them
+        return 0
     return write_jsonl(rows, args.output, "rows")
 
 
@@ -255,6 +259,8 @@ def cmd_predict(args) -> int:
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
                            base=args.base, trust_remote_code=args.trust_remote_code,
                            options=args.option, batch_size=args.batch_size, dtype=args.dtype)
+    if not distributed.is_main():
+        return 0
     return write_jsonl(records, args.output, "predictions")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from biopost import distributed
 from biopost.config import EvalConfig
 from biopost.data import Example
 from biopost.data.splits import fingerprint, subset
@@ -26,26 +27,32 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     count through end-of-turn (RL's completion mask: the count its length reward sees). ``backend``: the
     generation backend (models/generation.py); None = transformers ``generate`` on the live policy."""
     backend = backend or TransformersBackend()
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, greedy=cfg.num_samples == 1, temperature=cfg.temperature,
+    sampled = cfg.num_samples > 1
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, greedy=not sampled, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, num_samples=cfg.num_samples, seed=cfg.seed)
+    starts = list(range(0, len(examples), cfg.batch_size))
+    # Greedy decoding is sharded over processes by whole batches: each batch is padded and decoded exactly as
+    # one process would, so the gathered completions are one process's. Sampled decoding draws from one RNG
+    # stream across batches, so every process decodes them all (the same samples as one process).
+    mine = starts if sampled else [starts[i] for i in distributed.round_robin(len(starts))]
     was_training = policy.model.training
     policy.model.eval()
-    out: list[list[str]] = []
-    lengths: list[int] = []
+    done: list[tuple[int, list[list[str]], list[int]]] = []
     try:
         with seeded_rng(cfg.seed):  # the same samples at every checkpoint; the caller's RNG untouched
-            for start in tqdm(range(0, len(examples), cfg.batch_size), desc=desc, leave=False,
-                              disable=len(examples) == 0):
+            for start in tqdm(mine, desc=desc, leave=False, disable=len(examples) == 0 or not distributed.is_main()):
                 batch = examples[start : start + cfg.batch_size]
                 payloads = collate_payloads(batch, policy.modalities)
                 enc = encode_prompts(policy, [policy.render_prompt(task.messages(e)) for e in batch], payloads)
                 new = backend.generate(policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
                 texts = [policy.decode(row) for row in new]
-                lengths += completion_mask(new, policy.end_of_turn_id).sum(1).tolist()
-                out += [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))]
+                done.append((start, [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))],
+                             completion_mask(new, policy.end_of_turn_id).sum(1).tolist()))
     finally:
         policy.model.train(was_training)
-    return out, lengths
+    if not sampled:
+        done = sorted(distributed.gather(done), key=lambda d: d[0])
+    return [c for _, completions, _ in done for c in completions], [n for _, _, counts in done for n in counts]
 
 
 @contextmanager

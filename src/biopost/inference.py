@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from biopost import distributed
 from biopost.config import ConfigError, EvalConfig, RunConfig, apply_override
 from biopost.evaluation import evaluate, generate_completions
 from biopost.models.cell_encoder import check_cells_readable
@@ -54,6 +55,7 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
+    distributed.init(device)  # under a launcher: each process on its own GPU, evaluating its share
     state = checkpoint_state(checkpoint, name, options)
     config = RunConfig.model_validate({"task": state["config_task"], "eval": state["eval"], "stages": [{"kind": "sft"}]})
     fused = frozenset(state.get("fused_modalities") or [])  # compared across splits as the model read them
@@ -76,6 +78,7 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
                  device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
                  options: list[str] = (), batch_size: int | None = None, dtype: str = "auto") -> list[dict]:
     device = resolve_device(device)
+    distributed.init(device)
     task, _ = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")

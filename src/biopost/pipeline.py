@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.config import ConfigError, ModelConfig, RunConfig, dump_config, load_config
 from biopost.data import SplitRule
 from biopost.data.splits import check_leakage, cut_splits
@@ -107,9 +107,10 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     resumable state for runs that share this one's prefix (see biopost.study.plan); it changes no result.
     ``group``: the study this run belongs to, for experiment trackers (the run is then named by its id)."""
     run_dir = Path(run_dir)
-    check_run_dir(config, run_dir)
-    check_installed(config.report_to)
     device = resolve_device(config.model.device)
+    distributed.init(device)
+    check_run_dir(config, run_dir)  # under a launcher every process runs this; only the main one writes files
+    check_installed(config.report_to)
     check_quantization(config.model.quantization, device)
     check_backends(config)
     if (run_dir / DONE).is_file():
@@ -121,37 +122,35 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     if config.model.encoders:
         check_encoder_inputs(config, splits)
     forgetting = load_forgetting(config, task, splits)
-    with DirectoryLock(run_dir, "run"), explained(config, run_dir):
-        claim_run_dir(config, run_dir)
+    distributed.barrier()  # every process has read the directory before the main one claims it
+    with distributed.main_lock(DirectoryLock(run_dir, "run")), explained(config, run_dir):
+        with distributed.main_writes() as main:
+            if main:
+                claim_run_dir(config, run_dir)
         return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group)
 
 
 def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group) -> Path:
-    durable.remove_partial(run_dir)
-    check_same_splits(splits, run_dir)
-    durable.write_json(run_dir / "splits.json", {
-        "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
-        "content_fingerprints": splits.content_fingerprints(),
-        "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
-    })
+    with distributed.main_writes() as main:
+        if main:
+            durable.remove_partial(run_dir)
+            check_same_splits(splits, run_dir)
+            durable.write_json(run_dir / "splits.json", {
+                "sizes": splits.sizes(), "fingerprints": splits.fingerprints(),
+                "content_fingerprints": splits.content_fingerprints(),
+                "ood_test_groups": splits.ood_test_groups, "ood_val_groups": splits.ood_val_groups,
+            })
     common = {"run_id": config.run_id(), "run": config.name, "task": task.name, "task_version": task.version,
               "split_fingerprints": splits.fingerprints()}
-    trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group))
-    with RunLog(run_dir, common, trackers) as log:
+    main = distributed.is_main()
+    trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group)) if main else []
+    with RunLog(run_dir, common, trackers, writer=main) as log:
         return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log)
 
 
 def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log) -> Path:
     state = task_state(config, task, splits)
-    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
-    if config.model.think_tokens == "add":
-        base = with_think_tokens(base, run_dir, config.model)
-    if config.model.encoders:
-        (run_dir / "stages").mkdir(exist_ok=True)  # marks the run directory: the fused base records paths in it relative
-        cell = prepare_cell_encoder(config, splits, run_dir)  # the training cells' medians when none are given
-        model = config.model.model_copy(update={"encoders": {**config.model.encoders, **cell}})
-        base = build_fused_base(base, run_dir, model, config.seed)
-
+    base = distributed.on_main(lambda: prepare_base(config, run_dir, task, splits))  # may write into run_dir
     finals: dict[str, Path] = {}
     inits: dict[str, Path] = {}
     previous = base
@@ -172,11 +171,27 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             with explained(config, run_dir, index):
                 stage_runners()[stage.kind](ctx)
-            durable.write_text(stage_dir / DONE, "")
+            with distributed.main_writes() as main:  # the next stage starts from what the main process saved
+                if main:
+                    durable.write_text(stage_dir / DONE, "")
         finals[name] = stage_dir / "final"
         previous = finals[name]
-    durable.write_text(run_dir / DONE, "")
+    if distributed.is_main():
+        durable.write_text(run_dir / DONE, "")
     return run_dir
+
+
+def prepare_base(config: RunConfig, run_dir: Path, task, splits) -> str:
+    """The backbone the first stage starts from: built or resolved, with think tokens and encoders as configured."""
+    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
+    if config.model.think_tokens == "add":
+        base = with_think_tokens(base, run_dir, config.model)
+    if config.model.encoders:
+        (run_dir / "stages").mkdir(exist_ok=True)  # marks the run directory: the fused base records paths in it relative
+        cell = prepare_cell_encoder(config, splits, run_dir)  # the training cells' medians when none are given
+        model = config.model.model_copy(update={"encoders": {**config.model.encoders, **cell}})
+        base = build_fused_base(base, run_dir, model, config.seed)
+    return base
 
 
 def tracker_identity(config: RunConfig, task: str, group: str | None = None) -> Identity:
@@ -351,7 +366,8 @@ def environment() -> dict:
 
     return {"python": sys.version.split()[0], "platform": platform.platform(), "biopost": biopost.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.cuda.is_available(), "argv": sys.argv, "threads": threads_in_use()}
+            "cuda": torch.cuda.is_available(), "argv": sys.argv, "threads": threads_in_use(),
+            **distributed.describe()}
 
 
 def threads_in_use() -> dict[str, int]:

@@ -22,10 +22,14 @@ class RunLog:
     """Appends rows to ``metrics.jsonl`` (each with the ``common`` fields) and sends them to ``trackers``.
 
     Use it as a context manager when it has trackers: leaving closes them (marked failed on an exception).
+    ``writer=False``: a log that reads the run's rows but writes nothing (the non-main processes of a
+    distributed run, whose rows the main process writes).
     """
 
-    def __init__(self, run_dir: Path, common: dict[str, Any] | None = None, trackers: list[Tracker] = ()):
+    def __init__(self, run_dir: Path, common: dict[str, Any] | None = None, trackers: list[Tracker] = (),
+                 writer: bool = True):
         self.run_dir = Path(run_dir)
+        self.writer = writer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.common = dict(common or {})
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -37,6 +41,8 @@ class RunLog:
                 tracker.write(rows)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
+        if not self.writer:
+            return
         rows = [{**self.common, **row} for row in rows]
         durable.append_lines(self.metrics_path, [json.dumps(row) for row in rows])
         for tracker in self.trackers:
@@ -46,6 +52,8 @@ class RunLog:
         """Forget a stage's rows past ``after_step`` (an interrupted attempt is redone from there)."""
         rows = read_metrics(self.run_dir)
         kept = [r for r in rows if r.get("stage") != stage or r.get("step", 0) <= after_step]
+        if not self.writer:  # the writer's rewrite is atomic: before or after it, these are the rows kept
+            return [r for r in kept if r.get("stage") == stage]
         durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
         if len(kept) < len(rows):
             for tracker in self.trackers:
@@ -65,6 +73,8 @@ class RunLog:
 
     def write_predictions(self, name: str, records: list[dict[str, Any]]) -> Path:
         path = self.run_dir / "predictions" / f"{name}.jsonl"
+        if not self.writer:
+            return path
         return durable.write_lines(path, [json.dumps(record) for record in records])
 
 

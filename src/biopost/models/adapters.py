@@ -9,6 +9,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from biopost import distributed
 from biopost.config import LoraConfig
 from biopost.models.memory import is_quantized, prepare_quantized
 from biopost.models.policy import Policy, run_root
@@ -44,7 +45,8 @@ def prepare_for_training(policy: Policy, lora: LoraConfig | None, workdir: Path,
         if lora is not None:  # only an adapter trained on the merge needs it on disk
             if source is None:
                 raise ValueError("a new adapter on a merged one needs the checkpoint it was loaded from (source=)")
-            policy.base_path = save_merged_base(policy, merged_base_dir(source, workdir))
+            target = merged_base_dir(source, workdir)
+            policy.base_path = distributed.on_main(lambda: save_merged_base(policy, target))  # one writer
     elif policy.base_path is None:
         policy.base_path = Path(policy.model.name_or_path)
     if lora is None:

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessorList
 
 from biopost.config import ConfigError, GenerationConfig
+from biopost.sampling import PerRowSampler
 
 VLLM_EXTRA = "pip install 'biopost[vllm]'"
 
@@ -37,6 +39,9 @@ class Sampling:
     top_k: int = 0
     num_samples: int = 1
     seed: int | None = None  # vLLM's per-request seed; transformers samples from torch's RNG, owned by the caller
+    # one seed per output sequence (RL under a launcher, biopost.sampling): rollouts then do not depend on how
+    # a step's batch is split over processes
+    row_seeds: tuple[int, ...] | None = None
 
 
 class TransformersBackend:
@@ -50,6 +55,9 @@ class TransformersBackend:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if sampling.num_samples > 1:
             kwargs["num_return_sequences"] = sampling.num_samples
+        if sampling.row_seeds is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([PerRowSampler(
+                list(sampling.row_seeds), policy.device, sampling.temperature, sampling.top_p, sampling.top_k)])
         return policy.generate(input_ids, attention_mask, payloads, **kwargs)
 
     def sync(self, policy) -> None:
@@ -65,6 +73,9 @@ class VLLMBackend:
         self.sampling_params = sampling_params or vllm_sampling_params  # replaced in tests (no vllm import)
 
     def generate(self, policy, input_ids, attention_mask, payloads, sampling: Sampling) -> torch.Tensor:
+        if sampling.row_seeds is not None:
+            raise ValueError("generation.backend vllm does not run under accelerate launch yet: "
+                             "use generation.backend: transformers there")
         params = self.sampling_params(sampling, stop_token_ids=[policy.end_of_turn_id],
                                       suppress=sorted(getattr(policy, "placeholder_ids", {}).values()))
         outputs = self.engine.generate(engine_prompts(policy, input_ids, attention_mask, payloads), params,

@@ -4,7 +4,7 @@ ordinary run and its accuracies are rows of the results table like any stage's."
 
 from __future__ import annotations
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.baselines import fit_baseline
 from biopost.stages.context import StageContext
 
@@ -15,4 +15,5 @@ def run_baseline_stage(ctx: StageContext) -> None:
     ctx.log.write([{"stage": ctx.name, "stage_index": ctx.index, **row} for row in rows])
     for split, records in predictions.items():
         ctx.log.write_predictions(f"{ctx.name}-{split}", records)
-    durable.write_json(ctx.stage_dir / "baseline.json", info)
+    if distributed.is_main():
+        durable.write_json(ctx.stage_dir / "baseline.json", info)

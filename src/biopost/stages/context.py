@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.config import EvalConfig, RunConfig
 from biopost.data import Splits
 from biopost.evaluation import evaluate
@@ -78,12 +78,24 @@ class StageContext:
         self.log.write([{**where, **row} for row in rows])
         for split, recs in records.items():
             self.log.write_predictions(f"{self.name}-step{step:06d}-{split.replace('/', '_')}", recs)
-        policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
+        if distributed.is_main():  # every process holds the same rows (the evaluator gathers them)
+            policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
         self.evaluated.add(step)
         val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric]
         if val:
             self.history.append({"step": step, "value": val[0]["value"]})
-            self.write_selection()
+            if distributed.is_main():
+                self.write_selection()
+
+    def save_final(self, policy: Policy, scratch: str | None = None) -> Path:
+        """The stage's final checkpoint, written by the main process; ``scratch``: a working directory of the
+        stage (e.g. the Trainer's) to delete now that the stage is done."""
+        final = self.stage_dir / "final"
+        if distributed.is_main():
+            policy.save(final, self.task_state)
+            if scratch:
+                shutil.rmtree(self.stage_dir / scratch, ignore_errors=True)
+        return final
 
     def eval_backend(self, policy: Policy):
         """The evaluator's generation backend (``eval.generation``), built once per stage and synced to ``policy``'s
@@ -106,6 +118,8 @@ class StageContext:
     def save_snapshot(self, step: int, source: Path, restore_to: str) -> None:
         """Keep a copy of the resumable state ``source`` at ``step``: a run that shares this stage's first
         ``step`` steps resumes from it (the study planner copies it to ``restore_to`` in that run's stage)."""
+        if not distributed.is_main():
+            return
         with durable.publishing(self.stage_dir / "snapshots" / f"step-{step:06d}") as target:
             shutil.copytree(source, target / "state")
             (target / "snapshot.json").write_text(json.dumps({"step": step, "restore_to": restore_to}))

@@ -9,7 +9,6 @@ so no term predicts one document from another (tests/test_cpt.py checks this).
 from __future__ import annotations
 
 import math
-import shutil
 
 import torch
 from tqdm.auto import tqdm
@@ -46,9 +45,7 @@ def run_cpt(ctx: StageContext):
     # ---- loop
     train_with_trainer(ctx, policy, train, total, every, per_epoch, evaluate)
     # ---- save
-    final = policy.save(ctx.stage_dir / "final", ctx.task_state)
-    shutil.rmtree(ctx.stage_dir / "trainer", ignore_errors=True)
-    return final
+    return ctx.save_final(policy, scratch="trainer")
 
 
 def tokenize_documents(tokenizer, docs: list[str], eos: int) -> list[list[int]]:

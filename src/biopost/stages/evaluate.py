@@ -10,4 +10,4 @@ def run_eval(ctx: StageContext):
     policy = ctx.load_policy(ctx.init_path)
     ctx.resume_from(-1)
     ctx.evaluate_and_save(policy, 0, epoch=0.0)
-    return policy.save(ctx.stage_dir / "final", ctx.task_state)
+    return ctx.save_final(policy)

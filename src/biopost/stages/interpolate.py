@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.config import ConfigError
 from biopost.models.policy import CHECKPOINT_FILE, copy_checkpoint
 from biopost.models.weights import average, interpolate, load_weights, merged, weights_of
@@ -41,7 +41,7 @@ def run_interpolate(ctx: StageContext):
         policy.info = {**policy.info, "interpolation": {**about, "alpha": alpha}}
         ctx.evaluate_and_save(policy, step, epoch=None, labels={"alpha": alpha})
     # ---- save: the point selected on val is the stage's final
-    return save_selected(ctx, stage.alphas)
+    return distributed.on_main(lambda: save_selected(ctx, stage.alphas))
 
 
 def start_reference(ctx: StageContext) -> str:

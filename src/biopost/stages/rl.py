@@ -7,6 +7,12 @@ TRL's on identical rollouts (tests/test_grpo_vs_trl.py).
 
 Recipe per step: draw prompts -> sample G completions each -> score with the task's rewards -> group
 advantages -> old and reference log-probs (no grad) -> ``mu`` clipped updates -> log -> evaluate on schedule.
+
+Under a launcher each process rolls out and scores its contiguous share of the step's prompts (whole groups),
+rewards are gathered so advantages and logged means are the whole batch's, each process's loss is its share of
+the whole batch's loss, and gradients are summed over processes before clipping: one optimiser step on the
+whole batch, as one process would take. Launched, each sequence samples from its own seeded generator
+(biopost.sampling), so rollouts do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,12 +30,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.evaluation import collate_payloads, encode_prompts
 from biopost.models.adapters import is_adapter_weight, prepare_for_training
 from biopost.models.generation import Sampling, TransformersBackend, make_backend
 from biopost.models.memory import checkpoint_in_eval_mode, enable_gradient_checkpointing
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
+from biopost.sampling import row_seeds
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
 from biopost.stages.sft import sample_fraction
@@ -62,20 +68,24 @@ def run_rl(ctx: StageContext):
         ctx.evaluate_and_save(policy, 0, epoch=0.0)
 
     # ---- loop
-    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}")
+    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}",
+               disable=not distributed.is_main())  # one bar for the run
     for step in bar:
-        examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)
-        batch = rollout(policy, ctx.task, examples, stage, generator)
-        scores = score_rollouts(batch, rewards, stage)
-        advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
+        share = distributed.shard_bounds(stage.prompts_per_step, "prompts_per_step")
+        examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)[share]
+        batch = rollout(policy, ctx.task, examples, stage, generator, step, first=share.start)
+        scores = {k: distributed.gather_tensor(v) for k, v in score_rollouts(batch, rewards, stage).items()}
+        rows = slice(share.start * stage.num_generations, share.stop * stage.num_generations)
+        advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)[rows]
         with torch.no_grad():
             # one pass (mu = 1): the old log-probs are the current ones, taken detached in `optimise` (as TRL)
             batch.old_logps = sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         stats = optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
         generator.sync(policy)  # the next rollouts sample from the updated policy (a no-op for transformers)
+        lengths = distributed.gather_tensor(batch.mask.sum(1))
         row = {**{k: mean_or_none(v) for k, v in scores.items()}, **stats,
-               "completion_length": float(batch.mask.sum(1).float().mean()), "lr": scheduler.get_last_lr()[0]}
+               "completion_length": float(lengths.float().mean()), "lr": scheduler.get_last_lr()[0]}
         log_train_row(ctx, step + 1, per_epoch, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
         eval_point = (step + 1) % every == 0 or step + 1 == total
@@ -89,9 +99,7 @@ def run_rl(ctx: StageContext):
         ctx.evaluate_and_save(policy, total, epoch=round(total / per_epoch, 4))
 
     # ---- save
-    final = policy.save(ctx.stage_dir / "final", ctx.task_state)
-    shutil.rmtree(ResumeState.path(ctx), ignore_errors=True)  # a finished stage is never resumed
-    return final
+    return ctx.save_final(policy, scratch=ResumeState.path(ctx).name)  # a finished stage is never resumed
 
 
 @dataclass
@@ -127,16 +135,22 @@ def rollout_backend(ctx: StageContext, policy):
 
 
 @torch.no_grad()
-def rollout(policy, task, examples: list, stage, backend=None) -> Rollouts:
+def rollout(policy, task, examples: list, stage, backend=None, step: int = 0, first: int = 0) -> Rollouts:
     """Sample G completions per prompt with the stage's temperature / top-p / top-k (``backend``: the generation
-    backend, models/generation.py; None = transformers ``generate`` on the live policy)."""
+    backend, models/generation.py; None = transformers ``generate`` on the live policy). Under a launcher each
+    sequence samples from its own generator, seeded by the stage seed, ``step`` and its row in the step's
+    whole batch (``first``: the index of ``examples[0]`` among the step's prompts)."""
     repeated = [e for e in examples for _ in range(stage.num_generations)]
     rendered = [policy.render_prompt(task.messages(e)) for e in examples]  # once per prompt, then repeated
     prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
     enc = encode_prompts(policy, prompts, payloads)
+    seeds = None
+    if distributed.launched():
+        seeds = tuple(row_seeds(stage.seed, step, range(first * stage.num_generations,
+                                                         (first + len(examples)) * stage.num_generations)))
     sampling = Sampling(max_new_tokens=stage.max_completion_length, greedy=False, temperature=stage.temperature,
-                        top_p=stage.top_p, top_k=stage.top_k)  # no per-request seed: G copies of a prompt must differ
+                        top_p=stage.top_p, top_k=stage.top_k, row_seeds=seeds)  # no per-request seed: G copies differ
     completion_ids = (backend or TransformersBackend()).generate(
         policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
@@ -188,13 +202,15 @@ def mean_or_none(values: torch.Tensor) -> float | None:
 
 
 def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, stage) -> dict[str, float]:
-    """``mu`` passes over the rollouts; micro-batches accumulate into one optimiser step per pass."""
+    """``mu`` passes over the rollouts; micro-batches accumulate into one optimiser step per pass. Launched,
+    ``batch`` is this process's share: losses are normalised by the whole batch, gradients summed over processes."""
     n = len(batch.examples)
+    sequences = n * distributed.world_size()  # every share has n sequences
     if batch.old_logps is None and stage.mu > 1:
         raise ValueError("with mu > 1 the rollouts need old_logps: later passes must compare with the sampling policy")
     micro = stage.micro_batch_size or n
     advantages = advantages.to(policy.device)
-    tokens = float(batch.mask.sum())  # dapo normalises by the whole batch's completion tokens
+    tokens = float(distributed.gather_tensor(batch.mask.sum(1)).sum())  # dapo: by the whole batch's tokens
     stats: dict[str, list[float]] = {"loss": []}
     for _ in range(stage.mu):
         optimizer.zero_grad(set_to_none=True)
@@ -207,7 +223,7 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
                 None if batch.ref_logps is None else batch.ref_logps[rows], advantages[rows], batch.mask[rows],
                 loss_type=stage.loss_type, epsilon_low=stage.epsilon_low, epsilon_high=stage.epsilon_high,
                 beta=stage.beta, max_completion_length=stage.max_completion_length,
-                batch_sequences=n, batch_tokens=tokens,
+                batch_sequences=sequences, batch_tokens=tokens,
             )
             loss.backward()  # this micro-batch's share: the shares add up to the full-batch loss
             batch_loss += float(loss.detach())
@@ -215,13 +231,15 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             s.update(entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
-        stats["loss"].append(batch_loss)
+        stats["loss"].append(sum(distributed.gather([batch_loss])))
+        distributed.sum_gradients(params + policy.projector_parameters())
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
         if policy.projector_parameters():  # clipped on their own, as the Trainer stages do
             torch.nn.utils.clip_grad_norm_(policy.projector_parameters(), stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+    # per-micro-batch statistics of every process, in row order (the loss is already the whole batch's)
+    return {k: float(np.mean(v if k == "loss" else distributed.gather(v))) for k, v in stats.items()}
 
 
 class Reference:
@@ -330,6 +348,13 @@ class ResumeState:
 
     @classmethod
     def save(cls, ctx, policy, optimizer, scheduler, step: int) -> None:
+        """Written by the main process (every process holds the same weights and optimiser state)."""
+        with distributed.main_writes() as main:
+            if main:
+                cls._save(ctx, policy, optimizer, scheduler, step)
+
+    @classmethod
+    def _save(cls, ctx, policy, optimizer, scheduler, step: int) -> None:
         path = cls.path(ctx)
         with durable.publishing(path.with_name("resume.next")) as tmp:
             policy.save(tmp / "policy")

@@ -7,8 +7,6 @@ evaluator and the RL stage see.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 
 from biopost.evaluation import collate_payloads
@@ -31,9 +29,7 @@ def run_sft(ctx: StageContext):
     train_with_trainer(ctx, policy, dataset, total, every, per_epoch,
                        evaluate=lambda step, epoch: ctx.evaluate_and_save(policy, step, epoch))
     # ---- save
-    final = policy.save(ctx.stage_dir / "final", ctx.task_state)
-    shutil.rmtree(ctx.stage_dir / "trainer", ignore_errors=True)
-    return final
+    return ctx.save_final(policy, scratch="trainer")
 
 
 def sample_fraction(examples: list, fraction: float, seed: int) -> list:

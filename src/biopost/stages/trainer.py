@@ -16,7 +16,7 @@ import torch
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from biopost import durable
+from biopost import distributed, durable
 from biopost.stages.context import StageContext, schedule_settings
 
 IGNORE = -100
@@ -37,7 +37,7 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
-    resume = last_checkpoint(ctx.stage_dir / "trainer")
+    resume = distributed.on_main(lambda: last_checkpoint(ctx.stage_dir / "trainer"))  # sets damaged ones aside
     done = int(resume.name.split("-")[1]) if resume else -1
     ctx.resume_from(done)
     if resume and policy.projector_parameters():
@@ -103,12 +103,22 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def per_process_batch(batch_size: int) -> int:
+    """Each process's share of a step's batch: the config gives the global batch, so the same config trains
+    on the same examples per step under any number of processes."""
+    world = distributed.world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} does not split evenly over {world} processes; make it a "
+                         f"multiple of {world}")
+    return batch_size // world
+
+
 def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArguments:
     stage = ctx.stage
     scheduler, kwargs, warmup = schedule_settings(stage.schedule, total)
     return TrainingArguments(
         output_dir=str(ctx.stage_dir / "trainer"),
-        per_device_train_batch_size=stage.batch_size,
+        per_device_train_batch_size=per_process_batch(stage.batch_size),  # the config's batch is global
         gradient_accumulation_steps=stage.grad_accum,
         activation_checkpointing=ctx.config.model.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
@@ -169,6 +179,7 @@ class ProjectorCallback(TrainerCallback):
         self.policy = policy
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        distributed.average_gradients(self.policy.projector_parameters())  # outside the module DDP wraps
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.policy.projector_parameters(), args.max_grad_norm)
 
@@ -177,21 +188,25 @@ class ProjectorCallback(TrainerCallback):
             param.grad = None
 
     def on_save(self, args, state, control, **kwargs):
-        self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if args.should_save:
+            self.policy.save_projector(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class ManifestCallback(TrainerCallback):
     """Seal each saved checkpoint with a checksum manifest (sizes and sha256): without one it is incomplete."""
 
     def on_save(self, args, state, control, **kwargs):
-        durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        distributed.barrier()  # every process has written its part (its RNG state) of the checkpoint
+        if args.should_save:
+            durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 class NoPickledArguments(TrainerCallback):
     """Delete the pickled ``TrainingArguments`` the Trainer writes into each checkpoint. Nothing reads it back
     (resume reads trainer_state.json), and it is the one file there that only an unsafe ``torch.load`` opens:
     what stays (optimizer, scheduler, RNG state) loads with ``weights_only=True``."""
 
     def on_save(self, args, state, control, **kwargs):
-        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        if args.should_save:  # the main process wrote it
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
 
 class SnapshotCallback(TrainerCallback):
