@@ -68,6 +68,7 @@ class TFClassJaspar(LabelTask):
     Options = TFClassOptions
     default_ood_field = "taxon"
     default_ood_test_groups = ["plants"]
+    split_group_field = "matrix_id"  # sites of one matrix are near copies: they share a split
     system_prompt = (
         "You are an expert in gene regulation. Think step by step inside <think> </think>, "
         "then reply with one line 'Answer: <transcription factor class>'."
