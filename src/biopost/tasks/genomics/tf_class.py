@@ -5,7 +5,9 @@ Sites come from JASPAR CORE (shipped as SQLite inside the ``pyjaspar`` package; 
 ``sites_per_motif`` binding sites drawn base by base from its position frequency matrix (counts plus 0.25
 per base, seeded per profile), each shown on a seeded random strand (JASPAR's orientation is arbitrary;
 a genome offers both). A site that repeats an earlier one on either strand is redrawn (up to 20 times,
-then skipped) so no input occurs twice. Profiles with two classes (dimers) are left out.
+then skipped) so no input occurs twice. Profiles with two classes (dimers) are left out. Sites of one
+profile are near copies (same matrix, often the same core), so they are split as one block: every
+``matrix_id`` lies in one split (``split_group_field``), and the leakage check refuses one in two splits.
 
 OOD = whole taxa held out: ``meta.taxon`` is the profile's JASPAR taxonomic group; by default plants are
 held out (``ood_test``); training and in-domain tests hold the animal, fungal (and one diatom) profiles. Plant sites
