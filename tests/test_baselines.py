@@ -7,14 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from genomics_data import coding_rows, write
 
-from biopost.baselines import C_GRID, FEATURIZERS, KmerFeatures, fit_and_select, register_featurizer, run_baseline
+from biopost.baselines import (C_GRID, FEATURIZERS, EncoderFeatures, KmerFeatures, fit_and_select, register_featurizer,
+                               run_baseline)
 from biopost.cli import main
 from biopost.config import ConfigError, load_config, validate_config
 from biopost.data import Example
 from biopost.data.splits import fingerprint
 from biopost.evaluation import subset
+from biopost.models.encoders import Encoder
 from biopost.pipeline import load_task_and_splits
 from biopost.runlog import read_metrics
 
@@ -137,3 +140,85 @@ def test_a_baseline_stage_comes_last_and_selects_on_val():
     with pytest.raises(ConfigError, match="add val to eval.splits"):
         validate_config({**stages, "eval": {"splits": ["id_test"]}, "stages": [{"kind": "baseline"}]})
     assert validate_config({**stages, "stages": [{"kind": "sft"}, {"kind": "baseline"}]}).stages[1].features == "auto"
+
+
+# ---------------------------------------------------------------- pooled features of a frozen encoder
+FUSED_DEMO = TEXT_DEMO.with_name("genomics-fused-tiny.yaml")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_encoder_baseline_on_the_fused_demo(tmp_path, capsys):
+    assert main(["baseline", str(FUSED_DEMO), "--output-dir", str(tmp_path), "--features", "encoder"]) == 0
+    assert "features encoder" in capsys.readouterr().out
+    acc = accuracy(read_metrics(tmp_path))
+    assert {"id_test", "ood_test"} <= set(acc) and all(r["features"] == "encoder" for r in acc.values())
+    assert acc["id_test"]["value"] > 0.3  # above the 0.295 majority class: tiny-dna's features carry the class
+    both = accuracy(run_baseline(load_config(FUSED_DEMO), tmp_path / "both", features="kmer+encoder"))
+    assert both["ood_test"]["features"] == "kmer+encoder"
+
+
+class Counting(Encoder):
+    """Features ``[len(item), 2]`` of an item: its position and its letter's code, so means are checkable."""
+
+    modality, hidden_size, identity = "dna", 2, "counting"
+
+    def num_positions(self, item):
+        return len(item)
+
+    def encode(self, items):
+        return [torch.tensor([[i, ord(c)] for i, c in enumerate(item)], dtype=torch.float32) for item in items]
+
+
+def test_pooled_tuple_payloads_add_each_further_items_difference():
+    features = EncoderFeatures({"dna": None}, "cpu", "float32")
+    features.encoders = {"dna": Counting()}
+    X = features.transform([Example("a", {}, "x", dna=("AC", "AAA")), Example("b", {}, "x", dna=("C", "C"))])
+    mean = lambda s: np.array([(len(s) - 1) / 2, np.mean([ord(c) for c in s])])  # noqa: E731
+    np.testing.assert_allclose(X[0], np.concatenate([mean("AC"), mean("AAA") - mean("AC")]))
+    np.testing.assert_allclose(X[1], np.concatenate([mean("C"), [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="same number of dna items"):
+        features.transform([Example("a", {}, "x", dna=("AC", "AAA")), Example("b", {}, "x", dna="C")])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pooled_features_of_a_padded_batch_equal_each_sequence_alone():
+    from biopost.config import EncoderConfig
+
+    config = {"dna": EncoderConfig(name="tiny-dna", max_length=64, cache=False, batch_size=8)}
+    features = EncoderFeatures(config, "cpu", "float32").fit([])
+    seqs = ["ACGTTGCA" * 4, "GGC", "TTTACGTAAAC"]  # padded to 34 tokens in one batch
+    together = features.transform([Example(s, {}, "x", dna=s) for s in seqs])
+    encoder = features.encoders["dna"]
+    for row, seq in zip(together, seqs):
+        alone = features.transform([Example(seq, {}, "x", dna=seq)])[0]
+        np.testing.assert_allclose(row, alone, atol=1e-5, rtol=1e-5)
+        real = encoder.encode([seq])[0]  # the positions the encoder attends: <cls>, the bases, <eos>
+        assert len(real) == len(seq) + 2
+        np.testing.assert_allclose(row, real.mean(0).numpy(), atol=1e-6, rtol=1e-6)
+
+
+def test_encoder_features_need_an_encoder_in_the_config(tmp_path, capsys):
+    assert main(["baseline", str(TEXT_DEMO), "--output-dir", str(tmp_path), "--features", "encoder"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.encoders" in err and "--features kmer" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cell_encoder_features_use_training_medians(tmp_path, pbmc_splits):
+    """A Geneformer-shaped local encoder without a median dictionary: medians come from the training cells."""
+    from transformers import BertConfig, BertModel
+
+    genes = sorted({g for e in pbmc_splits.train for g in e.cell["genes"]})
+    tokens = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, **{g: 4 + i for i, g in enumerate(genes)}}
+    (tmp_path / "tokens.json").write_text(json.dumps(tokens))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).save_pretrained(
+        tmp_path / "cellbert")
+    cell = {"name": str(tmp_path / "cellbert"), "gene_tokens": str(tmp_path / "tokens.json"), "max_length": 64,
+            "cache": False}
+    config = validate_config({"task": {"name": "cell_type/pbmc68k"}, "model": {"encoders": {"cell": cell}},
+                              "eval": {"splits": ["val", "id_test", "ood_test"]}, "stages": [{"kind": "sft"}]})
+    acc = accuracy(run_baseline(config, tmp_path / "out", features="encoder"))
+    assert acc["id_test"]["features"] == "encoder" and acc["id_test"]["value"] > 0.2  # 10 types: 0.1 by chance

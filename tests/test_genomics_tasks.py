@@ -3,6 +3,7 @@ that switch between text and encoder placeholders, rationales from training stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,8 @@ from genomics_data import coding_rows, kegg_rows, non_snv_rows, write
 from biopost.cli import main
 from biopost.config import ConfigError, validate_config
 from biopost.data.example import PLACEHOLDERS
-from biopost.pipeline import load_task_and_splits
+from biopost.data.splits import SPLIT_NAMES, LeakageError, check_leakage, cut_splits
+from biopost.pipeline import load_task_and_splits, split_rule
 from biopost.registry import get_task
 from biopost.tasks.genomics.dna import reverse_complement
 from conftest import assert_prompt_shows_placeholder
@@ -161,6 +163,35 @@ def test_tf_class_sites_are_seeded(tf):
     by_id = {e.id: e.dna for e in same}
     assert all(by_id[e.id] == e.dna for e in splits.train)
     assert sum(e.dna != by_id.get(e.id) for e in other) > len(other) // 2
+
+
+def test_tf_class_sites_of_one_matrix_share_a_split():
+    """Several sites drawn from one matrix are near copies: every matrix id lives in one split, by construction
+    and by the leakage check (cut one example at a time, the same sites would span splits)."""
+    config = validate_config({"task": {"name": "tf_class/jaspar", "options": {"sites_per_motif": 3}},
+                              "stages": [{"kind": "sft"}]})
+    task, splits = load_task_and_splits(config)
+    where: dict[str, set[str]] = {}
+    for name in SPLIT_NAMES:
+        for e in splits[name]:
+            where.setdefault(e.meta["matrix_id"], set()).add(name)
+    assert all(len(names) == 1 for names in where.values())
+    sizes = [sum(e.meta["matrix_id"] == m for e in splits.train) for m in {e.meta["matrix_id"] for e in splits.train}]
+    assert max(sizes) == 3 and sum(splits.sizes().values()) > 2.5 * len(where)  # blocks of up to 3 sites
+    assert abs(len(splits.val) / (len(splits.train) + len(splits.val) + len(splits.id_test)) - 0.1) < 0.01
+    rule = split_rule(config, task)
+    per_example = cut_splits([e for n in SPLIT_NAMES for e in splits[n]], dataclasses.replace(rule, group_field=None))
+    with pytest.raises(LeakageError, match="sharing a matrix_id in two splits: train & val"):
+        check_leakage(per_example, task.input_key, group_field="matrix_id")
+
+
+def test_tf_class_one_site_per_matrix_splits_as_before(tf):
+    """With one site per matrix, every block is one example: the split is the per-example one."""
+    task, splits = tf
+    rule = split_rule(validate_config({"task": {"name": "tf_class/jaspar"}, "stages": [{"kind": "sft"}]}), task)
+    assert rule.group_field == "matrix_id"
+    every = [e for n in SPLIT_NAMES for e in splits[n]]
+    assert cut_splits(every, dataclasses.replace(rule, group_field=None)).fingerprints() == splits.fingerprints()
 
 
 def test_tf_class_rationale_names_training_markers_found_in_the_site(tf):

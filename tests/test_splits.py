@@ -242,3 +242,21 @@ def test_leakage_is_judged_on_what_a_fused_model_reads():
         load_task_and_splits(config)
     task, _ = load_task_and_splits(config, frozenset({"cell"}))
     assert task.fused_modalities == {"cell"}
+
+
+def test_a_group_field_keeps_each_group_in_one_split():
+    data = [dataclasses.replace(e, meta={**e.meta, "block": e.id[:-1] + str(int(e.id[-1]) // 3)})
+            for e in examples(per_group=9)]  # blocks of 3 examples
+    grouped = make_splits(data, rule(group_field="block"))
+    assert make_splits(list(reversed(data)), rule(group_field="block")).fingerprints() == grouped.fingerprints()
+    owner: dict[str, set[str]] = {}
+    for name in ("train", "val", "id_test", "ood_test", "ood_val"):
+        for e in grouped[name]:
+            owner.setdefault(e.meta["block"], set()).add(name)
+    assert all(len(names) == 1 for names in owner.values())
+    assert (len(grouped.val), len(grouped.id_test), len(grouped.train)) == (3, 6, 18)  # 27 in-domain, whole blocks
+    loose = make_splits(data, rule())  # one example at a time: blocks are torn apart, which the check refuses
+    with pytest.raises(LeakageError, match="sharing a block in two splits"):
+        check_leakage(loose, key, group_field="block")
+    with pytest.raises(ValueError, match="group_field 'nope' missing from meta of 36 examples"):
+        make_splits(data, rule(group_field="nope"))

@@ -14,12 +14,15 @@ Featurizers (``FEATURIZERS``; ``auto`` picks by the payloads the training exampl
   protein: k <= 2). A tuple payload (reference and variant windows) adds, per further sequence, its
   k-mer count difference from the first, which is where a single-base variant shows.
 - ``expression``: a cell's expression values by gene (vocabulary from training cells).
+- ``encoder``: the frozen encoder the config fuses (``model.encoders.<modality>``, loaded as training loads it,
+  through the same feature cache), its features mean-pooled over each item's real positions (every token the
+  encoder attends to, ``<cls>`` / ``<eos>`` included, padding never). A tuple payload adds, per further item, its
+  pooled difference from the first. Only asked for by name (``--features encoder`` or ``kmer+encoder``): ``auto``
+  stays on the encoder-free features, the reference for fused and text arms alike.
 
 Extension point: a featurizer is any object with ``fit(train) -> self`` and ``transform(examples) ->
-matrix``, built by ``factory(config, task, modalities)`` and registered with :func:`register_featurizer`. Pooled
-features of a frozen encoder (``model.encoders`` in the config) plug in this way: register a factory that
-encodes each payload with the config's encoder through its feature cache and mean-pools it; ``--features
-encoder`` (or ``kmer+encoder``) then uses it with no change here.
+matrix``, built by ``factory(config, task, modalities)`` and registered with :func:`register_featurizer`;
+``--features NAME`` (alone or joined with ``+``) then uses it.
 """
 
 from __future__ import annotations
@@ -155,6 +158,88 @@ def expression_featurizer(config: RunConfig, task, modalities: set[str]) -> Expr
     return ExpressionFeatures()
 
 
+class EncoderFeatures:
+    """Each payload item's frozen-encoder features, mean-pooled over its positions; a tuple's further items add
+    their pooled difference from the first (as k-mer counts do)."""
+
+    chunk = 256  # items encoded and pooled at a time: a long-context encoder's per-position features stay small
+
+    def __init__(self, configs: dict, device: str, dtype: str):
+        self.configs, self.device, self.dtype = configs, device, dtype
+        self.encoders: dict = {}
+
+    def fit(self, train: list[Example]) -> "EncoderFeatures":
+        import tempfile
+
+        import torch
+
+        from biopost.models.encoders import load_encoder
+
+        with tempfile.TemporaryDirectory() as tmp:  # a cell encoder reads its medians file while it loads
+            self.encoders = {m: load_encoder(self.prepared(cfg, m, train, Path(tmp)), m, self.device,
+                                             getattr(torch, self.dtype))
+                             for m, cfg in self.configs.items()}
+        return self
+
+    @staticmethod
+    def prepared(cfg, modality: str, train: list[Example], tmp: Path):
+        """A cell encoder without a median dictionary takes the training cells' medians, as training does."""
+        from biopost.models.cell_encoder import gene_medians, has_medians
+        from biopost.models.encoders import ENCODER_BUILDERS
+        from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
+
+        if modality != "cell" or cfg.name.partition(":")[0] in ENCODER_BUILDERS:
+            return cfg
+        if has_medians(cfg, tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name):
+            return cfg
+        durable.write_json(tmp / "gene_medians.json", gene_medians(e.cell for e in train if e.cell is not None))
+        return cfg.model_copy(update={"gene_medians": str(tmp / "gene_medians.json")})
+
+    def transform(self, examples: list[Example]) -> np.ndarray:
+        from biopost.models.cell_encoder import check_cells_readable
+
+        if "cell" in self.encoders:  # a cell whose genes the encoder cannot read would pool to noise
+            check_cells_readable(self, ((f"baseline: example {e.id}", e.cell) for e in examples))
+        return np.hstack([self.block(m, examples) for m in self.encoders])
+
+    def block(self, modality: str, examples: list[Example]) -> np.ndarray:
+        encoder = self.encoders[modality]
+        items = [encoder.items(getattr(e, modality)) for e in examples]
+        counts = {len(row) for row in items}
+        if len(counts) > 1:
+            raise ValueError(f"baseline: encoder features need the same number of {modality} items in every example; "
+                             f"found {sorted(counts)}")
+        unique = {encoder.item_key(it): it for row in items for it in row}
+        pooled = dict(zip(unique, self.pool(encoder, list(unique.values()))))
+        rows = [[pooled[encoder.item_key(it)] for it in row] for row in items]
+        return np.vstack([np.concatenate([r[0], *(v - r[0] for v in r[1:])]) for r in rows])
+
+    def pool(self, encoder, items: list) -> list[np.ndarray]:
+        """Mean of each item's feature rows: the encoder returns only the positions it attended, never padding."""
+        out = []
+        for start in range(0, len(items), self.chunk):
+            for features in encoder.encode(items[start : start + self.chunk]):
+                if not len(features):
+                    raise ValueError(f"baseline: the {encoder.modality} encoder gives no positions for an item; "
+                                     "check its tokenizer reads the task's payloads")
+                out.append(features.float().mean(0).cpu().numpy())
+        return out
+
+
+@register_featurizer("encoder")
+def encoder_featurizer(config: RunConfig, task, modalities: set[str]) -> EncoderFeatures:
+    if not config.model.encoders:
+        raise ConfigError("baseline: encoder features need a frozen encoder in the config: add model.encoders."
+                          "<modality> (e.g. model.encoders.dna.name: tiny-dna) or use --features kmer / expression")
+    chosen = {m: cfg for m, cfg in config.model.encoders.items() if m in modalities}
+    if not chosen:
+        raise ConfigError(f"baseline: the config's encoders ({', '.join(sorted(config.model.encoders))}) read none of "
+                          f"task {task.name}'s payloads ({', '.join(sorted(modalities)) or 'none'})")
+    from biopost.models.device import resolve_device
+
+    return EncoderFeatures(chosen, resolve_device(config.model.device), config.model.dtype)
+
+
 class Combined:
     """Several featurizers side by side (``--features kmer+encoder``)."""
 
@@ -212,6 +297,10 @@ def fit_baseline(config: RunConfig, task, splits, features: str = "auto") -> tup
     started = time.time()
     if not isinstance(task, LabelTask):
         raise ConfigError(f"baseline: task {task.name} is not a single-label task; a classifier baseline needs one label")
+    if "encoder" in features.split("+"):  # as for training: no held-out payload in the encoder's pretraining data
+        from biopost.pipeline import check_encoder_inputs
+
+        check_encoder_inputs(config, splits)
     featurizer, features = build_featurizer(features, config, task, list(splits.train))
     transform = lambda examples: featurizer.transform(list(examples))  # noqa: E731
     model, C, val_scores = fit_and_select(transform(splits.train), [e.answer for e in splits.train],

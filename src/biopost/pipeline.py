@@ -65,6 +65,7 @@ def split_rule(config: RunConfig, task) -> SplitRule:
         id_test_fraction=s.id_test_fraction,
         seed=s.seed,
         allow_overlap=s.allow_overlap,
+        group_field=task.split_group_field,
     )
 
 
@@ -86,7 +87,7 @@ def load_task_and_splits(config: RunConfig, fused_modalities: frozenset[str] | N
     task.check_prompts(examples)
     if not rule.allow_overlap:
         try:
-            check_leakage(splits, task.input_key, task.overlap_remedy)
+            check_leakage(splits, task.input_key, task.overlap_remedy, rule.group_field)
         except ValueError as err:
             raise ConfigError(f"task.split: {err}") from None
     return task, splits

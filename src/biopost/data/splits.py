@@ -2,7 +2,9 @@
 
 OOD examples are whole groups of a metadata field held out (explicit list or a seeded fraction of the
 groups); ``ood_val`` comes from other groups than ``ood_test`` so OOD-aware selection never sees test groups.
-The in-domain rest is split at random with a seed.
+The in-domain rest is split at random with a seed, one example at a time, or one block at a time when the rule
+names a ``group_field``: examples sharing its value (e.g. several sites drawn from one JASPAR matrix, near
+copies of each other) always land in the same split, and the leakage check refuses any value in two splits.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SplitRule:
     id_test_fraction: float = 0.2
     seed: int = 0
     allow_overlap: bool = False
+    group_field: str | None = None  # meta field binding examples to one split (None: each example on its own)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def make_splits(examples: list[Example], rule: SplitRule, input_key: Callable[[E
     """
     splits = cut_splits(examples, rule)
     if not rule.allow_overlap:
-        check_leakage(splits, input_key, remedy)
+        check_leakage(splits, input_key, remedy, rule.group_field)
     return splits
 
 
@@ -121,9 +124,10 @@ def cut_splits(examples: list[Example], rule: SplitRule) -> Splits:
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("example ids are not unique; a task must give every example its own id")
-    missing = [e.id for e in examples if rule.ood_field not in e.meta]
-    if missing:
-        raise ValueError(f"ood_field {rule.ood_field!r} missing from meta of {len(missing)} examples, e.g. {missing[:3]}")
+    for field, what in ((rule.ood_field, "ood_field"), (rule.group_field, "group_field")):
+        missing = [e.id for e in examples if field is not None and field not in e.meta]
+        if missing:
+            raise ValueError(f"{what} {field!r} missing from meta of {len(missing)} examples, e.g. {missing[:3]}")
     groups = sorted({str(e.meta[rule.ood_field]) for e in examples})
     rng = np.random.default_rng(rule.seed)
     test_groups = _pick_groups(groups, rule.ood_test_groups, rng, "ood_test_groups", rule.ood_field, "")
@@ -139,14 +143,11 @@ def cut_splits(examples: list[Example], rule: SplitRule) -> Splits:
     by_group = lambda names: tuple(e for e in examples if str(e.meta[rule.ood_field]) in names)  # noqa: E731
     in_domain = sorted((e for e in examples if str(e.meta[rule.ood_field]) not in set(test_groups) | set(val_groups)),
                        key=lambda e: e.id)
-    order = np.random.default_rng(rule.seed).permutation(len(in_domain))
-    shuffled = [in_domain[i] for i in order]
-    n_val = int(round(rule.val_fraction * len(shuffled)))
-    n_test = int(round(rule.id_test_fraction * len(shuffled)))
+    val, id_test, train = deal_blocks(in_domain, rule)
     splits = Splits(
-        val=tuple(shuffled[:n_val]),
-        id_test=tuple(shuffled[n_val : n_val + n_test]),
-        train=tuple(shuffled[n_val + n_test :]),
+        val=tuple(val),
+        id_test=tuple(id_test),
+        train=tuple(train),
         ood_test=by_group(set(test_groups)),
         ood_val=by_group(set(val_groups)),
         ood_test_groups=test_groups,
@@ -154,6 +155,30 @@ def cut_splits(examples: list[Example], rule: SplitRule) -> Splits:
     )
     check_sizes(splits, rule)
     return splits
+
+
+def deal_blocks(in_domain: list[Example], rule: SplitRule) -> tuple[list, list, list]:
+    """(val, id_test, train): blocks of examples (one per ``group_field`` value, else one per example) in seeded
+    order, each whole into val until it holds ``val_fraction`` of the examples, then id_test, then train.
+    Single-example blocks give exactly the per-example split, so a group field changes nothing until a group
+    holds two examples.
+
+    >>> data = [Example(f"{m}-{i}", {}, "y", meta={"m": m}) for m in "abcdefghij" for i in range(3)]
+    >>> val, id_test, train = deal_blocks(data, SplitRule("m", (), group_field="m", val_fraction=0.2))
+    >>> [len(val), len(id_test), len(train)], {e.meta["m"] for e in val} & {e.meta["m"] for e in train}
+    ([6, 6, 18], set())
+    """
+    blocks: dict[str, list[Example]] = {}
+    for e in sorted(in_domain, key=lambda e: e.id):  # blocks in order of their first id: independent of input order
+        blocks.setdefault(e.id if rule.group_field is None else str(e.meta[rule.group_field]), []).append(e)
+    ordered = list(blocks.values())
+    order = np.random.default_rng(rule.seed).permutation(len(ordered))
+    n_val = int(round(rule.val_fraction * len(in_domain)))
+    n_test = int(round(rule.id_test_fraction * len(in_domain)))
+    val, id_test, train = [], [], []
+    for i in order:
+        (val if len(val) < n_val else id_test if len(id_test) < n_test else train).extend(ordered[i])
+    return val, id_test, train
 
 
 def _pick_groups(groups: list[str], wanted, rng, key: str, field: str, among: str) -> tuple[str, ...]:
@@ -183,8 +208,9 @@ def check_sizes(splits: Splits, rule: SplitRule) -> None:
 
 
 def check_leakage(splits: Splits, input_key: Callable[[Example], str],
-                  remedy: str = "deduplicate the examples") -> None:
-    """Raise if any two splits (train, val, id_test, ood_val, ood_test) hold an identical input.
+                  remedy: str = "deduplicate the examples", group_field: str | None = None) -> None:
+    """Raise if any two splits (train, val, id_test, ood_val, ood_test) hold an identical input, or, with a
+    ``group_field``, examples sharing its value (near copies the input check cannot see).
 
     >>> a, b = Example("a", {"x": 1}, "y"), Example("b", {"x": 1}, "z")
     >>> check_leakage(Splits((a,), (b,), (), (), (), (), ()), lambda e: str(e.fields))  # doctest: +ELLIPSIS
@@ -192,14 +218,37 @@ def check_leakage(splits: Splits, input_key: Callable[[Example], str],
     ...
     biopost.data.splits.LeakageError: identical inputs in two splits: train & val: 1 (e.g. a = b); deduplicate...
     """
-    keyed = {name: [(input_key(e), e.id) for e in splits[name]] for name in SPLIT_NAMES}
-    found = []
-    for first, second in itertools.combinations(SPLIT_NAMES, 2):
-        seen = dict(reversed(keyed[first]))  # key -> first id holding it
-        hits = [(seen[k], i) for k, i in keyed[second] if k in seen]
-        if hits:
-            shown = ", ".join(f"{a} = {b}" for a, b in hits[:2])
-            found.append(f"{first} & {second}: {len(hits)} (e.g. {shown})")
+    if group_field is not None:
+        check_groups(splits, group_field)
+    found = shared_keys(splits, input_key)
     if found:
         raise LeakageError(f"identical inputs in two splits: {'; '.join(found)}; {remedy}, "
                            "or set task.split.allow_overlap: true")
+
+
+def check_groups(splits: Splits, group_field: str) -> None:
+    """Raise if a value of ``group_field`` is held by examples of two splits.
+
+    >>> a, b = Example("a", {}, "y", meta={"m": "M1"}), Example("b", {}, "z", meta={"m": "M1"})
+    >>> check_groups(Splits((a,), (), (b,), (), (), (), ()), "m")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    biopost.data.splits.LeakageError: examples sharing a m in two splits: train & id_test: 1 (e.g. M1: a = b); ...
+    """
+    found = shared_keys(splits, lambda e: str(e.meta[group_field]), show_key=True)
+    if found:
+        raise LeakageError(f"examples sharing a {group_field} in two splits: {'; '.join(found)}; cut the splits "
+                           f"with group_field {group_field!r} (biopost.data.splits.cut_splits)")
+
+
+def shared_keys(splits: Splits, key: Callable[[Example], str], show_key: bool = False) -> list[str]:
+    """For each pair of splits sharing a key: ``"first & second: count (e.g. ...)"``."""
+    keyed = {name: [(key(e), e.id) for e in splits[name]] for name in SPLIT_NAMES}
+    found = []
+    for first, second in itertools.combinations(SPLIT_NAMES, 2):
+        seen = dict(reversed(keyed[first]))  # key -> first id holding it
+        hits = [(k, seen[k], i) for k, i in keyed[second] if k in seen]
+        if hits:
+            shown = ", ".join(f"{k + ': ' if show_key else ''}{a} = {b}" for k, a, b in hits[:2])
+            found.append(f"{first} & {second}: {len(hits)} (e.g. {shown})")
+    return found

@@ -40,6 +40,8 @@ class Task:
     default_ood_field: ClassVar[str]
     default_ood_test_groups: ClassVar[list[str] | float]
     default_ood_val_groups: ClassVar[list[str] | float | None] = None
+    # Meta field whose examples must share a split (near copies, e.g. sites drawn from one matrix); None: none.
+    split_group_field: ClassVar[str | None] = None
     primary_metric: ClassVar[str] = "accuracy"
     reward_metric: ClassVar[str] = "accuracy"
     system_prompt: ClassVar[str] = "You are a careful biologist. Think step by step, then give one answer."

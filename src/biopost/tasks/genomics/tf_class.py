@@ -5,7 +5,9 @@ Sites come from JASPAR CORE (shipped as SQLite inside the ``pyjaspar`` package; 
 ``sites_per_motif`` binding sites drawn base by base from its position frequency matrix (counts plus 0.25
 per base, seeded per profile), each shown on a seeded random strand (JASPAR's orientation is arbitrary;
 a genome offers both). A site that repeats an earlier one on either strand is redrawn (up to 20 times,
-then skipped) so no input occurs twice. Profiles with two classes (dimers) are left out.
+then skipped) so no input occurs twice. Profiles with two classes (dimers) are left out. Sites of one
+profile are near copies (same matrix, often the same core), so they are split as one block: every
+``matrix_id`` lies in one split (``split_group_field``), and the leakage check refuses one in two splits.
 
 OOD = whole taxa held out: ``meta.taxon`` is the profile's JASPAR taxonomic group; by default plants are
 held out (``ood_test``); training and in-domain tests hold the animal, fungal (and one diatom) profiles. Plant sites
@@ -18,6 +20,11 @@ Default data (JASPAR2024, one site per profile, split seed 0): 1,128 sites; trai
 ood_test 178. Classical baseline (``biopost baseline`` on full splits; logistic regression on 1-4-mer
 frequencies of both strands, C = 1 chosen on val): id_test accuracy 0.758 (95% CI 0.695-0.816), ood_test
 0.612 (0.534-0.680); always answering the training majority (Homeo domain factors) scores 0.295 / 0.197.
+On the frozen encoder of ``configs/demo/genomics-fused-tiny.yaml`` (``--features encoder``: ``tiny-dna``'s last
+layer mean-pooled over each site, C = 10): id_test 0.568 (0.500-0.637), ood_test 0.281 (0.219-0.343); k-mers and
+encoder together (``kmer+encoder``, C = 0.1): 0.753 / 0.562. The E. coli-pretrained encoder's pooled features carry
+the class in-domain, below k-mers, and hardly transfer to plant sites. ``sites_per_motif: 3`` (matrices split
+whole): k-mer baseline id_test 0.729 (n 543), ood_test 0.578 (n 514).
 
 Rationale in SFT targets (``<think>``): the k-mers most enriched in each class's *training* sites
 (``kmer``-long, both strands, log-ratio against the other classes, at least 3 sites) are the class's
@@ -68,6 +75,7 @@ class TFClassJaspar(LabelTask):
     Options = TFClassOptions
     default_ood_field = "taxon"
     default_ood_test_groups = ["plants"]
+    split_group_field = "matrix_id"  # sites of one matrix are near copies: they share a split
     system_prompt = (
         "You are an expert in gene regulation. Think step by step inside <think> </think>, "
         "then reply with one line 'Answer: <transcription factor class>'."
