@@ -235,9 +235,10 @@ def encoder_featurizer(config: RunConfig, task, modalities: set[str]) -> Encoder
     if not chosen:
         raise ConfigError(f"baseline: the config's encoders ({', '.join(sorted(config.model.encoders))}) read none of "
                           f"task {task.name}'s payloads ({', '.join(sorted(modalities)) or 'none'})")
-    from biopost.models.device import resolve_device
+    from biopost.models.device import resolve_device, resolve_dtype
 
-    return EncoderFeatures(chosen, resolve_device(config.model.device), config.model.dtype)
+    device = resolve_device(config.model.device)
+    return EncoderFeatures(chosen, device, resolve_dtype(config.model.dtype, device))
 
 
 class Combined:
