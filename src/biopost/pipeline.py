@@ -32,6 +32,7 @@ from biopost.models.device import resolve_device
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock, check_directory
+from biopost.mixture import load_mixed_tasks
 from biopost.preflight import check_run
 from biopost.registry import get_task, plugin_errors
 from biopost.resources import explained
@@ -116,13 +117,15 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     check_run(config, task, splits)
     if config.model.encoders:
         check_encoder_inputs(config, splits)
-    forgetting = load_forgetting(config, task, splits)
+    mixed = load_mixed_tasks(config)
+    forgetting = load_forgetting(config, task, splits, mixed)
     with DirectoryLock(run_dir, "run"), explained(config, run_dir):
         claim_run_dir(config, run_dir)
-        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group)
+        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group, mixed)
 
 
-def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group) -> Path:
+def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group,
+               mixed: dict | None = None) -> Path:
     durable.remove_partial(run_dir)
     check_same_splits(splits, run_dir)
     durable.write_json(run_dir / "splits.json", {
@@ -134,12 +137,14 @@ def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, devic
               "split_fingerprints": splits.fingerprints()}
     trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group))
     with RunLog(run_dir, common, trackers) as log:
-        return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log)
+        return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log, mixed or {})
 
 
-def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log) -> Path:
+def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log,
+                    mixed: dict) -> Path:
     state = task_state(config, task, splits)
-    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
+    texts = lambda: [t for owner, s in [(task, splits), *mixed.values()] for t in owner.training_texts(s.train)]  # noqa: E731
+    base = resolve_backbone(config.model.backbone, run_dir, texts, config.seed)
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model)
     if config.model.encoders:
@@ -163,7 +168,7 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
-                               resolve=resolve, forgetting=forgetting,
+                               resolve=resolve, forgetting=forgetting, mixed=mixed,
                                snapshot_steps=tuple((snapshots or {}).get(index, ())))
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             with explained(config, run_dir, index):

@@ -31,6 +31,7 @@ from biopost.models.adapters import is_adapter_weight, prepare_for_training
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
+from biopost.mixture import item_shares, mixed_train
 from biopost.stages.sft import sample_fraction
 
 
@@ -42,9 +43,11 @@ def run_rl(ctx: StageContext):
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     reference = Reference.of(policy, ctx.init_path, stage.adapter)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
-    rewards = reward_functions(ctx.task, stage)
+    rewards = reward_functions(ctx.task, stage, [ctx.mixed[m.task.name][0] for m in stage.mixture])
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
-    total, per_epoch, every = plan_steps(stage, len(train))
+    items = mixed_train(ctx.task, train, stage, ctx.mixed)  # the run's task, plus the tasks mixed in by weight
+    ctx.task_state["train_items"] = item_shares(items)
+    total, per_epoch, every = plan_steps(stage, len(items))
     save_every = stage.save_every_steps or every  # resume points, as the Trainer stages' save_steps
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params + policy.projector_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
@@ -57,8 +60,8 @@ def run_rl(ctx: StageContext):
     # ---- loop
     bar = tqdm(range(state.step, total), initial=state.step, total=total, desc=f"rl {ctx.name}")
     for step in bar:
-        examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)
-        batch = rollout(policy, ctx.task, examples, stage)
+        picked = prompts_for_step(items, step, stage.prompts_per_step, stage.seed)
+        batch = rollout(policy, [i.task for i in picked], [i.example for i in picked], stage)
         scores = score_rollouts(batch, rewards, stage)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
         with torch.no_grad():
@@ -98,6 +101,7 @@ class Rollouts:
     old_logps: torch.Tensor | None = None  # None: the policy that sampled is the one optimised (mu = 1)
     ref_logps: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)  # rendered, one per sequence (for reward functions)
+    task_names: list[str] = field(default_factory=list)  # each sequence's task (a mixed stage has several)
 
 
 def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
@@ -112,9 +116,11 @@ def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
 
 @torch.no_grad()
 def rollout(policy, task, examples: list, stage) -> Rollouts:
-    """Sample G completions per prompt with the stage's temperature / top-p / top-k."""
+    """Sample G completions per prompt with the stage's temperature / top-p / top-k. ``task``: the task of
+    every example, or one task per example (a mixed stage)."""
+    tasks = task if isinstance(task, list) else [task] * len(examples)
     repeated = [e for e in examples for _ in range(stage.num_generations)]
-    rendered = [policy.render_prompt(task.messages(e)) for e in examples]  # once per prompt, then repeated
+    rendered = [policy.render_prompt(t.messages(e)) for t, e in zip(tasks, examples)]  # once per prompt, then repeated
     prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
     enc = encode_prompts(policy, prompts, payloads)
@@ -124,7 +130,8 @@ def rollout(policy, task, examples: list, stage) -> Rollouts:
     )
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
-                    [policy.decode(row) for row in completion_ids], payloads, prompts=prompts)
+                    [policy.decode(row) for row in completion_ids], payloads, prompts=prompts,
+                    task_names=[t.name for t in tasks for _ in range(stage.num_generations)])
 
 
 def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = slice(None)):
@@ -137,10 +144,11 @@ def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = sl
     return token_logps(logits, batch.completion_ids[rows], temperature)
 
 
-def reward_functions(task, stage) -> dict:
-    """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions."""
+def reward_functions(task, stage, mixed: list = ()) -> dict:
+    """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions.
+    ``mixed``: the other tasks of a mixed stage; correctness scores each completion with its own task."""
     weights = stage.rewards
-    funcs = {"correctness": (weights.correctness, correctness_reward(task)), "format": (weights.format, format_reward)}
+    funcs = {"correctness": (weights.correctness, correctness_reward(task, *mixed)), "format": (weights.format, format_reward)}
     if weights.length:
         funcs["length"] = (weights.length, length_penalty(weights.length_target_tokens, stage.max_completion_length))
     for custom in weights.custom:
@@ -152,6 +160,8 @@ def score_rollouts(batch: Rollouts, rewards: dict, stage) -> dict[str, torch.Ten
     """Each reward per completion (NaN where it abstained with None), and their weighted sum ``reward``,
     to which an abstention adds nothing. ``reward_<name>_none``: 1 where ``name`` abstained."""
     columns = {**reward_columns(batch.examples), "completion_lengths": batch.mask.sum(1).tolist()}
+    if batch.task_names:
+        columns["task_name"] = batch.task_names
     custom = {c.label for c in stage.rewards.custom}
     out, total = {}, torch.zeros(len(batch.completions))
     for name, (weight, func) in rewards.items():
