@@ -98,7 +98,7 @@ def item_shares(items: list[TrainItem]) -> dict[str, int]:
 def load_mixed_tasks(config: RunConfig) -> dict[str, tuple[object, Splits]]:
     """Every task mixed into a stage, loaded and split on its own (before any model loads); a problem with one
     is an error naming its field."""
-    from biopost.pipeline import load_task_and_splits
+    from biopost.pipeline import check_encoder_inputs, load_task_and_splits
 
     where: dict[str, str] = {}  # the first field that names each task
     for i, stage in enumerate(config.stages):
@@ -106,12 +106,12 @@ def load_mixed_tasks(config: RunConfig) -> dict[str, tuple[object, Splits]]:
             where.setdefault(m.task.name, f"stages.{i}.mixture.{j}.task")
     loaded = {}
     for name, task_config in config.mixed_tasks().items():
+        as_run = config.model_copy(update={"task": task_config})
         try:
-            other, splits = load_task_and_splits(config.model_copy(update={"task": task_config}))
+            other, splits = load_task_and_splits(as_run)
+            if config.model.encoders:  # a fused model's batches carry the payloads its encoders read, from every task
+                check_encoder_inputs(as_run, splits)
         except ConfigError as err:
             raise ConfigError(f"{where[name]}: {str(err).removeprefix('config error: ')}") from None
-        if not splits.train:
-            raise ConfigError(f"{where[name]}: task {name} has an empty train split; lower its split.val_fraction / "
-                              "id_test_fraction or hold out fewer groups")
         loaded[name] = (other, splits)
     return loaded

@@ -143,8 +143,8 @@ def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, devic
 def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log,
                     mixed: dict) -> Path:
     state = task_state(config, task, splits)
-    texts = lambda: [t for owner, s in [(task, splits), *mixed.values()] for t in owner.training_texts(s.train)]  # noqa: E731
-    base = resolve_backbone(config.model.backbone, run_dir, texts, config.seed)
+    # a tiny tokenizer learns the run's task alone: runs with and without a mixture start from the same backbone
+    base = resolve_backbone(config.model.backbone, run_dir, lambda: task.training_texts(splits.train), config.seed)
     if config.model.think_tokens == "add":
         base = with_think_tokens(base, run_dir, config.model)
     if config.model.encoders:
