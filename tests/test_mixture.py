@@ -52,17 +52,17 @@ def test_two_task_stage_scores_both_tasks_and_resumes_to_the_same_result(kind, f
     config = mixed_config(fast_config, STAGES[kind])
     whole = run(config, tmp_path / "whole")
 
-    rows = [r for r in read_metrics(whole) if r["split"] != "train"]
-    scored = {(r["task"], r["split"], r["step"]) for r in rows if r["metric"] == "accuracy"}
+    rows = [r for r in read_metrics(whole) if r["split"] != "train" and r["metric"] == "accuracy"]
+    last = 6 if kind == "sft" else 4
     for task in (PBMC, AMP):  # every split of both tasks at every evaluation point, each under its own name
-        assert {(s, step) for t, s, step in scored if t == task} == {
-            (s, step) for s in ("val", "id_test", "ood_test") for step in (range(0, 7, 2) if kind == "sft" else (0, 2, 4))}
+        assert {(r["split"], r["step"]) for r in rows if r["task"] == task} == {
+            (split, step) for split in ("val", "id_test", "ood_test") for step in range(0, last + 1, 2)}
     amp_rows = [r for r in rows if r["task"] == AMP]
     assert amp_rows[0]["split_fingerprints"] != json.loads((whole / "splits.json").read_text())["fingerprints"]
     # selection stays on the run's own task's val
     selection = json.loads((whole / "stages" / f"0-{kind}" / "selection.json").read_text())
-    own_val = {r["step"]: r["value"] for r in rows if r["task"] == PBMC and r["split"] == "val" and r["metric"] == "accuracy"}
-    assert selection["best_value"] == max(own_val.values()) and own_val[selection["best_step"]] == selection["best_value"]
+    own_val = {r["step"]: r["value"] for r in rows if r["task"] == PBMC and r["split"] == "val"}
+    assert selection["best_value"] == max(own_val.values()) == own_val[selection["best_step"]]
     # the share of training items follows the weights (sft 1 : 0.5, rl 2 : 2)
     items = json.loads((whole / "stages" / f"0-{kind}" / "final" / CHECKPOINT_FILE).read_text())["task"]["train_items"]
     share = items[AMP] / (items[AMP] + items[PBMC])
@@ -84,7 +84,7 @@ def test_two_task_stage_scores_both_tasks_and_resumes_to_the_same_result(kind, f
     b = load_policy(resumed / "stages" / f"0-{kind}" / "final").model.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     final = lambda d: sorted((r["task"], r["split"], r["value"]) for r in read_metrics(d)  # noqa: E731
-                             if r["step"] == 6 - 2 * (kind == "rl") and r["split"] != "train" and r["metric"] == "accuracy")
+                             if r["step"] == last and r["split"] != "train" and r["metric"] == "accuracy")
     assert final(resumed) == final(whole)
 
 
@@ -99,7 +99,8 @@ def test_the_draw_is_seeded_and_an_epoch_holds_each_task_by_weight(fast_config, 
     assert item_counts(n, stage) == {AMP: round(n / 2)}
     assert [i.example.id for i in items] == [i.example.id for i in mixed_train(task, list(splits.train), stage, mixed)]
     reseeded = stage.model_copy(update={"seed": 1})
-    assert [i.example.id for i in mixed_train(task, list(splits.train), reseeded, mixed)] != [i.example.id for i in items]
+    assert [i.example.id for i in mixed_train(task, list(splits.train), reseeded, mixed)] != \
+        [i.example.id for i in items]
     assert all(i.example in amp[1].train for i in items if i.task is amp[0])  # drawn from its own train split
     # RL walks one seeded permutation of the items per epoch: a whole epoch has exactly each task's share
     epoch = [p for step in range(len(items) // 3) for p in prompts_for_step(items, step, 3, seed=0)]
@@ -130,11 +131,13 @@ def test_mixture_errors_name_the_field(fast_config, tmp_path):
         return str(err.value)
 
     mixture = lambda raw: raw["stages"][0]["mixture"]  # noqa: E731
-    assert "'stages.0.mixture.0.weight': Input should be greater than 0" in error(lambda r: mixture(r)[0].update(weight=0))
+    assert "'stages.0.mixture.0.weight': Input should be greater than 0" in error(
+        lambda r: mixture(r)[0].update(weight=0))
     assert "'stages.0.task_weight'" in error(lambda r: r["stages"][0].update(task_weight=-1.0))
     assert "stages.0.mixture.0.task.name: cell_type/pbmc68k is the run's own task" in error(
         lambda r: mixture(r)[0].update(task={"name": PBMC}))
-    assert "stages.0.mixture.0.task: unknown task 'no/such'" in error(lambda r: mixture(r)[0].update(task={"name": "no/such"}))
+    assert "stages.0.mixture.0.task: unknown task 'no/such'" in error(
+        lambda r: mixture(r)[0].update(task={"name": "no/such"}))
     assert "'stages.0.mixture': each task is mixed in once" in error(lambda r: mixture(r).append(mixture(r)[0]))
     assert "stages.0.mixture.0.task.name: amp/modlamp is also in eval.forgetting.tasks" in error(
         lambda r: r["eval"].update(forgetting={"tasks": [AMP_TASK]}))

@@ -71,9 +71,10 @@ class StageContext:
             self.log.write_predictions(f"{self.name}-step{step:06d}-{split.replace('/', '_')}", recs)
         policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
         self.evaluated.add(step)
-        val = val_history(rows, self.task.primary_metric, self.task.name)
+        val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric
+               and "task" not in r]  # the run's task: rows of other tasks (mixed, forgetting) name theirs
         if val:
-            self.history.append(val[0])
+            self.history.append({"step": step, "value": val[0]["value"]})
             self.write_selection()
 
     def resume_from(self, step: int) -> None:
@@ -94,8 +95,8 @@ class StageContext:
 
 
 def val_history(rows: list[dict], metric: str, task: str) -> list[dict]:
-    """The stage's ``val`` values of ``metric`` by step, from its metrics rows: the run's ``task`` only (a mixed
-    task's val rows are reported, never selected on; a row without ``task`` is the run's own, before logging)."""
+    """The stage's ``val`` values of ``metric`` by step, from its logged rows: the run's ``task`` only (a mixed
+    task's val rows are reported, never selected on)."""
     return [{"step": r["step"], "value": r["value"]} for r in rows
             if r["split"] == "val" and r["metric"] == metric and r.get("task", task) == task]
 

@@ -148,7 +148,8 @@ def reward_functions(task, stage, mixed: list = ()) -> dict:
     """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions.
     ``mixed``: the other tasks of a mixed stage; correctness scores each completion with its own task."""
     weights = stage.rewards
-    funcs = {"correctness": (weights.correctness, correctness_reward(task, *mixed)), "format": (weights.format, format_reward)}
+    funcs = {"correctness": (weights.correctness, correctness_reward(task, *mixed)),
+             "format": (weights.format, format_reward)}
     if weights.length:
         funcs["length"] = (weights.length, length_penalty(weights.length_target_tokens, stage.max_completion_length))
     for custom in weights.custom:
