@@ -38,7 +38,7 @@ class Interrupt(Exception):
 def mixed_config(fast_config, stage: dict):
     raw = fast_config()
     raw["stages"] = [copy.deepcopy(stage)]
-    raw["eval"].update(splits=["val", "id_test", "ood_test"], max_examples=4)
+    raw["eval"].update(splits=["val", "ood_test"], max_examples=4)
     return validate_config(raw)
 
 
@@ -56,7 +56,7 @@ def test_two_task_stage_scores_both_tasks_and_resumes_to_the_same_result(kind, f
     last = 6 if kind == "sft" else 4
     for task in (PBMC, AMP):  # every split of both tasks at every evaluation point, each under its own name
         assert {(r["split"], r["step"]) for r in rows if r["task"] == task} == {
-            (split, step) for split in ("val", "id_test", "ood_test") for step in range(0, last + 1, 2)}
+            (split, step) for split in ("val", "ood_test") for step in range(0, last + 1, 2)}
     amp_rows = [r for r in rows if r["task"] == AMP]
     assert amp_rows[0]["split_fingerprints"] != json.loads((whole / "splits.json").read_text())["fingerprints"]
     # selection stays on the run's own task's val
