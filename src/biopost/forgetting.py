@@ -31,6 +31,16 @@ class CrossTask:
 
 
 @dataclass(frozen=True)
+class Side:
+    """A task's examples on one side of a cross-task leakage check: its training or its scored examples."""
+
+    task: object
+    examples: list[Example] | dict[str, list[Example]]
+    allow_overlap: bool  # scored side: its split.allow_overlap lets it score inputs another task trains on
+    role: str
+
+
+@dataclass(frozen=True)
 class ForgettingChecks:
     eval_cfg: EvalConfig
     corpora: dict[str, list[str]]  # name -> held-out documents
@@ -105,16 +115,6 @@ def load_forgetting(config: RunConfig, task, splits, mixed: dict | None = None) 
             if test.task is not train.task and not test.allow_overlap:
                 check_unseen(test, train)
     return ForgettingChecks(config.eval, corpora, tasks)
-
-
-@dataclass(frozen=True)
-class Side:
-    """A task's examples on one side of a cross-task leakage check: its training or its scored examples."""
-
-    task: object
-    examples: list[Example] | dict[str, list[Example]]
-    allow_overlap: bool  # scored side: its split.allow_overlap lets it score inputs another task trains on
-    role: str
 
 
 def check_unseen(test: Side, train: Side) -> None:

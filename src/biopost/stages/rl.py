@@ -27,11 +27,11 @@ from transformers import get_scheduler
 
 from biopost import durable
 from biopost.evaluation import collate_payloads, encode_prompts
+from biopost.mixture import item_shares, mixed_train
 from biopost.models.adapters import is_adapter_weight, prepare_for_training
 from biopost.rewards import call_reward, correctness_reward, format_reward, length_penalty, load_reward_function, reward_columns
 from biopost.stages.context import StageContext, plan_steps, schedule_settings
 from biopost.stages.grpo import completion_mask, group_advantages, grpo_loss, token_logps
-from biopost.mixture import item_shares, mixed_train
 from biopost.stages.sft import sample_fraction
 
 
