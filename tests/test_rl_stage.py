@@ -218,9 +218,9 @@ def rl_run(tmp_path_factory, fast_config):
 
     real_rewards = rl.reward_functions
 
-    def with_probe(task, stage):
+    def with_probe(task, stage, mixed=()):
         probe = lambda prompts, completions, **_: [sum(map(ord, c)) % 7 / 6 for c in completions]  # noqa: E731
-        return {**real_rewards(task, stage), "probe": (1.0, probe)}
+        return {**real_rewards(task, stage, mixed), "probe": (1.0, probe)}
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("biopost.pipeline.stage_runners", lambda: {k: recording(k) for k in runners})

@@ -309,7 +309,39 @@ class StageBase(Strict):
         return None if self.lora == "full" else self.lora
 
 
-class SFTStage(StageBase):
+class MixedTask(Strict):
+    """Another task whose training split is mixed into a stage's data, with a weight (multi-task SFT or RL)."""
+
+    task: TaskConfig = Field(..., description="loaded, split, fitted and leakage-checked on its own; its eval splits "
+                             "are scored at every evaluation point (rows carry its `task`)")
+    weight: float = Field(..., gt=0, description="its share of training items, relative to the other weights and "
+                          "the stage's task_weight")
+
+
+class TaskStage(StageBase):
+    """A stage that trains on task examples (SFT, RL): the run's task, optionally mixed with other tasks."""
+
+    mixture: list[MixedTask] = Field(
+        default_factory=list, description="other tasks whose train splits are mixed into this stage's data; an "
+        "epoch is the run's task's train split once plus the others' items in proportion to their weights")
+    task_weight: float = Field(1.0, gt=0, description="the run's own task's weight in the mixture")
+
+    @field_validator("mixture")
+    @classmethod
+    def _each_task_once(cls, mixture: list[MixedTask]) -> list[MixedTask]:
+        names = [m.task.name for m in mixture]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"each task is mixed in once, repeated: {repeated}")
+        return mixture
+
+    @property
+    def weights(self) -> dict[str | None, float]:
+        """Task name -> weight; ``None`` is the run's own task."""
+        return {None: self.task_weight, **{m.task.name: m.weight for m in self.mixture}}
+
+
+class SFTStage(TaskStage):
     kind: Literal["sft"] = "sft"
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -430,7 +462,7 @@ class RewardWeights(Strict):
         return self
 
 
-class RLStage(StageBase):
+class RLStage(TaskStage):
     """GRPO. One step = one batch of rollouts (prompts_per_step x num_generations), optimised mu times."""
 
     kind: Literal["rl"] = "rl"
@@ -565,6 +597,7 @@ class RunConfig(Strict):
             raise ValueError("interpolate and baseline stages select on val: add val to eval.splits")
         self._check_references(names)
         self._check_quantization(names)
+        self._check_mixtures()
         return self
 
     def _check_quantization(self, names: list[str]) -> None:
@@ -575,6 +608,25 @@ class RunConfig(Strict):
             if stage.kind in ("sft", "cpt", "rl") and stage.resolved_lora(self.model) is None:
                 raise ValueError(f"model.quantization: {self.model.quantization} freezes the base weights, so stage "
                                  f"{name} needs a LoRA adapter (set model.lora or the stage's lora, not full)")
+
+    def _check_mixtures(self) -> None:
+        """A mixed task is another task than the run's, with one config per run (its rows carry only its name),
+        and not also a forgetting task (it is scored at every evaluation point already)."""
+        seen: dict[str, tuple[str, TaskConfig]] = {}
+        forgetting = {t.name for t in self.eval.forgetting.tasks}
+        for index, stage in enumerate(self.stages):
+            for j, mixed in enumerate(getattr(stage, "mixture", [])):
+                where, name = f"stages.{index}.mixture.{j}.task", mixed.task.name
+                if name == self.task.name:
+                    raise ValueError(f"{where}.name: {name} is the run's own task; its share is the stage's "
+                                     "task_weight")
+                if name in forgetting:
+                    raise ValueError(f"{where}.name: {name} is also in eval.forgetting.tasks; a mixed task is "
+                                     "scored on its eval splits at every evaluation point already, remove it there")
+                first = seen.setdefault(name, (where, mixed.task))
+                if first[1] != mixed.task:
+                    raise ValueError(f"{where}: {name} is mixed with other settings than in {first[0]}; a task has "
+                                     "one config per run")
 
     def _check_references(self, names: list[str]) -> None:
         """Every checkpoint a stage starts from (``init``; an interpolation's ``start`` / ``end``) exists by the time
@@ -603,9 +655,15 @@ class RunConfig(Strict):
         """Hash of the resolved config: the run's identity. Trackers and the permission to run a model's code
         change no result, so they are left out (turning one on neither makes a finished run new nor splits a
         study's shared prefixes)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to": True, "model": {"trust_remote_code"}}),
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        config = self.model_dump(mode="json", exclude={"report_to": True, "model": {"trust_remote_code"}})
+        for stage in config["stages"]:  # no mixture: the ids runs had before stages could mix tasks
+            if stage.get("mixture") == [] and stage.get("task_weight") == 1.0:
+                del stage["mixture"], stage["task_weight"]
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+    def mixed_tasks(self) -> dict[str, TaskConfig]:
+        """Every task mixed into some stage's data, by name (one config each, checked above)."""
+        return {m.task.name: m.task for stage in self.stages for m in getattr(stage, "mixture", [])}
 
 
 # ---------------------------------------------------------------- loading

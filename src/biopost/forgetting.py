@@ -8,6 +8,9 @@ Both kinds are ordinary metrics rows, so reports and studies read them unchanged
   of any forgetting corpus.
 - cross-task accuracy: another registered task's test splits scored by the shared evaluator with the run's
   ``eval`` settings; its rows carry that task's ``task``, ``task_version`` and ``split_fingerprints``.
+  The tasks a stage mixes into its data (biopost.mixture) are scored the same way, on the run's
+  ``eval.splits`` (their val is reported, never selected on). No task's scored inputs may be inputs the run
+  trains on through another task.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ class CrossTask:
     task: object
     splits: dict[str, list[Example]]
     fingerprints: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Side:
+    """A task's examples on one side of a cross-task leakage check: its training or its scored examples."""
+
+    task: object
+    examples: list[Example] | dict[str, list[Example]]
+    allow_overlap: bool  # scored side: its split.allow_overlap lets it score inputs another task trains on
+    role: str
 
 
 @dataclass(frozen=True)
@@ -73,31 +86,47 @@ class ForgettingChecks:
                                    f"eval.forgetting.corpora.{name} the CPT corpus window itself, or a disjoint one")
 
 
-def load_forgetting(config: RunConfig, task, splits) -> ForgettingChecks | None:
-    """Corpus windows and other tasks' splits, loaded once before any model (None when nothing is checked)."""
+def load_forgetting(config: RunConfig, task, splits, mixed: dict | None = None) -> ForgettingChecks | None:
+    """Corpus windows, other tasks' test splits and the mixed tasks' eval splits (``mixed``: name -> (task,
+    splits), see biopost.mixture), loaded once before any model (None when nothing is checked)."""
     from biopost.pipeline import load_task_and_splits
 
-    cfg = config.eval.forgetting
-    if not cfg.corpora and not cfg.tasks:
+    cfg, mixed = config.eval.forgetting, mixed or {}
+    if not cfg.corpora and not cfg.tasks and not mixed:
         return None
     corpora = {name: load_corpus(corpus, splits=splits).heldout for name, corpus in cfg.corpora.items()}
+    mixed_configs = config.mixed_tasks()
+    trained = [Side(task, list(splits.train), False, "the run's task")]
+    trained += [Side(t, list(s.train), False, "mixed task") for t, s in mixed.values()]
+    scored = [Side(task, {name: list(splits[name]) for name in config.eval.splits if splits[name]},
+                   config.task.split.allow_overlap, "the run's task")]
     tasks = []
     for other in cfg.tasks:
         if other.name == task.name:
             raise ConfigError(f"eval.forgetting.tasks: {other.name} is the run's own task, evaluated already")
         other_task, other_splits = load_task_and_splits(config.model_copy(update={"task": other}))
         chosen = {name: list(other_splits[name]) for name in other.splits if other_splits[name]}
-        if not other.split.allow_overlap:
-            check_unseen(chosen, other_task, splits.train, task, other.name)
+        scored.append(Side(other_task, chosen, other.split.allow_overlap, "forgetting task"))
         tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
+    for name, (other_task, other_splits) in mixed.items():
+        chosen = {split: list(other_splits[split]) for split in config.eval.splits if other_splits[split]}
+        scored.append(Side(other_task, chosen, mixed_configs[name].split.allow_overlap, "mixed task"))
+        tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
+    for test in scored:
+        for train in trained:
+            if test.task is not train.task and not test.allow_overlap:
+                check_unseen(test, train)
     return ForgettingChecks(config.eval, corpora, tasks)
 
 
-def check_unseen(chosen: dict[str, list[Example]], other_task, train, task, name: str) -> None:
-    """Another task's test inputs must not be inputs the run trains on (compared as each model reads them)."""
-    seen = {task.input_key(e): e.id for e in train}
-    hits = [(seen[h], e.id) for examples in chosen.values() for e in examples if (h := other_task.input_key(e)) in seen]
+def check_unseen(test: Side, train: Side) -> None:
+    """One task's scored inputs must not be inputs the run trains on through another task (compared as each
+    model reads them)."""
+    seen = {train.task.input_key(e): e.id for e in train.examples}
+    hits = [(seen[h], e.id) for examples in test.examples.values() for e in examples
+            if (h := test.task.input_key(e)) in seen]
     if hits:
         shown = ", ".join(f"{a} ~ {b}" for a, b in hits[:5])
-        raise LeakageError(f"{len(hits)} examples of forgetting task {name} have the inputs of training examples "
-                           f"({shown}); set its split.allow_overlap: true to score them anyway")
+        raise LeakageError(f"{len(hits)} examples of {test.role} {test.task.name} have the inputs of training "
+                           f"examples of {train.role} {train.task.name} ({shown}); set the scored task's "
+                           "split.allow_overlap: true to score them anyway")

@@ -34,6 +34,7 @@ from biopost.models.memory import check_quantization
 from biopost.models.fusion import build_fused_base
 from biopost.models.policy import load_policy
 from biopost.locks import HOLDER_FILE, LOCK_FILE, DirectoryLock, check_directory
+from biopost.mixture import load_mixed_tasks
 from biopost.preflight import check_run
 from biopost.registry import get_task, plugin_errors
 from biopost.resources import explained
@@ -122,16 +123,18 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     check_run(config, task, splits)
     if config.model.encoders:
         check_encoder_inputs(config, splits)
-    forgetting = load_forgetting(config, task, splits)
+    mixed = load_mixed_tasks(config)
+    forgetting = load_forgetting(config, task, splits, mixed)
     distributed.barrier()  # every process has read the directory before the main one claims it
     with distributed.main_lock(DirectoryLock(run_dir, "run")), explained(config, run_dir):
         with distributed.main_writes() as main:
             if main:
                 claim_run_dir(config, run_dir)
-        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group)
+        return run_stages(config, run_dir, task, splits, forgetting, device, snapshots, group, mixed)
 
 
-def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group) -> Path:
+def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, group,
+               mixed: dict | None = None) -> Path:
     with distributed.main_writes() as main:
         if main:
             durable.remove_partial(run_dir)
@@ -146,11 +149,13 @@ def run_stages(config: RunConfig, run_dir: Path, task, splits, forgetting, devic
     main = distributed.is_main()
     trackers = open_trackers(config.report_to, run_dir, tracker_identity(config, task.name, group)) if main else []
     with RunLog(run_dir, common, trackers, writer=main) as log:
-        return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log)
+        return stages_in_order(config, run_dir, task, splits, forgetting, device, snapshots, log, mixed or {})
 
 
-def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log) -> Path:
+def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, device, snapshots, log,
+                    mixed: dict) -> Path:
     state = task_state(config, task, splits)
+    # a tiny tokenizer learns the run's task alone: runs with and without a mixture start from the same backbone
     base = distributed.on_main(lambda: prepare_base(config, run_dir, task, splits))  # may write into run_dir
     finals: dict[str, Path] = {}
     inits: dict[str, Path] = {}
@@ -167,7 +172,7 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
             print(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
-                               resolve=resolve, forgetting=forgetting,
+                               resolve=resolve, forgetting=forgetting, mixed=mixed,
                                snapshot_steps=tuple((snapshots or {}).get(index, ())))
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             with explained(config, run_dir, index):

@@ -7,7 +7,8 @@ Your own functions join them by import path in an RL stage (``rewards.custom``),
 
 The module is imported from the installed packages or, failing that, the working directory. Every
 function is called with keywords: ``prompts`` (the rendered prompts), ``completions`` (the sampled
-texts) and the columns of :func:`reward_columns`, each a list with one value per completion. It returns
+texts), ``task_name`` (each completion's task: a stage may mix several, see biopost.mixture) and the
+columns of :func:`reward_columns`, each a list with one value per completion. It returns
 one number per completion, or ``None`` where it abstains (TRL's convention): an abstention adds nothing to
 that completion's total reward and is left out of the logged mean ``reward_<name>``; the share of
 abstentions is logged as ``reward_<name>_none``.
@@ -26,11 +27,21 @@ from numbers import Real
 FORMAT = re.compile(r"\A\s*<think>\n?.*?\n?</think>\s*Answer:[ \t]*\S[^\n]*\s*\Z", re.DOTALL)
 
 
-def correctness_reward(task):
-    """The task's own scorer, per completion (``task.reward_metric``, 1 for a correct single answer)."""
+def correctness_reward(task, *mixed):
+    """The task's own scorer, per completion (``task.reward_metric``, 1 for a correct single answer). With the
+    ``mixed`` tasks of a multi-task stage, each completion is scored by the task its ``task_name`` names."""
+    by_name = {t.name: t for t in (task, *mixed)}
 
-    def correctness(prompts, completions, examples, **_):
-        return task.reward(completions, examples)
+    def correctness(prompts, completions, examples, task_name=None, **_):
+        if task_name is None:
+            return task.reward(completions, examples)
+        values: list[float | None] = [None] * len(completions)
+        for name, owner in by_name.items():
+            rows = [i for i, n in enumerate(task_name) if n == name]
+            scored = owner.reward([completions[i] for i in rows], [examples[i] for i in rows]) if rows else []
+            for i, value in zip(rows, scored):
+                values[i] = value
+        return values
 
     return correctness
 
@@ -64,7 +75,7 @@ def length_penalty(target_tokens: int, max_tokens: int):
 
 
 # ---------------------------------------------------------------- your own reward functions
-RESERVED_COLUMNS = ("prompts", "completions", "examples", "completion_lengths")
+RESERVED_COLUMNS = ("prompts", "completions", "examples", "completion_lengths", "task_name")
 
 
 def load_reward_function(path: str):

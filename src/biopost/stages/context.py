@@ -37,6 +37,7 @@ class StageContext:
     device: str = "cpu"  # the run's device, resolved once from model.device
     resolve: Callable[[str], Path] | None = None  # a checkpoint reference ('previous', '<stage>:best'...) -> path
     forgetting: ForgettingChecks | None = None  # scored at every evaluation point
+    mixed: dict = field(default_factory=dict)  # task name -> (task, splits) of the tasks stages mix in
     evaluated: set[int] = field(default_factory=set)  # steps with evaluation rows (kept or written now)
     snapshot_steps: tuple[int, ...] = ()  # steps to keep a resumable state at, for runs that branch off here
     generation: object | None = None  # the evaluator's generation backend, built at the first evaluation
@@ -81,7 +82,8 @@ class StageContext:
         if distributed.is_main():  # every process holds the same rows (the evaluator gathers them)
             policy.save(self.stage_dir / "checkpoints" / f"step-{step:06d}", self.task_state)
         self.evaluated.add(step)
-        val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric]
+        val = [r for r in rows if r["split"] == "val" and r["metric"] == self.task.primary_metric
+               and "task" not in r]  # the run's task: rows of other tasks (mixed, forgetting) name theirs
         if val:
             self.history.append({"step": step, "value": val[0]["value"]})
             if distributed.is_main():
@@ -109,7 +111,7 @@ class StageContext:
     def resume_from(self, step: int) -> None:
         """Drop rows logged after ``step`` by an interrupted attempt; restore the val history before it."""
         kept = self.log.drop_rows(self.name, after_step=step)
-        self.history = val_history(kept, self.task.primary_metric)
+        self.history = val_history(kept, self.task.primary_metric, self.task.name)
         self.evaluated = {r["step"] for r in kept if r["split"] != "train"}
 
     def write_selection(self) -> None:
@@ -125,9 +127,11 @@ class StageContext:
             (target / "snapshot.json").write_text(json.dumps({"step": step, "restore_to": restore_to}))
 
 
-def val_history(rows: list[dict], metric: str) -> list[dict]:
-    """The stage's ``val`` values of ``metric`` by step, from its metrics rows."""
-    return [{"step": r["step"], "value": r["value"]} for r in rows if r["split"] == "val" and r["metric"] == metric]
+def val_history(rows: list[dict], metric: str, task: str) -> list[dict]:
+    """The stage's ``val`` values of ``metric`` by step, from its logged rows: the run's ``task`` only (a mixed
+    task's val rows are reported, never selected on)."""
+    return [{"step": r["step"], "value": r["value"]} for r in rows
+            if r["split"] == "val" and r["metric"] == metric and r.get("task", task) == task]
 
 
 def write_selection(stage_dir: Path, metric: str, history: list[dict]) -> None:

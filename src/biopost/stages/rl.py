@@ -32,6 +32,7 @@ from transformers import get_scheduler
 
 from biopost import distributed, durable
 from biopost.evaluation import collate_payloads, encode_prompts
+from biopost.mixture import item_shares, mixed_train
 from biopost.models.adapters import is_adapter_weight, prepare_for_training
 from biopost.models.generation import Sampling, TransformersBackend, make_backend
 from biopost.models.memory import checkpoint_in_eval_mode, enable_gradient_checkpointing
@@ -54,9 +55,11 @@ def run_rl(ctx: StageContext):
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
     if ctx.config.model.gradient_checkpointing:
         checkpoint_in_eval_mode(policy.model)
-    rewards = reward_functions(ctx.task, stage)
+    rewards = reward_functions(ctx.task, stage, [ctx.mixed[m.task.name][0] for m in stage.mixture])
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
-    total, per_epoch, every = plan_steps(stage, len(train))
+    items = mixed_train(ctx.task, train, stage, ctx.mixed)  # the run's task, plus the tasks mixed in by weight
+    ctx.task_state["train_items"] = item_shares(items)
+    total, per_epoch, every = plan_steps(stage, len(items))
     save_every = stage.save_every_steps or every  # resume points, as the Trainer stages' save_steps
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params + policy.projector_parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
@@ -72,8 +75,9 @@ def run_rl(ctx: StageContext):
                disable=not distributed.is_main())  # one bar for the run
     for step in bar:
         share = distributed.shard_bounds(stage.prompts_per_step, "prompts_per_step")
-        examples = prompts_for_step(train, step, stage.prompts_per_step, stage.seed)[share]
-        batch = rollout(policy, ctx.task, examples, stage, generator, step, first=share.start)
+        picked = prompts_for_step(items, step, stage.prompts_per_step, stage.seed)[share]
+        batch = rollout(policy, [i.task for i in picked], [i.example for i in picked], stage, generator, step,
+                        first=share.start)
         scores = {k: distributed.gather_tensor(v) for k, v in score_rollouts(batch, rewards, stage).items()}
         rows = slice(share.start * stage.num_generations, share.stop * stage.num_generations)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)[rows]
@@ -114,6 +118,7 @@ class Rollouts:
     old_logps: torch.Tensor | None = None  # None: the policy that sampled is the one optimised (mu = 1)
     ref_logps: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)  # rendered, one per sequence (for reward functions)
+    task_names: list[str] = field(default_factory=list)  # each sequence's task (a mixed stage has several)
 
 
 def prompts_for_step(train: list, step: int, n: int, seed: int) -> list:
@@ -136,12 +141,14 @@ def rollout_backend(ctx: StageContext, policy):
 
 @torch.no_grad()
 def rollout(policy, task, examples: list, stage, backend=None, step: int = 0, first: int = 0) -> Rollouts:
-    """Sample G completions per prompt with the stage's temperature / top-p / top-k (``backend``: the generation
-    backend, models/generation.py; None = transformers ``generate`` on the live policy). Under a launcher each
+    """Sample G completions per prompt with the stage's temperature / top-p / top-k. ``task``: the task of
+    every example, or one task per example (a mixed stage). ``backend``: the generation backend
+    (models/generation.py); None = transformers ``generate`` on the live policy. Under a launcher each
     sequence samples from its own generator, seeded by the stage seed, ``step`` and its row in the step's
     whole batch (``first``: the index of ``examples[0]`` among the step's prompts)."""
+    tasks = task if isinstance(task, list) else [task] * len(examples)
     repeated = [e for e in examples for _ in range(stage.num_generations)]
-    rendered = [policy.render_prompt(task.messages(e)) for e in examples]  # once per prompt, then repeated
+    rendered = [policy.render_prompt(t.messages(e)) for t, e in zip(tasks, examples)]  # once per prompt, then repeated
     prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
     enc = encode_prompts(policy, prompts, payloads)
@@ -155,7 +162,8 @@ def rollout(policy, task, examples: list, stage, backend=None, step: int = 0, fi
         policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
-                    [policy.decode(row) for row in completion_ids], payloads, prompts=prompts)
+                    [policy.decode(row) for row in completion_ids], payloads, prompts=prompts,
+                    task_names=[t.name for t in tasks for _ in range(stage.num_generations)])
 
 
 def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = slice(None)):
@@ -168,10 +176,12 @@ def sequence_logps(policy, batch: Rollouts, temperature: float, rows: slice = sl
     return token_logps(logits, batch.completion_ids[rows], temperature)
 
 
-def reward_functions(task, stage) -> dict:
-    """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions."""
+def reward_functions(task, stage, mixed: list = ()) -> dict:
+    """name -> (weight, function): the built-in rewards, then the stage's ``rewards.custom`` functions.
+    ``mixed``: the other tasks of a mixed stage; correctness scores each completion with its own task."""
     weights = stage.rewards
-    funcs = {"correctness": (weights.correctness, correctness_reward(task)), "format": (weights.format, format_reward)}
+    funcs = {"correctness": (weights.correctness, correctness_reward(task, *mixed)),
+             "format": (weights.format, format_reward)}
     if weights.length:
         funcs["length"] = (weights.length, length_penalty(weights.length_target_tokens, stage.max_completion_length))
     for custom in weights.custom:
@@ -183,6 +193,8 @@ def score_rollouts(batch: Rollouts, rewards: dict, stage) -> dict[str, torch.Ten
     """Each reward per completion (NaN where it abstained with None), and their weighted sum ``reward``,
     to which an abstention adds nothing. ``reward_<name>_none``: 1 where ``name`` abstained."""
     columns = {**reward_columns(batch.examples), "completion_lengths": batch.mask.sum(1).tolist()}
+    if batch.task_names:
+        columns["task_name"] = batch.task_names
     custom = {c.label for c in stage.rewards.custom}
     out, total = {}, torch.zeros(len(batch.completions))
     for name, (weight, func) in rewards.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from biopost.evaluation import collate_payloads
+from biopost.mixture import item_shares, mixed_train
 from biopost.models.adapters import prepare_for_training
 from biopost.stages.context import StageContext, plan_steps
 from biopost.stages.trainer import IGNORE, train_with_trainer
@@ -22,8 +23,10 @@ def run_sft(ctx: StageContext):
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
-    ctx.task_state["sft_train_examples"] = len(train)
-    dataset = [tokenize_example(policy, ctx.task, e, stage.max_length) for e in train]
+    items = mixed_train(ctx.task, train, stage, ctx.mixed)  # the run's task, plus the tasks mixed in by weight
+    ctx.task_state["sft_train_examples"] = len(items)
+    ctx.task_state["train_items"] = item_shares(items)
+    dataset = [tokenize_example(policy, item.task, item.example, stage.max_length) for item in items]
     total, per_epoch, every = plan_steps(stage, len(dataset))
     # ---- loop: evaluate with the shared evaluator on schedule (resumes if interrupted)
     train_with_trainer(ctx, policy, dataset, total, every, per_epoch,

@@ -61,7 +61,8 @@ def materialise(donor_dir: Path, run_dir: Path, run: PlannedRun) -> bool:
     durable.write_lines(run_dir / "metrics.jsonl", [json.dumps({**r, "run_id": run.id}) for r in rows])
     copy_predictions(donor_dir / "predictions", run_dir / "predictions", run, k, b, keep)
     for index in range(k + (1 if b else 0)):
-        reselect(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index), [r for r in rows if r["stage_index"] == index])
+        reselect(stage_dir(donor_dir, run, index), stage_dir(run_dir, run, index),
+                 [r for r in rows if r["stage_index"] == index], run.config.task.name)
     (run_dir / MARKER).write_text(json.dumps({"donor": run.donor, "stage_index": k, "step": b}, indent=2))
     return True
 
@@ -112,13 +113,13 @@ def copy_predictions(src: Path, dst: Path, run: PlannedRun, k: int, b: int, keep
             shutil.copy2(file, dst / file.name)
 
 
-def reselect(src: Path, dst: Path, rows: list[dict]) -> None:
-    """``selection.json`` from this run's own val rows (the donor's may have seen later steps)."""
+def reselect(src: Path, dst: Path, rows: list[dict], task: str) -> None:
+    """``selection.json`` from this run's own val rows of its ``task`` (the donor's may have seen later steps)."""
     chosen = src / "selection.json"
     if not chosen.is_file():
         return
     metric = json.loads(chosen.read_text())["metric"]
-    history = val_history(rows, metric)
+    history = val_history(rows, metric, task)
     if history:
         write_selection(dst, metric, history)
 

@@ -312,14 +312,26 @@ def set_field(raw: dict, key: str, value: Any, where: str) -> bool:
         targets = [raw]
     for node in targets:
         for part in parts[:-1]:
+            if isinstance(node, list):  # an entry of a list the base sets (stages.sft.mixture.0.weight)
+                node = node[list_index(node, part, where)]
+                continue
             child = node.setdefault(part, {})
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"{where}: {part!r} is {child!r}, not a section; set it to a mapping in the base")
             node = child
-        node[parts[-1]] = copy.deepcopy(value)
+        if isinstance(node, list):
+            node[list_index(node, parts[-1], where)] = copy.deepcopy(value)
+        else:
+            node[parts[-1]] = copy.deepcopy(value)
     return bool(targets)
+
+
+def list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: {part!r} is not an index below {len(node)} of the list the base sets there")
+    return int(part)
 
 
 def get_field(config: dict, key: str) -> Any:
@@ -332,9 +344,12 @@ def get_field(config: dict, key: str) -> Any:
             return None
         node, parts = config["stages"][found[0]], parts[2:]
     for part in parts:
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return None
-        node = node[part]
     return node
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from biopost import durable
 from biopost.config import ConfigError, RunConfig, write_yaml
+from biopost.mixture import mixed_size
 from biopost.study.config import Study, expand, get_field
 
 SHAREABLE = ("constant", "warmup_stable_decay")
@@ -197,7 +198,7 @@ class StepCounter:
         if n is None:  # a dry run without the data's size: the length is known, the epoch-based eval points not
             info["steps"] = stage.max_steps
             return info
-        n = fraction_size(n, stage.data_fraction)
+        n = mixed_size(fraction_size(n, stage.data_fraction), stage)  # an epoch includes the tasks mixed in
         info["steps"], _, info["eval_every"] = plan_steps(stage, n)
         return info
 
