@@ -8,7 +8,8 @@ learning rate, loss type, beta, clipping and gradient-norm clipping, one optimis
 so rewards cost nothing and the comparison is generation + log-probs + backward + framework overhead.
 
 Sampled completions differ in length, so the figure of merit is generated completion tokens per second
-(through the first end-of-turn token, as both mask them). Prints one JSON line; ``benchmarks/run_all.py`` calls
+(through the first end-of-turn token, as both mask them). The two run interleaved (one of our steps before each
+of TRL's), so a busy machine slows both alike; the ratio is of the medians of per-step tokens/s. Prints one JSON line; ``benchmarks/run_all.py`` calls
 :func:`measure` for its ``rl_*`` lines.
 
 Sizes: see benchmarks/common.py (``smollm2-135m-arch``: SmolLM2-135M's architecture with random weights).
@@ -71,7 +72,9 @@ def lora_settings(args) -> dict | None:
     return {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def run_ours(args, task, examples, path, device, workdir: Path | None = None) -> dict:
+def ours_stepper(args, task, examples, path, device, workdir: Path):
+    """Our GRPO step as ``run_rl`` takes it (rollout, rewards, advantages, reference log-probs, update), as a
+    function returning the completion tokens it trained on."""
     import torch
 
     from biopost.config import LoraConfig, RLStage
@@ -87,18 +90,15 @@ def run_ours(args, task, examples, path, device, workdir: Path | None = None) ->
                     beta=args.beta, temperature=1.0, top_p=1.0, top_k=0, scale_rewards="group",
                     schedule={"name": "constant", "warmup_ratio": 0.0}, lora=LoraConfig(**lora) if lora else "full")
     policy = load_policy(path, args.dtype, device=device)
-    policy = prepare_for_training(policy, stage.resolved_lora(None), Path(workdir or path) / "ours", source=path)
+    policy = prepare_for_training(policy, stage.resolved_lora(None), workdir / "ours", source=path)
     reference = rl.Reference.of(policy, path, stage.adapter)
     policy.model.eval()
     rewards = {"text": (1.0, text_reward)}
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
-    scheduler = rl.make_scheduler(stage, optimizer, args.warmup + args.steps)
+    scheduler = rl.make_scheduler(stage, optimizer, args.warmup + args.steps + 1)
 
-    times, tokens = [], []
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
+    def step() -> int:
         batch = rl.rollout(policy, task, examples, stage)  # the same prompts every step, as TRL below
         scores = rl.score_rollouts(batch, rewards, stage)
         advantages = group_advantages(scores["reward"], stage.num_generations, stage.scale_rewards)
@@ -106,14 +106,29 @@ def run_ours(args, task, examples, path, device, workdir: Path | None = None) ->
             batch.old_logps = rl.sequence_logps(policy, batch, stage.temperature)[0] if stage.mu > 1 else None  # as run_rl
             batch.ref_logps = reference.logps(policy, batch, stage.temperature)
         rl.optimise(policy, optimizer, scheduler, params, batch, advantages, stage)
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens.append(int(batch.mask.sum()))
-    return summary(times, tokens)
+        return int(batch.mask.sum())
+
+    return step
 
 
-def run_trl(args, task, examples, path, device, workdir: Path) -> dict:
+def timed(step, device: str) -> tuple[float, int]:
+    sync(device)
+    start = time.perf_counter()
+    tokens = step()
+    sync(device)
+    return time.perf_counter() - start, tokens
+
+
+def run_ours(args, task, examples, path, device, workdir: Path) -> dict:
+    """Our loop alone."""
+    step = ours_stepper(args, task, examples, path, device, workdir)
+    runs = [timed(step, device) for _ in range(args.warmup + args.steps)][args.warmup :]
+    return summary([t for t, _ in runs], [n for _, n in runs])
+
+
+def run_trl(args, task, examples, path, device, workdir: Path, alongside=None) -> tuple[dict, dict | None]:
+    """TRL's trainer; with ``alongside`` (a step function of ours) one of our steps runs before each of TRL's
+    (timed apart), so both see the same machine load: the summaries of (TRL, ours)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -132,9 +147,11 @@ def run_trl(args, task, examples, path, device, workdir: Path) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.start = [], 0.0
+            self.times, self.start, self.ours = [], 0.0, []
 
         def on_step_begin(self, *a, **kw):
+            if alongside is not None:
+                self.ours.append(timed(alongside, device))
             sync(device)
             self.start = time.perf_counter()
 
@@ -167,11 +184,17 @@ def run_trl(args, task, examples, path, device, workdir: Path) -> dict:
     timer = Timer()
     trainer.add_callback(timer)
     trainer.train()
-    return summary(timer.times[args.warmup :], tokens[args.warmup :])
+    ours = timer.ours[args.warmup :]
+    return (summary(timer.times[args.warmup :], tokens[args.warmup :]),
+            summary([t for t, _ in ours], [n for _, n in ours]) if ours else None)
 
 
 def summary(times: list[float], tokens: list[int]) -> dict:
+    """Mean step time, tokens/s over the window, and the median of the per-step rates (robust to a busy machine)."""
+    import statistics
+
     return {"step_s": sum(times) / len(times), "tokens_per_s": sum(tokens) / sum(times),
+            "median_tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
             "completion_tokens_per_step": sum(tokens) / len(tokens), "steps": len(times)}
 
 
@@ -184,13 +207,18 @@ def measure(args, trl_too: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         task, examples, path = build(args, workdir)
-        ours = run_ours(args, task, examples, path, device, workdir)
-        theirs = run_trl(args, task, examples, path, device, workdir) if trl_too else None
+        if trl_too:  # interleaved: one of our steps, then one of TRL's
+            step = ours_stepper(args, task, examples, path, device, workdir)
+            theirs, ours = run_trl(args, task, examples, path, device, workdir, alongside=step)
+        else:
+            ours, theirs = run_ours(args, task, examples, path, device, workdir), None
     out = {"ours_step_s": round(ours["step_s"], 4), "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
+           "ours_median_tokens_per_s": round(ours["median_tokens_per_s"], 1),
            "ours_completion_tokens_per_step": ours["completion_tokens_per_step"]}
     if theirs:
         out.update({"trl_step_s": round(theirs["step_s"], 4), "trl_tokens_per_s": round(theirs["tokens_per_s"], 1),
-                    "ratio_tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+                    "trl_median_tokens_per_s": round(theirs["median_tokens_per_s"], 1),
+                    "ratio_tokens_per_s": round(ours["median_tokens_per_s"] / theirs["median_tokens_per_s"], 3),
                     "trl_completion_tokens_per_step": theirs["completion_tokens_per_step"]})
     return {**out, "size": args.size, "lora": args.lora, "dtype": args.dtype, "prompts": args.prompts,
             "generations": args.generations, "max_completion_length": args.max_completion_length,

@@ -21,6 +21,7 @@ A benchmark that fails prints ``{"name": ..., "error": ...}`` and the others sti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -59,35 +60,40 @@ def task_and_splits():
 
 
 class TokenCounter:
-    """Counts the non-padding tokens of every forward through ``model`` (a pre-hook: both arms alike)."""
+    """Counts the non-padding tokens of every forward through ``model`` (a pre-hook). The counts stay on the
+    device until read, so counting adds no synchronisation to a step."""
 
     def __init__(self, model):
-        self.tokens = 0
+        self.pending, self.counted = [], 0
         self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            self.tokens += int(mask.sum())
+            self.pending.append(mask.sum())
+
+    @property
+    def tokens(self) -> int:
+        self.counted += sum(int(n) for n in self.pending)
+        self.pending = []
+        return self.counted
 
     def close(self):
         self.handle.remove()
 
 
-class StepMarks:
-    """(time, tokens so far) at the start of each step, the device synchronised; the timed window runs from the
-    start of step ``warmup`` to the start of step ``warmup + steps`` (so per-step logging is inside it)."""
+def clock(device: str) -> float:
+    sync(device)
+    return time.perf_counter()
 
-    def __init__(self, device: str, counter: TokenCounter):
-        self.device, self.counter, self.marks = device, counter, []
 
-    def mark(self):
-        sync(self.device)
-        self.marks.append((time.perf_counter(), self.counter.tokens))
+def rates(times: list[float], tokens: list[int]) -> dict:
+    """Mean step time, tokens/s over the window, and the median of per-step rates (robust to a busy machine)."""
+    import statistics
 
-    def rate(self, warmup: int, steps: int) -> dict:
-        (t0, n0), (t1, n1) = self.marks[warmup], self.marks[warmup + steps]
-        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "step_s": (t1 - t0) / steps, "tokens_per_step": (n1 - n0) / steps}
+    return {"step_s": sum(times) / len(times), "tokens_per_s": sum(tokens) / sum(times),
+            "median_tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
+            "tokens_per_step": sum(tokens) / len(tokens)}
 
 
 # ---------------------------------------------------------------- SFT: stage vs bare loop
@@ -102,8 +108,10 @@ def sft_config(path: Path, device: str, dtype: str, lora: dict | None, batch_siz
     })
 
 
-def sft_ours(config, task, splits, device: str, workdir: Path, warmup: int, steps: int) -> dict:
-    """The SFT stage's Trainer (as ``run_sft`` builds it) timed per step; evaluation replaced by a no-op."""
+def sft_measure(config, task, splits, device: str, workdir: Path, warmup: int, steps: int, bare: bool) -> dict:
+    """Time the SFT stage's Trainer (as ``run_sft`` builds it; evaluation a no-op) step by step; with ``bare``,
+    one step of the bare loop runs before each of the stage's (timed apart), so a busy machine slows both alike.
+    A stage step is timed from one ``on_step_begin`` to the next: per-step logging is inside it."""
     from transformers import TrainerCallback, set_seed
 
     from biopost.models.adapters import prepare_for_training
@@ -113,6 +121,7 @@ def sft_ours(config, task, splits, device: str, workdir: Path, warmup: int, step
     from biopost.stages.trainer import stage_trainer
 
     stage = config.stages[0]
+    loop = BareLoop(config, task, splits, device) if bare else None
     set_seed(stage.seed)
     ctx = StageContext(config, 0, "sft", task, splits, RunLog(workdir), workdir / "stages" / "0-sft",
                        Path(config.model.backbone), {}, device=device)
@@ -123,67 +132,82 @@ def sft_ours(config, task, splits, device: str, workdir: Path, warmup: int, step
     total, per_epoch, _ = plan_steps(stage, len(dataset))
     trainer, _ = stage_trainer(ctx, policy, dataset, total, total, per_epoch, evaluate=lambda step, epoch: None)
     counter = TokenCounter(policy.model)
-    marks = StepMarks(device, counter)
+    ours, theirs, last = ([], []), ([], []), {}
 
-    class Marks(TrainerCallback):
+    class Interleave(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            marks.mark()
+            if last:  # the stage's previous step, logging included
+                ours[0].append(clock(device) - last["time"])
+                ours[1].append(counter.tokens - last["tokens"])
+            if loop is not None:
+                start = clock(device)
+                theirs[1].append(loop.step())
+                theirs[0].append(clock(device) - start)
+            last.update(time=clock(device), tokens=counter.tokens)
 
-    trainer.add_callback(Marks())
-    trainer.train()
+    trainer.add_callback(Interleave())
+    trainer.train()  # warmup + steps + 1 steps: the last one closes the window
     counter.close()
-    return {**marks.rate(warmup, steps), "optimizer": trainer.args.optim.value}
+    window = slice(warmup, warmup + steps)
+    return {"ours": {**rates(ours[0][window], ours[1][window]), "optimizer": trainer.args.optim.value},
+            "bare": {**rates(theirs[0][window], theirs[1][window]), "optimizer": "torch.optim.AdamW (default: foreach)"}
+            if loop else None}
 
 
-def sft_bare(config, task, splits, device: str, warmup: int, steps: int) -> dict:
+class BareLoop:
     """A plain loop on the same rows: transformers model + peft adapter, forward, backward, clip, AdamW, log loss."""
-    import contextlib
 
-    import torch
-    from peft import LoraConfig as PeftLora, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, config, task, splits, device: str):
+        import contextlib
 
-    from biopost.models.policy import DTYPES, Policy
-    from biopost.stages.sft import tokenize_example
+        import torch
+        from peft import LoraConfig as PeftLora, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage, lora = config.stages[0], config.model.lora
-    torch.manual_seed(stage.seed)
-    path = config.model.backbone
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = [tokenize_example(Policy(None, tokenizer), task, e, stage.max_length) for e in splits.train]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.model.dtype]).to(device)
-    if lora is not None:
-        model = get_peft_model(model, PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if config.model.dtype == "bfloat16"
-                else contextlib.nullcontext())
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(stage.seed)).tolist()
-    counter = TokenCounter(model)
-    marks = StepMarks(device, counter)
-    size = stage.batch_size
-    for step in range(stage.max_steps):
-        marks.mark()
-        batch = [rows[order[(step * size + i) % len(rows)]] for i in range(size)]
+        from biopost.models.policy import DTYPES, Policy
+        from biopost.stages.sft import tokenize_example
+
+        self.stage, lora, self.device = config.stages[0], config.model.lora, device
+        torch.manual_seed(self.stage.seed)
+        path = config.model.backbone
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.rows = [tokenize_example(Policy(None, self.tokenizer), task, e, self.stage.max_length) for e in splits.train]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.model.dtype]).to(device)
+        if lora is not None:
+            model = get_peft_model(model, PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        self.model = model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        self.autocast = (torch.autocast(device, dtype=torch.bfloat16) if config.model.dtype == "bfloat16"
+                         else contextlib.nullcontext())
+        self.order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.stage.seed)).tolist()
+        self.done = 0
+
+    def step(self) -> int:
+        """One optimiser step; the number of non-padding tokens it trained on."""
+        import torch
+
+        size = self.stage.batch_size
+        batch = [self.rows[self.order[(self.done * size + i) % len(self.rows)]] for i in range(size)]
+        self.done += 1
         width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((size, width), tokenizer.pad_token_id)
+        ids = torch.full((size, width), self.tokenizer.pad_token_id)
         labels = torch.full((size, width), -100)
         mask = torch.zeros((size, width), dtype=torch.long)
         for i, r in enumerate(batch):
             ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
             labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
             mask[i, : len(r["input_ids"])] = 1
-        with autocast:
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        with self.autocast:
+            loss = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                              labels=labels.to(self.device)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.params, self.stage.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         float(loss)  # a loop logs its loss each step, as the stage does
-    counter.close()
-    return {**marks.rate(warmup, steps), "optimizer": "torch.optim.AdamW (default: foreach)"}
+        return int(mask.sum())
 
 
 def bench_sft(size: str, args, task, splits, lora: dict | None = LORA, batch_size: int | None = None,
@@ -194,16 +218,18 @@ def bench_sft(size: str, args, task, splits, lora: dict | None = LORA, batch_siz
     with tempfile.TemporaryDirectory() as tmp:
         path = build_backbone(size, task.training_texts(splits.train), Path(tmp) / "backbone", seed=args.seed)
         config = sft_config(path, device, args.dtype, lora, batch_size, warmup + steps + 1)
-        ours = sft_ours(config, task, splits, device, Path(tmp) / "run", warmup, steps)
-        theirs = sft_bare(config, task, splits, device, warmup, steps) if bare else None
+        measured = sft_measure(config, task, splits, device, Path(tmp) / "run", warmup, steps, bare)
         params = count_params(path)
+    ours, theirs = measured["ours"], measured["bare"]
     out = {"name": f"sft_{size}", "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
-           "ours_step_s": round(ours["step_s"], 4), "tokens_per_step": ours["tokens_per_step"],
-           "ours_optimizer": ours["optimizer"], "params": params}
+           "ours_median_tokens_per_s": round(ours["median_tokens_per_s"], 1), "ours_step_s": round(ours["step_s"], 4),
+           "tokens_per_step": ours["tokens_per_step"], "ours_optimizer": ours["optimizer"], "params": params}
     if theirs:
-        out = {"name": out["name"], "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
-               "compares": "our SFT stage's training tokens/s over a bare torch loop's (same model, LoRA, rows, batch)",
+        out = {"name": out["name"], "ratio": round(ours["median_tokens_per_s"] / theirs["median_tokens_per_s"], 3),
+               "compares": "our SFT stage's training tokens/s over a bare torch loop's (same model, LoRA, rows, batch; "
+                           "interleaved steps, medians of per-step rates)",
                "accept": ACCEPT["sft"], **out, "bare_tokens_per_s": round(theirs["tokens_per_s"], 1),
+               "bare_median_tokens_per_s": round(theirs["median_tokens_per_s"], 1),
                "bare_step_s": round(theirs["step_s"], 4), "bare_tokens_per_step": theirs["tokens_per_step"],
                "bare_optimizer": theirs["optimizer"]}
     return {**out, "lora": lora, "batch_size": batch_size, "dtype": args.dtype, "steps": steps, "warmup": warmup,
@@ -232,35 +258,43 @@ def bench_rl(size: str, args, lora: str = "full", trl_too: bool = True, steps: i
     head = {"name": f"rl_{size}"}
     if trl_too:
         head.update(ratio=result.pop("ratio_tokens_per_s"), accept=ACCEPT["rl"],
-                    compares="our GRPO loop's completion tokens/s over TRL GRPOTrainer's (same model, prompts, settings)")
+                    compares="our GRPO loop's completion tokens/s over TRL GRPOTrainer's (same model, prompts, "
+                             "settings; interleaved steps, medians of per-step rates)")
     return {**head, **result, "weights": "random (speed does not depend on them)"}
 
 
 # ---------------------------------------------------------------- evaluation: batched vs one at a time
-def bench_eval(size: str, args, task, splits, batch_size: int = 16, max_new_tokens: int = 32) -> dict:
+def bench_eval(size: str, args, task, splits) -> dict:
+    """The evaluator at its default batch size and length (greedy) against batch size 1. Random weights rarely
+    end a completion early, so both arms generate about max_new_tokens per example."""
     from biopost.config import EvalConfig
     from biopost.evaluation import generate_completions
     from biopost.models.policy import load_policy
 
+    batch_size, max_new_tokens = EvalConfig().batch_size, EvalConfig().max_new_tokens
     device = resolve(args.device)
     examples = list(splits.val) + list(splits.id_test)
-    n_batched = batch_size * (1 if args.quick else 3)
-    n_single = 4 if args.quick else 8
-    if len(examples) < n_batched:
-        raise ValueError(f"{TASK} has {len(examples)} val + id_test examples, fewer than {n_batched}")
-    rates = {}
+    rounds, single_per_round = (1, 4) if args.quick else (2, 4)
+    if len(examples) < batch_size * rounds:
+        raise ValueError(f"{TASK} has {len(examples)} val + id_test examples, fewer than {batch_size * rounds}")
+    configs = {"batched": EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens),
+               "single": EvalConfig(batch_size=1, max_new_tokens=max_new_tokens)}
+    totals = {arm: {"seconds": 0.0, "examples": 0, "tokens": 0} for arm in configs}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_backbone(size, task.training_texts(splits.train), Path(tmp) / "backbone", seed=args.seed)
         policy = load_policy(path, args.dtype, device=device)
-        for arm, size_, n in (("batched", batch_size, n_batched), ("single", 1, n_single)):
-            cfg = EvalConfig(batch_size=size_, max_new_tokens=max_new_tokens)
-            generate_completions(policy, task, examples[:size_], cfg)  # warm-up
-            sync(device)
-            start = time.perf_counter()
-            _, lengths = generate_completions(policy, task, examples[:n], cfg)
-            sync(device)
-            seconds = time.perf_counter() - start
-            rates[arm] = {"examples_per_s": n / seconds, "examples": n, "mean_tokens": sum(lengths) / n}
+        for arm, cfg in configs.items():  # warm-up
+            generate_completions(policy, task, examples[: cfg.batch_size], cfg)
+        for r in range(rounds):  # interleaved, so a busy machine slows both alike
+            for arm, n in (("batched", batch_size), ("single", single_per_round)):
+                chunk = examples[r * n : (r + 1) * n]
+                start = clock(device)
+                _, lengths = generate_completions(policy, task, chunk, configs[arm])
+                totals[arm]["seconds"] += clock(device) - start
+                totals[arm]["examples"] += len(chunk)
+                totals[arm]["tokens"] += sum(lengths)
+    rates = {arm: {"examples_per_s": t["examples"] / t["seconds"], "examples": t["examples"],
+                   "mean_tokens": t["tokens"] / t["examples"]} for arm, t in totals.items()}
     b, s = rates["batched"], rates["single"]
     return {"name": f"eval_{size}", "ratio": round(b["examples_per_s"] / s["examples_per_s"], 2), "accept": ACCEPT["eval"],
             "compares": f"the evaluator's examples/s at batch {batch_size} over one example at a time (greedy)",
@@ -326,7 +360,8 @@ def run_one(name: str, thunk, where: dict) -> dict:
     """The benchmark's line, or an error line naming it (one failure must not lose the rest)."""
     start = time.perf_counter()
     try:
-        row = thunk()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSON lines only (TRL prints its metrics)
+            row = thunk()
     except Exception as err:  # noqa: BLE001 - reported as data, the next benchmark runs
         traceback.print_exc(file=sys.stderr)
         row = {"name": name, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}

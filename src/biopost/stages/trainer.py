@@ -165,7 +165,7 @@ class EvalCallback(TrainerCallback):
                      "epoch": round(state.global_step / self.per_epoch, 4), "split": "train", "n": None}
             named = {"loss": "loss", "learning_rate": "lr"}  # RL's train rows name the learning rate lr too
             self.ctx.log.write([{**where, "metric": ours, "value": float(logs[theirs])}
-                                for theirs, ours in named.items() if theirs in logs])
+                                for theirs, ours in named.items() if theirs in logs], sync=False)  # every step
 
 
 class ProjectorCallback(TrainerCallback):
