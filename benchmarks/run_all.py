@@ -251,9 +251,13 @@ def bench_rl(size: str, args, lora: str = "full", trl_too: bool = True, steps: i
              warmup: int = 1) -> dict:
     import rl_throughput
 
+    from biopost.config import RLStage
+
     steps = steps or (2 if args.quick else 5)
+    beta = RLStage().beta  # the stage's default KL weight: both compute reference log-probs
     rl_args = rl_throughput.parse_args(["--size", size, "--device", args.device, "--dtype", args.dtype, "--lora", lora,
-                                        "--steps", str(steps), "--warmup", str(warmup), "--seed", str(args.seed)])
+                                        "--steps", str(steps), "--warmup", str(warmup), "--beta", str(beta),
+                                        "--seed", str(args.seed)])
     result = rl_throughput.measure(rl_args, trl_too=trl_too)
     head = {"name": f"rl_{size}"}
     if trl_too:
