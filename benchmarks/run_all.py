@@ -206,7 +206,7 @@ class BareLoop:
         torch.nn.utils.clip_grad_norm_(self.params, self.stage.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        float(loss)  # a loop logs its loss each step, as the stage does
+        loss.item()  # a loop logs its loss each step, as the stage does
         return int(mask.sum())
 
 
