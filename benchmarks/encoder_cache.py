@@ -12,7 +12,8 @@ depend on them), through an ``mlp`` projector with 8 positions per item:
 Both arms run the real SFT machinery (``PolicyTrainer``, ``tokenize_example``, the collator) on the same rows,
 batch and seed: each step reads new items. With the cache the features were computed once beforehand (as
 after a first epoch, or by an earlier run sharing the cache) and are read from disk; without it the encoder
-runs on every step. Prints one JSON line; ``ratio`` = uncached / cached step time.
+runs on every step. Prints one JSON line; ``ratio`` = uncached / cached step time. ``benchmarks/run_all.py``
+calls :func:`measure` for its ``encoder_cache`` line.
 
     python benchmarks/encoder_cache.py [--modality protein] [--steps 4] [--warmup 1] [--batch-size 8] [--length 256]
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +31,7 @@ AMINO = "ACDEFGHIKLMNPQRSTVWY"
 GENES = 20000  # Geneformer's dictionaries hold about 25k genes
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=4, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -39,8 +39,9 @@ def parse_args():
     p.add_argument("--modality", choices=["protein", "cell"], default="protein")
     p.add_argument("--length", type=int, default=256, help="residues per sequence, or expressed genes per cell")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build_encoder(path: Path, modality: str) -> Path:
@@ -104,36 +105,39 @@ ENCODER_NAMES = {"protein": "esm2_t6_8M-sized (hidden 320, 6 layers)",
 
 
 class StepTimer:
-    """Wall time of each optimiser step (Trainer callback)."""
+    """Wall time of each optimiser step (Trainer callback), the device synchronised."""
 
-    def __init__(self):
+    def __init__(self, device: str):
         from transformers import TrainerCallback
+
+        from common import sync
 
         timer = self
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
+                sync(device)
                 timer.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
+                sync(device)
                 timer.times.append(time.perf_counter() - timer.start)
 
         self.times: list[float] = []
         self.callback = Callback()
 
 
-def time_sft(policy, rows, args, workdir: Path) -> float:
-    import torch
+def time_sft(policy, rows, args, workdir: Path, device: str) -> float:
     from transformers import TrainingArguments
 
     from biopost.stages.trainer import PolicyTrainer, collate
 
-    timer = StepTimer()
+    timer = StepTimer(device)
     training = TrainingArguments(output_dir=str(workdir), per_device_train_batch_size=args.batch_size,
                                  max_steps=args.warmup + args.steps, learning_rate=1e-3, save_strategy="no",
                                  logging_steps=10**6, report_to="none", seed=args.seed, data_seed=args.seed,
                                  remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-                                 use_cpu=not torch.cuda.is_available())
+                                 use_cpu=device == "cpu")
     trainer = PolicyTrainer(policy, model=policy.model, args=training, train_dataset=rows,
                             data_collator=lambda batch: collate(batch, policy.tokenizer.pad_token_id),
                             callbacks=[timer.callback])
@@ -142,9 +146,8 @@ def time_sft(policy, rows, args, workdir: Path) -> float:
     return sum(timed) / len(timed)
 
 
-def main():
-    args = parse_args()
-    import torch
+def measure(args) -> dict:
+    """Step times with and without the cache, and the settings they were measured with."""
     import transformers
 
     from biopost.config import EncoderConfig, LoraConfig
@@ -154,8 +157,9 @@ def main():
     from biopost.models.tiny import build_tiny_backbone
     from biopost.stages.sft import tokenize_example
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from common import resolve
+
+    device = resolve(args.device)
     transformers.logging.set_verbosity_error()
     n = args.batch_size * (args.warmup + args.steps)
     task, examples = make_task_and_examples(n, args.length, args.seed, args.modality)
@@ -168,21 +172,31 @@ def main():
         for arm, cached in (("cached", True), ("uncached", False)):
             cfg = EncoderConfig(name=str(encoder), projector="mlp", num_tokens=8, max_length=args.length + 2,
                                 batch_size=args.batch_size, cache=cached)
-            policy = fuse(load_policy(backbone), {args.modality: cfg}, seed=args.seed)
+            policy = fuse(load_policy(backbone), {args.modality: cfg}, seed=args.seed).to(device)
             policy = prepare_for_training(policy, LoraConfig(rank=8, alpha=16, dropout=0.0), workdir / arm)
             rows = [tokenize_example(policy, task, e, 512) for e in examples]
             if cached:  # features computed once beforehand, as after a first epoch
                 policy.encoders[args.modality].encode([getattr(e, args.modality) for e in examples])
-            step_s[arm] = time_sft(policy, rows, args, workdir / arm)
-    print(json.dumps({
+            step_s[arm] = time_sft(policy, rows, args, workdir / arm, device)
+    return {
         "cached_step_s": round(step_s["cached"], 4), "uncached_step_s": round(step_s["uncached"], 4),
         "ratio": round(step_s["uncached"] / step_s["cached"], 2),
         "modality": args.modality, "encoder": ENCODER_NAMES[args.modality] + ", random weights", "backbone": "tiny-s",
         "projector": "mlp", "num_tokens": 8, "batch_size": args.batch_size, "length": args.length,
-        "steps": args.steps, "warmup": args.warmup, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "machine": platform.machine(),
-    }))
+        "steps": args.steps, "warmup": args.warmup, "device": device,
+    }
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    from common import machine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    print(json.dumps({**result, "machine": machine(result["device"])}))
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ def replacing(path: Path) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------- JSON lines
-def append_lines(path: Path, lines: list[str]) -> None:
-    """Append whole lines in one write and fsync; a torn last line left by a kill is cut off first."""
+def append_lines(path: Path, lines: list[str], sync: bool = True) -> None:
+    """Append whole lines in one write and fsync; a torn last line left by a kill is cut off first.
+
+    ``sync=False`` leaves the lines with the operating system (they survive a killed process, not a power cut)
+    until the next synced append to the file: for rows written every training step, where an fsync each
+    costs more than a small model's step (benchmarks/run_all.py, sft_*)."""
     if not lines:
         return
     path = Path(path)
@@ -83,7 +87,8 @@ def append_lines(path: Path, lines: list[str]) -> None:
     with open(path, "ab") as fh:
         fh.write("".join(line + "\n" for line in lines).encode())
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
 
 
 def drop_torn_tail(path: Path) -> bool:

@@ -40,11 +40,13 @@ class RunLog:
             for tracker in backlog:
                 tracker.write(rows)
 
-    def write(self, rows: list[dict[str, Any]]) -> None:
+    def write(self, rows: list[dict[str, Any]], sync: bool = True) -> None:
+        """``sync=False``: per-step training rows, made durable by the next synced write (see
+        ``durable.append_lines``); a resumed stage redoes the steps after its checkpoint and drops their rows."""
         if not self.writer:
             return
         rows = [{**self.common, **row} for row in rows]
-        durable.append_lines(self.metrics_path, [json.dumps(row) for row in rows])
+        durable.append_lines(self.metrics_path, [json.dumps(row) for row in rows], sync=sync)
         for tracker in self.trackers:
             tracker.write(rows)
 

@@ -37,8 +37,8 @@ def arm(point: str) -> None:
     stage, step, nth = parts[0], int(parts[1]), int(parts[2])
     original, seen = RunLog.write, []
 
-    def write(self, rows):
-        original(self, rows)
+    def write(self, rows, **kwargs):
+        original(self, rows, **kwargs)
         if any(r.get("stage") == stage and r.get("step") == step and r.get("split") == "train" for r in rows):
             seen.append(1)
             if len(seen) == nth:

@@ -342,7 +342,7 @@ def make_scheduler(stage, optimizer, total_updates: int):
 def log_train_row(ctx: StageContext, step: int, per_epoch: int, row: dict) -> None:
     where = {"stage": ctx.name, "stage_index": ctx.index, "step": step, "epoch": round(step / per_epoch, 4),
              "split": "train", "n": None}
-    ctx.log.write([{**where, "metric": k, "value": v} for k, v in row.items()])
+    ctx.log.write([{**where, "metric": k, "value": v} for k, v in row.items()], sync=False)  # every step
 
 
 class ResumeState:

@@ -25,6 +25,23 @@ IGNORE = -100
 def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: int, every: int, per_epoch: int,
                        evaluate) -> None:
     """Run the Trainer over ``dataset`` calling ``evaluate(step, epoch)`` at 0, every ``every`` steps and the end."""
+    trainer, callback = stage_trainer(ctx, policy, dataset, total, every, per_epoch, evaluate)
+    resume = distributed.on_main(lambda: last_checkpoint(ctx.stage_dir / "trainer"))  # sets damaged ones aside
+    done = int(resume.name.split("-")[1]) if resume else -1
+    ctx.resume_from(done)
+    if resume and policy.projector_parameters():
+        policy.load_projector(resume)
+    if done >= total:  # nothing left to train, and the Trainer would take one more step: just load the weights
+        trainer._load_from_checkpoint(str(resume))  # the Trainer's own loader (adapters, shards)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
+        callback.evaluate_at(total)
+
+
+def stage_trainer(ctx: StageContext, policy, dataset: list[dict], total: int, every: int, per_epoch: int,
+                  evaluate) -> tuple["PolicyTrainer", "EvalCallback"]:
+    """The stage's Trainer with all its callbacks, not started (benchmarks/run_all.py times this very object)."""
     args = training_arguments(ctx, total, every)
     callback = EvalCallback(ctx, evaluate, every, total, per_epoch)
     callbacks = [callback]
@@ -37,17 +54,7 @@ def train_with_trainer(ctx: StageContext, policy, dataset: list[dict], total: in
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
-    resume = distributed.on_main(lambda: last_checkpoint(ctx.stage_dir / "trainer"))  # sets damaged ones aside
-    done = int(resume.name.split("-")[1]) if resume else -1
-    ctx.resume_from(done)
-    if resume and policy.projector_parameters():
-        policy.load_projector(resume)
-    if done >= total:  # nothing left to train, and the Trainer would take one more step: just load the weights
-        trainer._load_from_checkpoint(str(resume))  # the Trainer's own loader (adapters, shards)
-    else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)
-        callback.evaluate_at(total)
+    return trainer, callback
 
 
 class PolicyTrainer(Trainer):
@@ -168,7 +175,7 @@ class EvalCallback(TrainerCallback):
                      "epoch": round(state.global_step / self.per_epoch, 4), "split": "train", "n": None}
             named = {"loss": "loss", "learning_rate": "lr"}  # RL's train rows name the learning rate lr too
             self.ctx.log.write([{**where, "metric": ours, "value": float(logs[theirs])}
-                                for theirs, ours in named.items() if theirs in logs])
+                                for theirs, ours in named.items() if theirs in logs], sync=False)  # every step
 
 
 class ProjectorCallback(TrainerCallback):
