@@ -103,11 +103,11 @@ def test_every_auto_class_load_passes_trust_remote_code():
 
 # ---------------------------------------------------------------- checkpoints and resume state load weights-only
 def test_checkpoints_are_safetensors_and_trainer_state_loads_weights_only(fast_config, tmp_path, monkeypatch, one_thread):
-    import biopost.stages.sft
+    import biopost.stages.context
     from biopost.pipeline import run
 
     # Keep the Trainer's resume state, which a finished stage deletes, to read it back.
-    monkeypatch.setattr(biopost.stages.sft.shutil, "rmtree", lambda *args, **kwargs: None)
+    monkeypatch.setattr(biopost.stages.context.shutil, "rmtree", lambda *args, **kwargs: None)
     raw = fast_config()
     raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4)
     raw["stages"][0].update(max_steps=2, eval_every_steps=2, eval_at_start=False)
