@@ -141,6 +141,10 @@ def test_mixture_errors_name_the_field(fast_config, tmp_path):
     assert "'stages.0.mixture': each task is mixed in once" in error(lambda r: mixture(r).append(mixture(r)[0]))
     assert "stages.0.mixture.0.task.name: amp/modlamp is also in eval.forgetting.tasks" in error(
         lambda r: r["eval"].update(forgetting={"tasks": [AMP_TASK]}))
+    assert "'stages.0.mixture.0.task.options.max_peptides': a number is expected" in error(
+        lambda r: mixture(r)[0]["task"].update(options={"max_peptides": "x"}))
+    assert "stages.0.task_weight: only meaningful with a mixture" in error(
+        lambda r: r["stages"][0].update(mixture=[], task_weight=3.0))
     second = {**STAGES["rl"], "mixture": [{"task": {"name": AMP}, "weight": 1.0}]}
     assert "stages.1.mixture.0.task: amp/modlamp is mixed with other settings than in stages.0.mixture.0.task" in error(
         lambda r: r["stages"].append(second))
@@ -161,6 +165,43 @@ def test_a_mixed_task_with_the_runs_training_inputs_is_refused(fast_config, tmp_
     with pytest.raises(LeakageError, match="have the inputs of training examples") as err:
         run(validate_config(raw), tmp_path / "run")
     assert "mixed task cell_type/h5ad" in str(err.value) and "the run's task cell_type/pbmc68k" in str(err.value)
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_a_cpt_corpus_with_another_scored_tasks_inputs_is_refused(forgetting, fast_config, tmp_path):
+    """A mixed task (or a forgetting task) is scored at every evaluation point: its scored examples may not be
+    in the CPT corpus any more than the run's own held-out ones (modlamp's peptides corpus holds amp's)."""
+    raw = fast_config()
+    amp = {"name": AMP, "options": {"max_peptides": 200}}
+    cpt = {"kind": "cpt", "max_steps": 1, "corpus": {"source": "peptides", "take": 3000, "heldout": 10}}
+    raw["stages"] = [cpt, {**raw["stages"][0], "mixture": [] if forgetting else [{"task": amp, "weight": 1.0}]}]
+    if forgetting:
+        raw["eval"]["forgetting"] = {"tasks": [{**amp, "splits": ["id_test"]}]}
+    with pytest.raises(ConfigError, match=r"stage cpt: corpus: \d+ examples of task amp/modlamp scored at every "
+                       r"evaluation point \(split (val, )?id_test.*\) appear in the CPT corpus"):
+        run(validate_config(raw), tmp_path / "never")
+    assert not (tmp_path / "never" / "config.yaml").exists()
+
+
+def test_a_mixture_in_a_later_stage_shares_no_prefix_with_a_run_without_it():
+    """The mixed task is scored from the first evaluation on, so even the earlier stages' rows differ."""
+    constant = {"name": "constant", "warmup_steps": 0}
+    sft = {"kind": "sft", "max_steps": 4, "eval_every_steps": 2, "schedule": constant}
+    rl = {"kind": "rl", "max_steps": 2, "eval_every_steps": 2, "schedule": constant}
+    mixtures = [[], [{"task": AMP_TASK, "weight": 1.0}], [{"task": AMP_TASK, "weight": 2.0}]]
+    raw = {"name": "rlmix", "base": {"task": {"name": PBMC}, "stages": [sft, rl]},
+           "grid": {"stages.rl.mixture": mixtures}}
+    plan = make_plan(study_from_dict(raw), load_data=False)
+    by_id = plan.by_id()
+    mixes = {r.id: [m.weight for m in r.config.stages[1].mixture] for r in plan.runs}
+    assert sorted(mixes.values()) == [[], [1.0], [2.0]]
+    alone = next(r for r in plan.runs if not mixes[r.id])
+    assert alone.donor is None and not any(r.donor == alone.id for r in plan.runs)
+    mixed = [r for r in plan.runs if mixes[r.id]]  # the same mixed task: they share the SFT stage
+    assert sum(r.donor is not None for r in mixed) == 1
+    for r in mixed:
+        if r.donor:
+            assert by_id[r.donor] in mixed and r.branch == (1, 0)
 
 
 def test_a_mixture_weight_is_a_study_axis_and_different_mixtures_share_nothing():

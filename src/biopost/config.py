@@ -611,10 +611,14 @@ class RunConfig(Strict):
 
     def _check_mixtures(self) -> None:
         """A mixed task is another task than the run's, with one config per run (its rows carry only its name),
-        and not also a forgetting task (it is scored at every evaluation point already)."""
+        and not also a forgetting task (it is scored at every evaluation point already); a task weight needs a
+        mixture to weigh against (alone it would change nothing but the run id)."""
         seen: dict[str, tuple[str, TaskConfig]] = {}
         forgetting = {t.name for t in self.eval.forgetting.tasks}
         for index, stage in enumerate(self.stages):
+            if isinstance(stage, TaskStage) and not stage.mixture and stage.task_weight != 1.0:
+                raise ValueError(f"stages.{index}.task_weight: only meaningful with a mixture (the run's task's weight "
+                                 f"against the mixed tasks'); remove it or set stages.{index}.mixture")
             for j, mixed in enumerate(getattr(stage, "mixture", [])):
                 where, name = f"stages.{index}.mixture.{j}.task", mixed.task.name
                 if name == self.task.name:

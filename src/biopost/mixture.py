@@ -15,6 +15,7 @@ same sequence.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -112,6 +113,19 @@ def load_mixed_tasks(config: RunConfig) -> dict[str, tuple[object, Splits]]:
             if config.model.encoders:  # a fused model's batches carry the payloads its encoders read, from every task
                 check_encoder_inputs(as_run, splits)
         except ConfigError as err:
-            raise ConfigError(f"{where[name]}: {str(err).removeprefix('config error: ')}") from None
+            raise ConfigError(under(where[name], str(err))) from None
         loaded[name] = (other, splits)
     return loaded
+
+
+def under(where: str, message: str) -> str:
+    """A mixed task's error with its ``task.`` paths put under the mixture entry ``where``, so it names one path.
+
+    >>> under("stages.0.mixture.0.task", "config error: 'task.options.max_peptides': a number is expected")
+    "'stages.0.mixture.0.task.options.max_peptides': a number is expected"
+    >>> under("stages.0.mixture.0.task", "unknown task 'no/such'")
+    "stages.0.mixture.0.task: unknown task 'no/such'"
+    """
+    message = message.removeprefix("config error: ")
+    moved = re.sub(r"\btask\.(?=\w)", f"{where}.", message)  # quoted or not, as the message has it
+    return moved if moved != message else f"{where}: {message}"

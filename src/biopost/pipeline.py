@@ -120,11 +120,11 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
         return run_dir
     # ---- validate: all that can fail before training fails here, before the directory is claimed
     task, splits = load_task_and_splits(config)
-    check_run(config, task, splits)
     if config.model.encoders:
         check_encoder_inputs(config, splits)
     mixed = load_mixed_tasks(config)
     forgetting = load_forgetting(config, task, splits, mixed)
+    check_run(config, task, splits, forgetting.tasks if forgetting else ())  # corpora vs every scored task
     distributed.barrier()  # every process has read the directory before the main one claims it
     with distributed.main_lock(DirectoryLock(run_dir, "run")), explained(config, run_dir):
         with distributed.main_writes() as main:

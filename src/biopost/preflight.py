@@ -3,7 +3,8 @@
 The task's own loading (options against the data, label and group columns, held-out groups, split sizes)
 happens in ``pipeline.load_task_and_splits``; this module adds what the stages would otherwise find only
 when they start, possibly hours in: the backbone and encoder paths, local CPT corpora (window size and
-overlap with held-out inputs), and the splits a stage needs (train to learn from, val to select on).
+overlap with held-out inputs, the mixed and forgetting tasks' scored ones too), and the splits a stage needs
+(train to learn from, val to select on).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 from biopost.config import ConfigError, RunConfig
 
 
-def check_run(config: RunConfig, task, splits) -> None:
+def check_run(config: RunConfig, task, splits, scored=()) -> None:
+    """``scored``: the other tasks scored at every evaluation point (mixed and forgetting tasks, each with its
+    scored splits: ``biopost.forgetting.CrossTask``)."""
     check_backbone(config.model.backbone)
     for modality, encoder in config.model.encoders.items():
         check_encoder(encoder.name, modality)
     check_split_sizes(config, splits)
-    check_corpora(config, task, splits)
+    check_corpora(config, task, splits, scored)
 
 
 def looks_local(spec: str) -> bool:
@@ -67,14 +70,17 @@ def check_split_sizes(config: RunConfig, splits) -> None:
                           "add val to eval.splits (and a non-zero task.split.val_fraction) or init from the stage")
 
 
-def check_corpora(config: RunConfig, task, splits) -> None:
-    """Local CPT corpora are read now (window size, no held-out input inside); streamed hub ones when used."""
-    from biopost.data.corpus import load_corpus
+def check_corpora(config: RunConfig, task, splits, scored=()) -> None:
+    """Local CPT corpora are read now (window size, no held-out input of the run's task inside, nor a scored
+    input of another task ``scored``); streamed hub ones when used."""
+    from biopost.data.corpus import check_scored_overlap, load_corpus
 
     for index, stage in enumerate(config.stages):
         if stage.kind != "cpt" or stage.corpus.source == "hf":
             continue
         try:
-            load_corpus(stage.corpus, task, splits)
+            corpus = load_corpus(stage.corpus, task, splits)
+            for other in scored:
+                check_scored_overlap(corpus.train + corpus.heldout, other.task, other.splits)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"stage {config.stage_name(index)}: corpus: {err}") from None

@@ -161,9 +161,28 @@ def cell_sentence_documents(train) -> list[str]:
 
 def check_no_test_overlap(docs: list[str], task, splits) -> None:
     """No held-out example's identifying text (``task.leak_keys``) may appear inside a corpus document."""
-    haystack = "\n".join(docs)
-    hits = [(name, e.id) for name in TEST_SPLITS for e in splits[name]
-            if any(key and key in haystack for key in task.leak_keys(e))]
+    hits = leaked(docs, task, {name: splits[name] for name in TEST_SPLITS})
     if hits:
-        shown = ", ".join(f"{n}:{i}" for n, i in hits[:5])
-        raise LeakageError(f"{len(hits)} held-out examples appear in the CPT corpus ({shown}); change the corpus window")
+        raise LeakageError(f"{len(hits)} held-out examples appear in the CPT corpus ({shown(hits)}); change the "
+                           "corpus window")
+
+
+def check_scored_overlap(docs: list[str], task, scored: dict[str, list]) -> None:
+    """Another task's examples scored at every evaluation point (a mixed or forgetting task's, ``scored``: split
+    name -> examples) may not appear inside a corpus document either."""
+    hits = leaked(docs, task, scored)
+    if hits:
+        names = ", ".join(dict.fromkeys(n for n, _ in hits))
+        raise LeakageError(f"{len(hits)} examples of task {task.name} scored at every evaluation point (split "
+                           f"{names}) appear in the CPT corpus ({shown(hits)}); change the corpus window")
+
+
+def leaked(docs: list[str], task, examples: dict[str, list]) -> list[tuple[str, str]]:
+    """(split, example id) of the examples whose identifying text is inside a document."""
+    haystack = "\n".join(docs)
+    return [(name, e.id) for name, split in examples.items() for e in split
+            if any(key and key in haystack for key in task.leak_keys(e))]
+
+
+def shown(hits: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{n}:{i}" for n, i in hits[:5])

@@ -46,9 +46,12 @@ class PlannedRun:
 
     @cached_property
     def parts(self) -> tuple[str, list[dict]]:
-        """(run-level settings as JSON text, stage dicts): what prefix sharing compares."""
+        """(run-level settings as JSON text, stage dicts): what prefix sharing compares. The tasks mixed into
+        any stage are run-level: they are scored at every evaluation point of every stage, so a run that mixes
+        a task in only in a later stage still differs from the first step on."""
         config = self.config.model_dump(mode="json")
         stages = config.pop("stages")
+        config["mixed_tasks"] = {name: task.model_dump(mode="json") for name, task in self.config.mixed_tasks().items()}
         return json.dumps(config, sort_keys=True), stages
 
     @cached_property
