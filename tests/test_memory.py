@@ -164,3 +164,32 @@ def test_reference_none_needs_no_kl_term():
     with pytest.raises(ValueError, match="reference: none leaves nothing"):
         RLStage(reference="none", beta=0.01)
     assert RLStage(reference="none", beta=0.0).reference == "none"
+
+
+def test_rl_layers_recompute_at_every_optimise_after_evaluations(fast_config, tmp_path, monkeypatch):
+    """Evaluation puts the model in eval mode and back: RL's checkpointed layers (training flag set alone, under a
+    policy in eval mode) must still recompute in every optimiser step after it, including after eval_at_start."""
+    from biopost.pipeline import run
+
+    ratios, real = [], rl.optimise
+
+    def counted(policy, *args, **kwargs):
+        calls = {"embed": 0, "layer": 0}
+        base = policy.model.get_base_model()
+        hooks = [base.get_input_embeddings().register_forward_pre_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1)),
+                 base.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))]
+        try:
+            return real(policy, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            ratios.append(calls["layer"] / calls["embed"])  # 2: the layer's forward ran again in the backward pass
+
+    monkeypatch.setattr(rl, "optimise", counted)
+    raw = fast_config()
+    raw["model"]["gradient_checkpointing"] = True
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4)
+    raw["stages"] = [{"kind": "rl", "max_steps": 3, "prompts_per_step": 1, "num_generations": 2,
+                      "max_completion_length": 4, "eval_every_steps": 1, "eval_at_start": True}]
+    run(validate_config(raw), tmp_path / "run")
+    assert ratios == [2.0, 2.0, 2.0]

@@ -35,7 +35,7 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
     # one process would, so the gathered completions are one process's. Sampled decoding draws from one RNG
     # stream across batches, so every process decodes them all (the same samples as one process).
     mine = starts if sampled else [starts[i] for i in distributed.round_robin(len(starts))]
-    was_training = policy.model.training
+    modes = training_flags(policy.model)
     policy.model.eval()
     done: list[tuple[int, list[list[str]], list[int]]] = []
     try:
@@ -49,10 +49,21 @@ def generate_completions(policy, task, examples: list[Example], cfg: EvalConfig,
                 done.append((start, [texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch))],
                              completion_mask(new, policy.end_of_turn_id).sum(1).tolist()))
     finally:
-        policy.model.train(was_training)
+        restore_training_flags(modes)
     if not sampled:
         done = sorted(distributed.gather(done), key=lambda d: d[0])
     return [c for _, completions, _ in done for c in completions], [n for _, _, counts in done for n in counts]
+
+
+def training_flags(model) -> list[tuple]:
+    """Every module's own ``training`` flag: RL's policy is in eval mode but for its checkpointed layers
+    (``checkpoint_in_eval_mode``), which a plain ``model.train(was_training)`` would switch off."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def restore_training_flags(modes: list[tuple]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 @contextmanager
