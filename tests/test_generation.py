@@ -1,11 +1,13 @@
 """Generation backends: the transformers default, and the vLLM backend's plumbing and weight sync checked against
-a fake engine with vLLM's methods (``generate``, ``collective_rpc``, ``reset_prefix_cache``): vllm itself is a
-GPU-only extra and is never imported here."""
+a fake engine with vLLM's surface (``generate``, ``reset_prefix_cache``, the in-process
+``llm_engine.model_executor.driver_worker``, and ``collective_rpc`` refusing callables as the multiprocess engine's
+msgpack does): vllm itself is a GPU-only extra and is never imported here."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -27,14 +29,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class FakeEngine:
     """vLLM's ``LLM`` surface on a plain transformers copy of the model, loaded once from disk and afterwards
-    changed only through ``collective_rpc(load_into_worker, ...)``, as a real engine's weights are."""
+    changed only through the in-process model's ``load_weights``, as a real engine's weights are. As in vLLM v1,
+    that model is reachable only when the engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and
+    ``collective_rpc`` refuses a Python callable (the multiprocess engine cannot serialize one)."""
 
     def __init__(self, path):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(path).eval()
-        self.syncs, self.cache_resets, self.prompts = 0, 0, []
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights)))
+        self.syncs, self.cache_resets, self.prompts, self.seeds = 0, 0, [], []
+
+    @property
+    def llm_engine(self):
+        assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "the engine core runs in another process"
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
+        return SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
 
     def load_weights(self, weights):
         params = dict(self.model.named_parameters())
@@ -46,17 +55,23 @@ class FakeEngine:
         self.syncs += 1
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        return [method(self.worker, *args, **(kwargs or {}))]
+        if callable(method):
+            raise TypeError("Object of type function is not serializable (VLLM_ALLOW_INSECURE_SERIALIZATION)")
+        raise NotImplementedError(method)
 
     def reset_prefix_cache(self):
         self.cache_resets += 1
 
     @torch.no_grad()
     def generate(self, prompts, params, use_tqdm=True):
-        sampling, options = params
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
+        assert len(per_request) == len(prompts)
         self.prompts += prompts
         outputs = []
-        for prompt in prompts:
+        for prompt, (sampling, options) in zip(prompts, per_request):
+            self.seeds.append(sampling.seed)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
             if "prompt_embeds" in prompt:
                 inputs = {"inputs_embeds": prompt["prompt_embeds"][None]}
             else:
@@ -74,7 +89,15 @@ class FakeEngine:
         return outputs
 
 
+@pytest.fixture(autouse=True)
+def engine_env_restored(monkeypatch):
+    """The backend sets the in-process engine's environment (generation.engine_env): restored after each test."""
+    for key in generation.engine_env():
+        monkeypatch.delenv(key, raising=False)
+
+
 def fake_backend(engine) -> VLLMBackend:
+    os.environ.update(generation.engine_env())  # what make_backend sets before an engine starts
     return VLLMBackend(engine, sampling_params=lambda sampling, **options: (sampling, options))
 
 
@@ -124,7 +147,8 @@ def test_sync_after_an_optimiser_step_follows_the_policy(tiny_backbone, tmp_path
     assert not torch.allclose(before, policy.model(input_ids=ids).logits)
     backend.sync(policy)
     torch.testing.assert_close(engine.model(input_ids=ids).logits, policy.model(input_ids=ids).logits)
-    assert [name for name, _ in engine_weights(policy)] == [name for name, _ in policy.model.named_parameters()]
+    with engine_weights(policy) as weights:
+        assert [name for name, _ in weights] == [name for name, _ in policy.model.named_parameters()]
 
 
 def test_vllm_backend_sends_unpadded_prompts_and_returns_what_transformers_returns(tiny_backbone, pbmc_task,
@@ -259,3 +283,48 @@ def test_transformers_backend_batches_left_padded_with_a_kv_cache(tiny_backbone,
         mask = c["attention_mask"]
         assert bool(mask[:, -1].all()), "every prompt ends at the right edge: padding is on the left"
     assert any(bool((c["attention_mask"][:, 0] == 0).any()) for c in calls)  # prompts of unequal length were padded
+
+
+def test_rollout_requests_carry_seeds_from_the_stage_seed(fast_config, tmp_path, monkeypatch):
+    """vLLM rollouts: every sequence is its own request seeded by (stage seed, step, row), not by the engine's seed
+    (the evaluator's, when the engine is shared), so they follow stages[i].seed as transformers rollouts do."""
+    from biopost.sampling import row_seeds
+
+    engines = []
+    monkeypatch.setattr(generation, "check_backend", lambda cfg, where: None)
+    monkeypatch.setattr(generation, "start_engine", lambda cfg, policy, model_dir, seed: engines.append(
+        FakeEngine(policy.base_path)) or engines[-1])
+    monkeypatch.setattr(generation, "vllm_sampling_params", lambda sampling, **options: (sampling, options))
+    raw = fast_config()
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4, seed=0, generation={"backend": "vllm"})
+    raw["stages"] = [{"kind": "rl", "init": "base", "seed": 7, "max_steps": 2, "prompts_per_step": 2,
+                      "num_generations": 2, "max_completion_length": 4, "eval_every_steps": 2,
+                      "eval_at_start": False, "generation": {"backend": "vllm"}}]
+    run(validate_config(raw), tmp_path / "run")
+    (engine,) = engines
+    assert engine.seeds[:8] == row_seeds(7, 0, range(4)) + row_seeds(7, 1, range(4))
+    assert engine.seeds[8:] == [0, 0]  # the evaluator's requests keep eval.seed
+
+
+def test_the_engine_starts_in_process_as_trl_colocates_it(tiny_backbone, tmp_path, monkeypatch):
+    """start_engine asks vLLM for the external launcher's executor (the engine core in this process), after
+    make_backend set VLLM_ENABLE_V1_MULTIPROCESSING=0 and a torch.distributed world for it."""
+    import sys
+
+    seen = {}
+
+    def llm(**kwargs):
+        seen.update(kwargs, env={k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "WORLD_SIZE",
+                                                                 "MASTER_PORT")})
+        return FakeEngine(tiny_backbone)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=llm))
+    monkeypatch.setattr(generation, "check_backend", lambda cfg, where: None)
+    policy = lora_policy(tiny_backbone, tmp_path)
+    backend = generation.make_backend(GenerationConfig(backend="vllm"), policy, tmp_path)
+    assert seen["distributed_executor_backend"] == "external_launcher" and seen["enforce_eager"]
+    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and seen["env"]["RANK"] == "0"
+    assert seen["env"]["WORLD_SIZE"] == "1" and seen["env"]["MASTER_PORT"]
+    assert backend.engine.syncs == 1 and not (tmp_path / "vllm-model" / "model.safetensors").exists()
+    with pytest.raises(TypeError):  # what the multiprocess engine answers a function: the sync must not send one
+        backend.engine.collective_rpc(lambda worker: None)

@@ -6,17 +6,22 @@ policy's current ones). Callers decode, mask and score the ids the same way whic
 
 - ``transformers`` (default): ``Policy.generate``, batched with left padding and a KV cache; it samples from
   the live policy, so there is nothing to sync.
-- ``vllm`` (optional extra ``biopost[vllm]``, CUDA only): a vLLM engine holding its own copy of the weights.
-  A fused model's prompts go in as prompt embeddings (vLLM's ``enable_prompt_embeds``); text-only prompts as
-  token ids. LoRA is served as merged weights: after every optimiser step :meth:`VLLMBackend.sync` loads the
-  policy's merged state dict into the engine's model (``load_weights`` on each worker through
-  ``collective_rpc``) and drops the engine's prefix cache, computed with the old weights.
+- ``vllm`` (optional extra ``biopost[vllm]``, CUDA only): a vLLM engine holding its own copy of the weights,
+  run in this process as TRL's colocate mode runs it (``distributed_executor_backend="external_launcher"``,
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one engine per launched process). A fused model's prompts go in as
+  prompt embeddings (vLLM's ``enable_prompt_embeds``); text-only prompts as token ids. LoRA is served as merged
+  weights: after every optimiser step :meth:`VLLMBackend.sync` hands the policy's merged parameters to the
+  in-process model's ``load_weights`` (no copy through another process, which vLLM's default multiprocess
+  engine would refuse for a Python callable) and drops the engine's prefix cache, computed with the old weights.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +52,8 @@ class Sampling:
 class TransformersBackend:
     """``Policy.generate``: the live policy, batched, left-padded, with a KV cache."""
 
+    per_row_seeds = False  # rollouts sample from torch's RNG unless launched (biopost.sampling)
+
     def generate(self, policy, input_ids, attention_mask, payloads, sampling: Sampling) -> torch.Tensor:
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy, use_cache=True)
         if sampling.greedy:
@@ -65,27 +72,38 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """A vLLM engine (``vllm.LLM`` or anything with its ``generate`` / ``collective_rpc`` / ``reset_prefix_cache``)
-    fed with the policy's prompts and kept in step with its weights by :meth:`sync`."""
+    """A vLLM engine (``vllm.LLM`` in this process, or anything with its ``generate`` / ``reset_prefix_cache`` and
+    ``llm_engine.model_executor.driver_worker``) fed with the policy's prompts and kept in step with its weights
+    by :meth:`sync`."""
+
+    # RL rollouts: every sequence is its own request with its own seed (stage seed, step, row), so they follow the
+    # stage's seed (not the evaluator's engine seed) and do not depend on how processes split a step's batch
+    per_row_seeds = True
 
     def __init__(self, engine, sampling_params=None):
         self.engine = engine
         self.sampling_params = sampling_params or vllm_sampling_params  # replaced in tests (no vllm import)
 
     def generate(self, policy, input_ids, attention_mask, payloads, sampling: Sampling) -> torch.Tensor:
-        if sampling.row_seeds is not None:
-            raise ValueError("generation.backend vllm does not run under accelerate launch yet: "
-                             "use generation.backend: transformers there")
-        params = self.sampling_params(sampling, stop_token_ids=[policy.end_of_turn_id],
-                                      suppress=sorted(getattr(policy, "placeholder_ids", {}).values()))
+        options = dict(stop_token_ids=[policy.end_of_turn_id],
+                       suppress=sorted(getattr(policy, "placeholder_ids", {}).values()))
+        if sampling.row_seeds is None:
+            params = self.sampling_params(sampling, **options)
+        else:  # one request per sequence (the prompts come repeated), each with its row's seed
+            if sampling.num_samples != 1 or len(sampling.row_seeds) != len(input_ids):
+                raise ValueError("row_seeds need one prompt row per sequence (num_samples 1)")
+            params = [self.sampling_params(replace(sampling, seed=seed, row_seeds=None), **options)
+                      for seed in sampling.row_seeds]
         outputs = self.engine.generate(engine_prompts(policy, input_ids, attention_mask, payloads), params,
                                        use_tqdm=False)
         rows = [list(sample.token_ids) for request in outputs for sample in request.outputs]
         return right_padded(rows, policy.tokenizer.pad_token_id, input_ids.device)
 
     def sync(self, policy) -> None:
-        """Load the policy's current (merged) weights into the engine, then forget cached prefixes."""
-        self.engine.collective_rpc(load_into_worker, args=(list(engine_weights(policy)),))
+        """Load the policy's current (merged) weights into the engine's model, then forget cached prefixes."""
+        model = self.engine.llm_engine.model_executor.driver_worker.model_runner.model  # in this process
+        with engine_weights(policy) as weights:
+            model.load_weights(weights=weights)
         self.engine.reset_prefix_cache()
 
 
@@ -113,18 +131,18 @@ def right_padded(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+@contextmanager
 def engine_weights(policy):
     """(name, tensor) pairs of the policy's language model as its Hugging Face checkpoint names them, a LoRA
-    adapter merged in: the state dict an engine loaded from the plain model expects. Read inside peft's
-    merge / unmerge, so the trained adapter is left as it was; tensors are copied to the CPU."""
+    adapter merged in: the state dict an engine loaded from the plain model expects. Valid inside the block only
+    (peft's merge is undone after it, leaving the trained adapter as it was); the tensors are the policy's own."""
     model = policy.model
     if not policy.is_adapter:
-        return [(name, param.detach().to("cpu", copy=True)) for name, param in model.named_parameters()]
+        yield [(name, param.detach()) for name, param in model.named_parameters()]
+        return
     model.merge_adapter()
     try:
-        # copies (on a CPU model .cpu() would return the weights themselves, unmerged again below)
-        return [(plain_name(name), param.detach().to("cpu", copy=True)) for name, param in model.named_parameters()
-                if not adapter_only(name)]
+        yield [(plain_name(name), param.detach()) for name, param in model.named_parameters() if not adapter_only(name)]
     finally:
         model.unmerge_adapter()
 
@@ -144,11 +162,6 @@ def plain_name(name: str) -> str:
 def adapter_only(name: str) -> bool:
     """Parameters that exist only in the adapter (merged into the base weights) or as peft's saved originals."""
     return any(key in name for key in ("lora_", "trainable_tokens_", "original_module"))
-
-
-def load_into_worker(worker, weights) -> None:
-    """Run on each vLLM worker (through ``collective_rpc``): load ``weights`` into the worker's model."""
-    worker.model_runner.model.load_weights(weights=weights)
 
 
 def vllm_sampling_params(sampling: Sampling, stop_token_ids: list[int], suppress: list[int]):
@@ -183,9 +196,29 @@ def make_backend(cfg: GenerationConfig, policy, workdir: Path, seed: int = 0, wh
     if cfg.backend == "transformers":
         return TransformersBackend()
     check_backend(cfg, where)
+    os.environ.update(engine_env())  # before the engine starts: it reads them once
     backend = VLLMBackend(start_engine(cfg, policy, Path(workdir) / "vllm-model", seed))
     backend.sync(policy)
     return backend
+
+
+def engine_env() -> dict[str, str]:
+    """Environment of an in-process vLLM engine, as TRL's colocate mode sets it: the engine core in this process
+    (its model reachable for :meth:`VLLMBackend.sync`), and the torch.distributed rank / world of the launcher
+    (or a one-process world) for the ``external_launcher`` executor."""
+    from biopost import distributed
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RANK": str(distributed.rank()),
+           "WORLD_SIZE": str(distributed.world_size()), "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
+           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")}
+    env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_engine(cfg: GenerationConfig, policy, model_dir: Path, seed: int):
@@ -198,12 +231,15 @@ def start_engine(cfg: GenerationConfig, policy, model_dir: Path, seed: int):
     plain = policy.model.get_base_model() if policy.is_adapter else policy.model
     model_dir.mkdir(parents=True, exist_ok=True)
     plain.config.save_pretrained(model_dir)
-    save_file({name: tensor.contiguous() for name, tensor in engine_weights(policy)}, model_dir / "model.safetensors",
-              metadata={"format": "pt"})
+    with engine_weights(policy) as weights:
+        save_file({name: tensor.to("cpu", copy=True).contiguous() for name, tensor in weights},
+                  model_dir / "model.safetensors", metadata={"format": "pt"})
     policy.tokenizer.save_pretrained(model_dir)
     dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
-    # eager mode: each worker's model_runner.model is the plain module whose load_weights the sync calls
+    # eager mode: the driver worker's model_runner.model is the plain module whose load_weights the sync calls;
+    # external_launcher: one engine per process of the run (TRL's colocate mode), in this process
     engine = LLM(model=str(model_dir), dtype=dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                 max_model_len=cfg.max_model_len, enable_prompt_embeds=bool(policy.modalities), enforce_eager=True)
+                 max_model_len=cfg.max_model_len, enable_prompt_embeds=bool(policy.modalities), enforce_eager=True,
+                 distributed_executor_backend="external_launcher")
     (model_dir / "model.safetensors").unlink(missing_ok=True)  # read once; from now on the weights come by sync
     return engine

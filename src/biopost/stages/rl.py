@@ -145,20 +145,22 @@ def rollout(policy, task, examples: list, stage, backend=None, step: int = 0, fi
     every example, or one task per example (a mixed stage). ``backend``: the generation backend
     (models/generation.py); None = transformers ``generate`` on the live policy. Under a launcher each
     sequence samples from its own generator, seeded by the stage seed, ``step`` and its row in the step's
-    whole batch (``first``: the index of ``examples[0]`` among the step's prompts)."""
+    whole batch (``first``: the index of ``examples[0]`` among the step's prompts); so does every sequence of a
+    vLLM backend (a per-request seed), launched or not."""
     tasks = task if isinstance(task, list) else [task] * len(examples)
     repeated = [e for e in examples for _ in range(stage.num_generations)]
     rendered = [policy.render_prompt(t.messages(e)) for t, e in zip(tasks, examples)]  # once per prompt, then repeated
     prompts = [p for p in rendered for _ in range(stage.num_generations)]
     payloads = collate_payloads(repeated, policy.modalities)
     enc = encode_prompts(policy, prompts, payloads)
+    backend = backend or TransformersBackend()
     seeds = None
-    if distributed.launched():
+    if distributed.launched() or backend.per_row_seeds:
         seeds = tuple(row_seeds(stage.seed, step, range(first * stage.num_generations,
                                                          (first + len(examples)) * stage.num_generations)))
     sampling = Sampling(max_new_tokens=stage.max_completion_length, greedy=False, temperature=stage.temperature,
                         top_p=stage.top_p, top_k=stage.top_k, row_seeds=seeds)  # no per-request seed: G copies differ
-    completion_ids = (backend or TransformersBackend()).generate(
+    completion_ids = backend.generate(
         policy, enc["input_ids"], enc["attention_mask"], payloads, sampling)
     mask = completion_mask(completion_ids, policy.end_of_turn_id)
     return Rollouts(repeated, enc["input_ids"], enc["attention_mask"], completion_ids, mask,
