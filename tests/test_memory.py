@@ -193,3 +193,52 @@ def test_rl_layers_recompute_at_every_optimise_after_evaluations(fast_config, tm
                       "max_completion_length": 4, "eval_every_steps": 1, "eval_at_start": True}]
     run(validate_config(raw), tmp_path / "run")
     assert ratios == [2.0, 2.0, 2.0]
+
+
+def test_a_stage_s_old_gradient_checkpointing_key_names_where_it_moved(fast_config):
+    raw = fast_config()
+    raw["stages"][0]["gradient_checkpointing"] = True
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    message = str(err.value)
+    assert "\n" not in message and "'stages.0.gradient_checkpointing' moved to model.gradient_checkpointing" in message
+
+
+def test_memory_settings_leave_the_run_id_as_it_was(fast_config):
+    """Following an out-of-memory advice resumes the same run: memory-only settings are not its identity."""
+    raw = fast_config()
+    raw["stages"] = [{"kind": "rl", "init": "base", "max_steps": 1}]
+    base = validate_config(raw).run_id()
+    variants = [
+        ("model", {"gradient_checkpointing": True}),
+        ("eval", {"generation": {"backend": "transformers", "gpu_memory_utilization": 0.5, "max_model_len": 512}}),
+        ("stage", {"reference": "cpu_offload"}),
+        ("stage", {"generation": {"gpu_memory_utilization": 0.6, "max_model_len": 256}}),
+    ]
+    for where, change in variants:
+        other = copy.deepcopy(raw)
+        (other["stages"][0] if where == "stage" else other[where]).update(change)
+        assert validate_config(other).run_id() == base, change
+    for where, change in [("stage", {"lr": 1e-3}), ("stage", {"reference": "none", "beta": 0.0}),
+                          ("eval", {"generation": {"backend": "vllm"}})]:  # these do change results
+        other = copy.deepcopy(raw)
+        (other["stages"][0] if where == "stage" else other[where]).update(change)
+        assert validate_config(other).run_id() != base, change
+
+
+def test_a_run_resumes_only_on_the_dtype_it_started_with(fast_config, tmp_path):
+    """dtype auto resolves per machine: env.json records the resolved dtype, and a resume resolving another one
+    is refused in one line naming the fix."""
+    import json
+
+    from biopost.pipeline import claim_run_dir
+
+    config = validate_config(fast_config())  # dtype auto: float32 on this CPU machine
+    claim_run_dir(config, tmp_path)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["dtype"] == "float32"
+    claim_run_dir(config, tmp_path)  # the same machine resumes
+    (tmp_path / "env.json").write_text(json.dumps({**env, "dtype": "bfloat16"}))  # as a GPU machine records it
+    with pytest.raises(ConfigError, match=r"bfloat16 weights .* set model.dtype: bfloat16 to resume") as err:
+        claim_run_dir(config, tmp_path)
+    assert "\n" not in str(err.value)

@@ -658,11 +658,22 @@ class RunConfig(Strict):
     def run_id(self) -> str:
         """Hash of the resolved config: the run's identity. Trackers and the permission to run a model's code
         change no result, so they are left out (turning one on neither makes a finished run new nor splits a
-        study's shared prefixes)."""
+        study's shared prefixes). Memory and speed settings (gradient checkpointing, where RL's reference copy
+        lives, a vLLM engine's memory share and length) change no result either: they count as their defaults,
+        so following an out-of-memory advice resumes the same run."""
         config = self.model_dump(mode="json", exclude={"report_to": True, "model": {"trust_remote_code"}})
+        config["model"]["gradient_checkpointing"] = False
+        generations = [config["eval"]["generation"]]
         for stage in config["stages"]:  # no mixture: the ids runs had before stages could mix tasks
             if stage.get("mixture") == [] and stage.get("task_weight") == 1.0:
                 del stage["mixture"], stage["task_weight"]
+            if stage.get("reference") == "cpu_offload":
+                stage["reference"] = "copy"
+            if "generation" in stage:
+                generations.append(stage["generation"])
+        for generation in generations:
+            generation.update(gpu_memory_utilization=GenerationConfig.model_fields["gpu_memory_utilization"].default,
+                              max_model_len=None)
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
     def mixed_tasks(self) -> dict[str, TaskConfig]:
@@ -815,6 +826,9 @@ def _index(node: list, part: str, where: str) -> int:
     return int(part)
 
 
+MOVED_STAGE_KEYS = {"gradient_checkpointing": "model.gradient_checkpointing"}  # stage key -> where it lives now
+
+
 def describe_error(err: ValidationError, raw: dict) -> str:
     """First validation error as one line naming the dotted key and the valid choices."""
     first = err.errors()[0]
@@ -822,6 +836,8 @@ def describe_error(err: ValidationError, raw: dict) -> str:
     loc = [str(p) for i, p in enumerate(where) if not _is_union_tag(p, where[i - 1] if i else None)]
     key = ".".join(loc) or "<root>"
     if first["type"] == "extra_forbidden":
+        if loc[0] == "stages" and loc[-1] in MOVED_STAGE_KEYS:  # an older config
+            return f"config error: '{key}' moved to {MOVED_STAGE_KEYS[loc[-1]]} (one setting for every stage); set it there"
         valid = _valid_keys(first["loc"][:-1], raw)
         return f"config error: unknown key '{key}'; valid keys here: {', '.join(valid)}"
     if first["type"] == "missing":

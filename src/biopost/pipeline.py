@@ -326,8 +326,22 @@ def claim_run_dir(config: RunConfig, run_dir: Path) -> None:
     other = check_run_dir(config, run_dir)  # again: the directory may have changed before we held the lock
     if other is not None:
         set_aside_attempt(run_dir, other, config.run_id())
+    dtype = resolve_dtype(config.model.dtype, resolve_device(config.model.device))
+    check_resolved_dtype(run_dir, config, dtype)
     dump_config(config, run_dir / "config.yaml")
-    durable.write_json(run_dir / "env.json", environment())
+    durable.write_json(run_dir / "env.json", {**environment(), "dtype": dtype})
+
+
+def check_resolved_dtype(run_dir: Path, config: RunConfig, dtype: str) -> None:
+    """Refuse to resume a run on weights of another dtype than its first attempt's (``model.dtype: auto``
+    resolves per machine: bfloat16 on a GPU that has it, float32 elsewhere)."""
+    env = run_dir / "env.json"
+    if not env.is_file():
+        return
+    recorded = json.loads(env.read_text()).get("dtype")
+    if recorded is not None and recorded != dtype:
+        raise ConfigError(f"{run_dir} was run with {recorded} weights (model.dtype: {config.model.dtype}), but here "
+                          f"they resolve to {dtype}; set model.dtype: {recorded} to resume it on this machine")
 
 
 def set_aside_attempt(run_dir: Path, other: RunConfig, replaced_by: str) -> Path:
