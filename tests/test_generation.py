@@ -328,3 +328,34 @@ def test_the_engine_starts_in_process_as_trl_colocates_it(tiny_backbone, tmp_pat
     assert backend.engine.syncs == 1 and not (tmp_path / "vllm-model" / "model.safetensors").exists()
     with pytest.raises(TypeError):  # what the multiprocess engine answers a function: the sync must not send one
         backend.engine.collective_rpc(lambda worker: None)
+
+
+def test_a_vllm_evaluated_checkpoint_evaluates_and_predicts_with_backend_transformers(sft_run, pbmc_splits, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A checkpoint whose evaluator used vLLM: without vllm, eval / predict say to pass --backend transformers,
+    which works; --backend vllm without vllm is refused the same way."""
+    import json
+    import shutil
+
+    hide(monkeypatch, "vllm")
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(sft_run.final, checkpoint)
+    state_file = checkpoint / "biopost_checkpoint.json"
+    state = json.loads(state_file.read_text())
+    state["task"]["eval"]["generation"] = {"backend": "vllm"}
+    state_file.write_text(json.dumps(state))
+    cells = tmp_path / "cells.jsonl"
+    cells.write_text(json.dumps({"id": "a", "genes": pbmc_splits.id_test[0].fields["genes"]}) + "\n")
+    task = state["task"]["name"]
+    eval_args = ["eval", str(checkpoint), "--task", task, "--splits", "val", "--max-examples", "2"]
+    predict_args = ["predict", str(checkpoint), "--task", task, "--input", str(cells), "--max-new-tokens", "4"]
+    for args, said in [(eval_args, "the checkpoint's eval.generation.backend: vllm"),
+                       (predict_args, "the checkpoint's eval.generation.backend: vllm"),
+                       (predict_args + ["--backend", "vllm"], "--backend: vllm")]:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err and "pass --backend transformers" in err, err
+    for args in (eval_args, predict_args):
+        assert main(args + ["--backend", "transformers"]) == 0
+        assert capsys.readouterr().out.strip()

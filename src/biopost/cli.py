@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
     add_memory_options(p, "default: the checkpoint's eval.batch_size")
+    add_backend_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer your own examples (JSONL in the task's input format)")
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
     add_memory_options(p, f"default {EvalConfig.model_fields['batch_size'].default}")
+    add_backend_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("summary", help="a run's metric per stage, step and split; writes an ID/OOD curve plot")
@@ -240,13 +242,20 @@ def add_memory_options(parser, batch_default: str) -> None:
                         "bfloat16 halves the memory)")
 
 
+def add_backend_option(parser) -> None:
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default=None,
+                        help="generation backend (default: the checkpoint's eval.generation.backend; vllm needs "
+                        "pip install 'biopost[vllm]' and a CUDA GPU)")
+
+
 def cmd_eval(args) -> int:
     quiet_libraries()
     from biopost.inference import evaluate_checkpoint
 
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
                                base=args.base, trust_remote_code=args.trust_remote_code,
-                               options=args.option, batch_size=args.batch_size, dtype=args.dtype)
+                               options=args.option, batch_size=args.batch_size, dtype=args.dtype,
+                               backend=args.backend)
     if not distributed.is_main():  # under a launcher every process holds the gathered rows; one writes them
         return 0
     return write_jsonl(rows, args.output, "rows")
@@ -258,7 +267,8 @@ def cmd_predict(args) -> int:
 
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
                            base=args.base, trust_remote_code=args.trust_remote_code,
-                           options=args.option, batch_size=args.batch_size, dtype=args.dtype)
+                           options=args.option, batch_size=args.batch_size, dtype=args.dtype,
+                           backend=args.backend)
     if not distributed.is_main():
         return 0
     return write_jsonl(records, args.output, "predictions")

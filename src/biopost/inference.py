@@ -51,7 +51,9 @@ def task_for_checkpoint(checkpoint: Path, name: str, options: list[str] = ()):
 
 def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_examples: int | None,
                         device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                        options: list[str] = (), batch_size: int | None = None, dtype: str = "auto") -> list[dict]:
+                        options: list[str] = (), batch_size: int | None = None, dtype: str = "auto",
+                        backend: str | None = None) -> list[dict]:
+    """``backend``: the generation backend (transformers / vllm); None = the one the checkpoint was evaluated with."""
     from biopost.pipeline import load_task_and_splits
 
     device = resolve_device(device)  # a wrong choice fails before any data or model loads
@@ -64,22 +66,24 @@ def evaluate_checkpoint(checkpoint: Path, name: str, splits: list[str], max_exam
         raise ValueError("the task's data no longer gives the splits this checkpoint was trained with")
     restore_task_state(task, state)
     cfg = config.eval.model_copy(update={"max_examples": max_examples or config.eval.max_examples,
-                                         "batch_size": batch_size or config.eval.batch_size})
-    check_backend(cfg.generation, "eval")
+                                         "batch_size": batch_size or config.eval.batch_size,
+                                         "generation": chosen_generation(config.eval, backend)})
     dtype = resolve_dtype(dtype, device)
     with out_of_memory_explained("eval", cfg.batch_size, dtype), tempfile.TemporaryDirectory() as scratch:
         policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
-        backend = make_backend(cfg.generation, policy, Path(scratch), cfg.seed)  # a vLLM engine reads its copy here
-        rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg, backend)
+        generator = make_backend(cfg.generation, policy, Path(scratch), cfg.seed)  # a vLLM engine reads its copy here
+        rows, _ = evaluate(policy, task, {s: list(data[s]) for s in splits if data[s]}, cfg, generator)
     return [{"checkpoint": str(checkpoint), "task": name, **r} for r in rows]
 
 
 def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: int,
                  device: str = "auto", base: Path | None = None, trust_remote_code: bool = False,
-                 options: list[str] = (), batch_size: int | None = None, dtype: str = "auto") -> list[dict]:
+                 options: list[str] = (), batch_size: int | None = None, dtype: str = "auto",
+                 backend: str | None = None) -> list[dict]:
+    """``backend``: as :func:`evaluate_checkpoint`'s (None = the checkpoint's evaluator's)."""
     device = resolve_device(device)
     distributed.init(device)
-    task, _ = task_for_checkpoint(checkpoint, name, options)
+    task, state = task_for_checkpoint(checkpoint, name, options)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file not found: {input_path}")
     examples, wheres = [], []
@@ -97,18 +101,30 @@ def predict_file(checkpoint: Path, name: str, input_path: Path, max_new_tokens: 
         examples.append(task.example_from_input(record, wheres[-1]))
     if not examples:
         raise ValueError(f"{input_path}: no records; write one JSON object per line in the task's input format")
-    cfg = EvalConfig(max_new_tokens=max_new_tokens, **({"batch_size": batch_size} if batch_size else {}))
+    generation = chosen_generation(EvalConfig.model_validate(state.get("eval") or {}), backend)
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, generation=generation,
+                     **({"batch_size": batch_size} if batch_size else {}))
     dtype = resolve_dtype(dtype, device)
-    with out_of_memory_explained("predict", cfg.batch_size, dtype, max_new_tokens):
+    with out_of_memory_explained("predict", cfg.batch_size, dtype, max_new_tokens), \
+            tempfile.TemporaryDirectory() as scratch:
         policy = load_policy(checkpoint, dtype, device=device, base=base, trust_remote_code=trust_remote_code)
         check_cells_readable(policy, [(where, example.cell) for where, example in zip(wheres, examples)])
-        completions, _ = generate_completions(policy, task, examples, cfg, desc="predict")
+        generator = make_backend(cfg.generation, policy, Path(scratch), cfg.seed)
+        completions, _ = generate_completions(policy, task, examples, cfg, desc="predict", backend=generator)
     out = []
     for example, (completion,) in zip(examples, completions):
         think = completion.split("</think>")[0].replace("<think>", "").strip() if "</think>" in completion else None
         out.append({"id": example.id, "answer": task.prediction(completion)["lenient"],
                     "answer_strict": task.prediction(completion)["strict"], "reasoning": think, "completion": completion})
     return out
+
+
+def chosen_generation(saved: EvalConfig, backend: str | None):
+    """The checkpoint's evaluator's generation settings, with ``--backend`` if given; vLLM checked installed."""
+    generation = saved.generation if backend is None else saved.generation.model_copy(update={"backend": backend})
+    check_backend(generation, "eval", other="pass --backend transformers",
+                  setting="the checkpoint's eval.generation.backend" if backend is None else "--backend")
+    return generation
 
 
 @contextlib.contextmanager

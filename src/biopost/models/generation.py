@@ -176,11 +176,13 @@ def vllm_sampling_params(sampling: Sampling, stop_token_ids: list[int], suppress
                           seed=sampling.seed, stop_token_ids=stop_token_ids, logit_bias=bias, detokenize=False)
 
 
-def check_backend(cfg: GenerationConfig, where: str) -> None:
-    """A one-line config error when vLLM is asked for but is not installed."""
+def check_backend(cfg: GenerationConfig, where: str, other: str = "use backend: transformers",
+                  setting: str | None = None) -> None:
+    """A one-line config error when vLLM is asked for but is not installed. ``setting``: what asked for it
+    (default ``<where>.generation.backend``); ``other``: how to choose the transformers backend instead."""
     if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{where}.generation.backend: vllm, but vllm is not installed: {VLLM_EXTRA} (CUDA GPUs "
-                          "only), or use backend: transformers")
+        raise ConfigError(f"{setting or where + '.generation.backend'}: vllm, but vllm is not installed: {VLLM_EXTRA} "
+                          f"(CUDA GPUs only), or {other}")
 
 
 def check_backends(config) -> None:
