@@ -242,3 +242,25 @@ def test_a_run_resumes_only_on_the_dtype_it_started_with(fast_config, tmp_path):
     with pytest.raises(ConfigError, match=r"bfloat16 weights .* set model.dtype: bfloat16 to resume") as err:
         claim_run_dir(config, tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_reference_none_computes_no_reference_and_logs_no_kl(fast_config, tmp_path, monkeypatch, lora):
+    """reference: none (beta 0) is honoured with or without an adapter: no reference log-probs are computed, and
+    the kl row says nothing was measured (None) rather than 0.0."""
+    from biopost.pipeline import run
+    from biopost.runlog import read_metrics
+
+    scored = []
+    real = rl.Reference.logps
+    monkeypatch.setattr(rl.Reference, "logps", lambda self, *a: scored.append(self.kind) or real(self, *a))
+    raw = fast_config()
+    if not lora:
+        raw["model"]["lora"] = None
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=4)
+    raw["stages"] = [{"kind": "rl", "max_steps": 2, "prompts_per_step": 1, "num_generations": 2, "beta": 0.0,
+                      "reference": "none", "max_completion_length": 4, "eval_every_steps": 2, "eval_at_start": False}]
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    assert scored == ["none", "none"]
+    kl = [r["value"] for r in read_metrics(run_dir) if r["split"] == "train" and r["metric"] == "kl"]
+    assert kl == [None, None]

@@ -487,8 +487,8 @@ class RLStage(TaskStage):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="the rollouts' engine")
     reference: Literal["copy", "cpu_offload", "none"] = Field(
         "copy", description="full fine-tuning's frozen reference for the KL term: a copy on the device, a copy kept on "
-        "the CPU and moved in per batch, or none (needs beta: 0). LoRA stages read the reference through the adapter "
-        "switched off, with no copy, whatever this says")
+        "the CPU and moved in per batch, or none (needs beta: 0; no reference log-probs are computed, kl is not "
+        "logged). LoRA stages read the reference through the adapter switched off, with no copy, either way")
 
     @property
     def examples_per_step(self) -> int:

@@ -107,6 +107,6 @@ def grpo_loss(
         stats = {
             "clip_fraction": float((was_clipped.float() * mask).sum() / tokens),
             "ratio_mean": float((ratio * mask).sum() / tokens),
-            "kl": float((kl * mask).sum() / tokens) if kl is not None else 0.0,
+            "kl": float((kl * mask).sum() / tokens) if kl is not None else None,  # None: nothing measured
         }
     return loss, stats

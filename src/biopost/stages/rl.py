@@ -91,7 +91,8 @@ def run_rl(ctx: StageContext):
         row = {**{k: mean_or_none(v) for k, v in scores.items()}, **stats,
                "completion_length": float(lengths.float().mean()), "lr": scheduler.get_last_lr()[0]}
         log_train_row(ctx, step + 1, per_epoch, row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", refresh=False)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl="-" if row["kl"] is None else f"{row['kl']:.4f}",
+                        refresh=False)
         eval_point = (step + 1) % every == 0 or step + 1 == total
         if eval_point:
             ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
@@ -252,8 +253,10 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             torch.nn.utils.clip_grad_norm_(policy.projector_parameters(), stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
-    # per-micro-batch statistics of every process, in row order (the loss is already the whole batch's)
-    return {k: float(np.mean(v if k == "loss" else distributed.gather(v))) for k, v in stats.items()}
+    # per-micro-batch statistics of every process, in row order (the loss is already the whole batch's); a
+    # statistic nothing measured (kl without a reference) stays None
+    return {k: None if None in v else float(np.mean(v if k == "loss" else distributed.gather(v)))
+            for k, v in stats.items()}
 
 
 class Reference:
@@ -263,7 +266,7 @@ class Reference:
     continued adapter: the init adapter is loaded a second time, frozen, and selected per forward.
     full fine-tuning (``reference`` of the stage): a frozen copy of the starting weights on the device
     (``copy``), or kept on the CPU and moved to the device for each batch (``cpu_offload``: the device holds
-    it only while it scores), or none (``none``, with beta 0: no KL term, nothing computed).
+    it only while it scores). ``none`` (beta 0, any policy): no KL term, nothing computed, kl logged as absent.
     A fused model's starting projector weights are swapped in for the reference forward.
     """
 
@@ -272,10 +275,11 @@ class Reference:
 
     @classmethod
     def of(cls, policy, init_path, adapter_mode: str, full: str = "copy") -> "Reference":
-        """``full``: how full fine-tuning keeps its reference (copy, cpu_offload, none); adapters need no copy."""
+        """``full``: the stage's ``reference``: how full fine-tuning keeps its reference (copy, cpu_offload);
+        adapters need no copy. ``none`` (beta 0) computes no reference log-probs, with or without an adapter."""
+        if full == "none":
+            return cls("none")
         if not policy.is_adapter:
-            if full == "none":
-                return cls("none")
             import copy
 
             frozen = copy.deepcopy(policy)
