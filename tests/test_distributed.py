@@ -152,3 +152,41 @@ def test_weight_sharding_engines_are_refused_in_one_line(monkeypatch, env, engin
     with pytest.raises(ConfigError, match=f"{engine} is not supported yet") as err:
         distributed.init("cpu")
     assert "\n" not in str(err.value) and "docs/scale.md" in str(err.value)
+
+
+def test_an_uneven_epoch_trains_on_the_examples_of_one_process(tmp_path, tiny_backbone):
+    """10 training examples in batches of 4: the last step has 2. Under 2 processes accelerate fills it up with
+    repeats of the epoch's first examples; they must carry no weight, so the weights match 1 process's."""
+    config = fast_config_dict(tiny_backbone)
+    config["eval"].update(splits=["val"], max_examples=2, batch_size=2, max_new_tokens=2)
+    config["stages"] = [{"kind": "sft", "epochs": 1, "data_fraction": 0.0285, "batch_size": 4, "lr": 1e-2,
+                         "eval_at_start": False, "schedule": {"name": "constant", "warmup_ratio": 0.0}}]
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    one, two = tmp_path / "one", tmp_path / "two"
+    jobs = [launch(1, path, one), launch(2, path, two)]
+    outputs = [finish(job) for job in jobs]
+    assert json.loads((one / "splits.json").read_text()) and outputs[1].count("stage sft (sft) from") == 1
+    losses = [{k[1]: r["value"] for k, r in rows_by_key(d).items() if k[3] == "loss"} for d in (one, two)]
+    assert sorted(losses[0]) == [1, 2, 3]  # 4 + 4 + 2 examples
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    w_one = load_file(one / "stages" / "0-sft" / "final" / "adapter_model.safetensors")
+    w_two = load_file(two / "stages" / "0-sft" / "final" / "adapter_model.safetensors")
+    for name in w_one:
+        torch.testing.assert_close(w_two[name], w_one[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path, tiny_backbone):
+    """Checked for every stage when the run is validated, before the directory is claimed, said once."""
+    config = fast_config_dict(tiny_backbone)
+    config["stages"] = [{"kind": "sft", "max_steps": 1, "batch_size": 4},
+                        {"kind": "rl", "max_steps": 1, "prompts_per_step": 3, "num_generations": 2}]
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    job = launch(2, path, tmp_path / "run")
+    out, err = job.communicate(timeout=300)
+    assert job.returncode != 0
+    line = ("biopost train: stages.1.prompts_per_step=3 does not split evenly over 2 processes; "
+            "make it a multiple of 2")
+    assert err.count(line) == 1 and "stage sft" not in out
+    assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "config.yaml").exists()

@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, ValueError, DirectoryBusy, ResourceError) as err:
-        print(f"biopost {args.command}: {err}", file=sys.stderr)
+        # a config error is found alike by every process of a launched run: the main one says it
+        if distributed.is_main() or not isinstance(err, ConfigError):
+            message = str(err).removeprefix(f"{args.command}: ")  # a stage's own name prefix, e.g. baseline:
+            print(f"biopost {args.command}: {message}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno == errno.ENOSPC:  # a full disk outside a run (writing a table, a plan): say where the space went

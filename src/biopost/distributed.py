@@ -51,7 +51,9 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return _state().process_index if launched() else 0
+    """This process's index; read from the launcher's ``RANK`` (what accelerate reads too), so that asking it,
+    e.g. to print an error once, does not open the process group."""
+    return int(os.environ["RANK"]) if launched() else 0
 
 
 def is_main() -> bool:

@@ -116,7 +116,8 @@ def run(config: RunConfig, run_dir: Path, snapshots: dict[int, list[int]] | None
     check_quantization(config.model.quantization, device)
     check_backends(config)
     if (run_dir / DONE).is_file():
-        print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
+        if distributed.is_main():
+            print(f"{run_dir}: run {config.run_id()} already finished; nothing to do")
         return run_dir
     # ---- validate: all that can fail before training fails here, before the directory is claimed
     task, splits = load_task_and_splits(config)
@@ -157,6 +158,7 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
     state = task_state(config, task, splits)
     # a tiny tokenizer learns the run's task alone: runs with and without a mixture start from the same backbone
     base = distributed.on_main(lambda: prepare_base(config, run_dir, task, splits))  # may write into run_dir
+    say = print if distributed.is_main() else lambda *_: None  # one line per stage, not one per process
     finals: dict[str, Path] = {}
     inits: dict[str, Path] = {}
     previous = base
@@ -167,9 +169,9 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
         init = inits[name] = resolve(stage.init)
         if (stage_dir / DONE).is_file():
             check_intact(stage_dir / "final", stage_dir)
-            print(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
+            say(f"stage {name}: finished earlier, reusing {stage_dir / 'final'}")
         else:
-            print(f"stage {name} ({stage.kind}) from {init}")
+            say(f"stage {name} ({stage.kind}) from {init}")
             stage_dir.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(config, index, name, task, splits, log, stage_dir, init, dict(state), device=device,
                                resolve=resolve, forgetting=forgetting, mixed=mixed,

@@ -3,8 +3,9 @@
 The task's own loading (options against the data, label and group columns, held-out groups, split sizes)
 happens in ``pipeline.load_task_and_splits``; this module adds what the stages would otherwise find only
 when they start, possibly hours in: the backbone and encoder paths, local CPT corpora (window size and
-overlap with held-out inputs, the mixed and forgetting tasks' scored ones too), and the splits a stage needs
-(train to learn from, val to select on).
+overlap with held-out inputs, the mixed and forgetting tasks' scored ones too), the splits a stage needs
+(train to learn from, val to select on), and, under a launcher, that each stage's global batch splits evenly
+over the processes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from biopost import distributed
 from biopost.config import ConfigError, RunConfig
 
 
@@ -23,6 +25,7 @@ def check_run(config: RunConfig, task, splits, scored=()) -> None:
         check_encoder(encoder.name, modality)
     check_split_sizes(config, splits)
     check_corpora(config, task, splits, scored)
+    check_process_split(config, distributed.world_size())
 
 
 def looks_local(spec: str) -> bool:
@@ -68,6 +71,23 @@ def check_split_sizes(config: RunConfig, splits) -> None:
     if selects and not (splits["val"] and "val" in config.eval.splits):
         raise ConfigError(f"stage init {selects[0]!r} selects on val, but the run evaluates no val examples; "
                           "add val to eval.splits (and a non-zero task.split.val_fraction) or init from the stage")
+
+
+def check_process_split(config: RunConfig, world: int) -> None:
+    """Each stage's global batch (``batch_size`` for the Trainer's stages, ``prompts_per_step`` for RL) must
+    split evenly over ``world`` processes, so that every process does the same forwards and backwards.
+
+    >>> raw = {"task": {"name": "t"}, "stages": [{"kind": "sft", "batch_size": 4}, {"kind": "rl", "prompts_per_step": 3}]}
+    >>> check_process_split(RunConfig.model_validate(raw), 2)
+    Traceback (most recent call last):
+    ...
+    biopost.config.ConfigError: stages.1.prompts_per_step=3 does not split evenly over 2 processes; make it a multiple of 2
+    """
+    for index, stage in enumerate(config.stages):
+        key = {"sft": "batch_size", "cpt": "batch_size", "rl": "prompts_per_step"}.get(stage.kind)
+        if key and getattr(stage, key) % world:
+            raise ConfigError(f"stages.{index}.{key}={getattr(stage, key)} does not split evenly over {world} processes; "
+                              f"make it a multiple of {world}")
 
 
 def check_corpora(config: RunConfig, task, splits, scored=()) -> None:

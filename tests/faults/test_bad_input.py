@@ -167,6 +167,9 @@ CASES = {
     "baseline: --output-dir names a file": (
         lambda t, r: file_as_output_dir(t, "baseline"),
         ["run is a file, not a run directory", "choose another --output-dir"]),
+    "baseline: features the task has no payloads for": (  # the error's own "baseline:" is not said twice
+        lambda t, r: (file_as_output_dir(t, "baseline")[0][:2] + ["--output-dir", str(t / "b"), "--features", "kmer"], []),
+        ["kmer features need dna or protein payloads", "task cell_type/pbmc68k"]),
     "an empty split": (
         lambda t, r: train(t, table_task(t, rows(6), split={"ood_test_groups": ["B", "C"]})),
         ["task.split", "empty split: ", "change val_fraction / id_test_fraction or the OOD groups"]),
@@ -226,6 +229,7 @@ def test_bad_input_is_one_line_naming_file_record_and_fix(case, checkpoint_run, 
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"biopost {argv[0]}: ") and "Traceback" not in err
+    assert not lines[0].startswith(f"biopost {argv[0]}: {argv[0]}: ")
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     for path in outputs:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -50,7 +51,7 @@ def stage_trainer(ctx: StageContext, policy, dataset: list[dict], total: int, ev
     callbacks.append(NoPickledArguments())
     callbacks.append(ManifestCallback())  # after every callback that writes into (or deletes from) a checkpoint
     callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once they are complete
-    trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=dataset,
+    trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=TrainRows(dataset),
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)  # progress bar without a printed dict per step
@@ -72,12 +73,48 @@ class PolicyTrainer(Trainer):
             inputs["inputs_embeds"] = self.policy.embed(inputs.pop("input_ids"), payloads)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def get_train_dataloader(self):
+        """Under several processes, accelerate evens out an epoch's short last batch by repeating examples from the
+        epoch's start (so that every process steps together); marked here, they carry no labels, so each step
+        trains on the examples one process would (the loss is normalised by the global count of label tokens)."""
+        loader = super().get_train_dataloader()
+        if type(loader.batch_sampler) is BatchSamplerShard and not loader.batch_sampler.split_batches:
+            loader.batch_sampler.__class__ = MarkedRepeats  # accelerate's own iteration, repeats marked
+        return loader
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         extra = self.policy.projector_parameters()
         if extra and not any(p is extra[0] for group in optimizer.param_groups for p in group["params"]):
             optimizer.add_param_group({"params": extra, "weight_decay": self.args.weight_decay})
         return optimizer
+
+
+class MarkedRepeats(BatchSamplerShard):
+    """accelerate's shard of an epoch's batches (process ``p`` takes global batches ``p, p + N, ...``), with
+    every index past the epoch's end, a repeat that evens out the last batch, given as ``-1 - index``."""
+
+    def _iter_with_no_split(self):
+        real = len(self.batch_sampler.sampler)
+        for k, batch in enumerate(super()._iter_with_no_split()):
+            start = (k * self.num_processes + self.process_index) * self.batch_size  # its place in the epoch
+            yield [i if start + j < real else -1 - i for j, i in enumerate(batch)]
+
+
+class TrainRows(torch.utils.data.Dataset):
+    """The training rows; index ``-1 - i`` is row ``i`` without labels (a repeat that only fills a batch)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        if index >= 0:
+            return self.rows[index]
+        row = self.rows[-1 - index]
+        return {**row, "labels": [IGNORE] * len(row["labels"])}
 
 
 def last_checkpoint(trainer_dir: Path) -> Path | None:
