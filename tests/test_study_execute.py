@@ -144,3 +144,23 @@ def test_slurm_through_submitit_local_executor(fast_config, tmp_path):
     assert execute(plan, study_dir, "slurm", Resources(cluster="local", time_min=10)) == []
     assert all((study_dir / "runs" / r.id / "DONE").is_file() for r in plan.runs)
     assert list((study_dir / "slurm").glob("*/*_submitted.pkl"))
+
+
+def test_a_runs_thread_cap_reaches_pools_loaded_later_and_is_undone_after(monkeypatch):
+    import os
+
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from biopost.study.execute import limited_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    before = {p["filepath"]: p["num_threads"] for p in threadpool_info()}
+    with limited_threads(1):
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"  # read by pools that load now
+        assert {p["num_threads"] for p in threadpool_info()} == {1}
+    # the local executor runs in the caller's process: its own settings come back
+    assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS" not in os.environ
+    after = {p["filepath"]: p["num_threads"] for p in threadpool_info()}
+    assert all(after[path] == n for path, n in before.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -52,7 +53,8 @@ def is_done(study_dir: Path, run_id: str) -> bool:
 def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after, study: str | None = None) -> str:
     """Run one planned run, first copying the prefix it shares with its donor; safe to call again.
 
-    ``threads``: torch threads (small models on a busy machine run several times faster on one).
+    ``threads``: the threads of torch and every native pool during the run (small models on a busy machine run
+    several times faster on one; see :func:`limited_threads`).
     ``after``: the donors' results (Ray passes them so a branch waits for its donor).
     ``study``: the study's name, the group of the run in experiment trackers.
     """
@@ -62,8 +64,6 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
     from biopost.pipeline import run as run_pipeline
     from biopost.study.branch import MARKER, materialise
 
-    if threads:
-        limit_threads(threads)
     # transformers' load reports and warnings go to the terminal, not the run's log, and land over the progress bar
     transformers.logging.set_verbosity_error()
     run = PlannedRun.from_json(entry)
@@ -74,7 +74,8 @@ def execute_run(study_dir: str, entry: dict, threads: int | None = None, *after,
     log = study_dir / "logs" / f"{run.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started, cpu = time.perf_counter(), cpu_seconds()
-    with log.open("a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    with limited_threads(threads), log.open("a") as out, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(out):
         if run.donor and not (run_dir / MARKER).is_file():
             donor_dir = run_dir_of(study_dir, run.donor)
             if not (donor_dir / DONE).is_file():
@@ -105,13 +106,31 @@ def thread_environment(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in THREAD_VARIABLES} | {"TOKENIZERS_PARALLELISM": "false"}
 
 
-def limit_threads(threads: int) -> None:
-    """Cap torch's and every already loaded BLAS / OpenMP pool of this process at ``threads``."""
+@contextlib.contextmanager
+def limited_threads(threads: int | None):
+    """Cap torch's and every native pool of this process at ``threads`` for one run (None: no cap): pools already
+    loaded through threadpoolctl, pools loaded later through the environment they read. The caller's settings
+    come back afterwards (the local executor runs in the caller's process)."""
+    if not threads:
+        yield
+        return
     import torch
     from threadpoolctl import threadpool_limits
 
+    saved_env = {name: os.environ.get(name) for name in thread_environment(threads)}
+    saved_torch = torch.get_num_threads()
+    os.environ.update(thread_environment(threads))
     torch.set_num_threads(threads)
-    threadpool_limits(limits=threads)  # not as a context manager: the cap holds for the rest of the run
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(saved_torch)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cpu_seconds() -> float:
