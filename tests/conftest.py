@@ -39,6 +39,18 @@ def digest_dir(path: Path) -> str:
     return h.hexdigest()
 
 
+def same_cells_h5ad_options(directory: Path) -> dict:
+    """cell_type/h5ad options over the PBMC cells themselves: the same cells as cell_type/pbmc68k under another task."""
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()
+    full = adata.raw.to_adata()
+    full.obs = adata.obs.copy()
+    full.write_h5ad(directory / "same-cells.h5ad")
+    return {"path": str(directory / "same-cells.h5ad"), "label_key": "bulk_labels", "group_key": "phase",
+            "top_k_genes": 16}
+
+
 def assert_prompt_shows_placeholder(task, example, modality: str) -> None:
     """With ``modality`` read through an encoder, the prompt holds its placeholder instead of the sequence."""
     from biopost.data.example import PLACEHOLDERS

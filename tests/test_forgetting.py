@@ -10,6 +10,7 @@ from biopost.config import ConfigError, validate_config
 from biopost.data import LeakageError
 from biopost.forgetting import load_forgetting
 from biopost.pipeline import load_task_and_splits, run
+from conftest import same_cells_h5ad_options
 
 PBMC = "cell_type/pbmc68k"
 
@@ -32,15 +33,8 @@ def test_the_runs_own_task_is_not_a_forgetting_task(fast_config, pbmc):
 
 def test_another_task_with_the_runs_training_inputs_is_refused(fast_config, tmp_path):
     """The same cells through cell_type/h5ad: identical prompts and payloads, so scoring them is not forgetting."""
-    import scanpy as sc
-
-    adata = sc.datasets.pbmc68k_reduced()
-    full = adata.raw.to_adata()
-    full.obs = adata.obs.copy()
-    full.write_h5ad(tmp_path / "same-cells.h5ad")
     raw = fast_config()
-    options = {"path": str(tmp_path / "same-cells.h5ad"), "label_key": "bulk_labels", "group_key": "phase",
-               "top_k_genes": 16}
+    options = same_cells_h5ad_options(tmp_path)
     other = {"name": "cell_type/h5ad", "options": options}
     raw["eval"]["forgetting"] = {"tasks": [other]}
     config = validate_config(raw)

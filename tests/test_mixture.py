@@ -17,6 +17,7 @@ from biopost.runlog import read_metrics
 from biopost.stages.context import StageContext
 from biopost.study.config import study_from_dict
 from biopost.study.plan import make_plan
+from conftest import same_cells_h5ad_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,15 +153,8 @@ def test_mixture_errors_name_the_field(fast_config, tmp_path):
 
 def test_a_mixed_task_with_the_runs_training_inputs_is_refused(fast_config, tmp_path):
     """The same cells through cell_type/h5ad: its test cells are cells the run trains on as its own task."""
-    import scanpy as sc
-
-    adata = sc.datasets.pbmc68k_reduced()
-    full = adata.raw.to_adata()
-    full.obs = adata.obs.copy()
-    full.write_h5ad(tmp_path / "same-cells.h5ad")
     raw = fast_config()
-    options = {"path": str(tmp_path / "same-cells.h5ad"), "label_key": "bulk_labels", "group_key": "phase",
-               "top_k_genes": 16}
+    options = same_cells_h5ad_options(tmp_path)
     raw["stages"][0]["mixture"] = [{"task": {"name": "cell_type/h5ad", "options": options}, "weight": 1.0}]
     with pytest.raises(LeakageError, match="have the inputs of training examples") as err:
         run(validate_config(raw), tmp_path / "run")
