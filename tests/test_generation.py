@@ -93,7 +93,8 @@ class FakeEngine:
 def engine_env_restored(monkeypatch):
     """The backend sets the in-process engine's environment (generation.engine_env): restored after each test."""
     for key in generation.engine_env():
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so an absent variable is absent again afterwards
+        monkeypatch.delenv(key)
 
 
 def fake_backend(engine) -> VLLMBackend:
@@ -325,6 +326,7 @@ def test_the_engine_starts_in_process_as_trl_colocates_it(tiny_backbone, tmp_pat
     assert seen["distributed_executor_backend"] == "external_launcher" and seen["enforce_eager"]
     assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and seen["env"]["RANK"] == "0"
     assert seen["env"]["WORLD_SIZE"] == "1" and seen["env"]["MASTER_PORT"]
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)  # a one-process run does not look launched after
     assert backend.engine.syncs == 1 and not (tmp_path / "vllm-model" / "model.safetensors").exists()
     with pytest.raises(TypeError):  # what the multiprocess engine answers a function: the sync must not send one
         backend.engine.collective_rpc(lambda worker: None)

@@ -198,8 +198,9 @@ def make_backend(cfg: GenerationConfig, policy, workdir: Path, seed: int = 0, wh
     if cfg.backend == "transformers":
         return TransformersBackend()
     check_backend(cfg, where)
-    os.environ.update(engine_env())  # before the engine starts: it reads them once
-    backend = VLLMBackend(start_engine(cfg, policy, Path(workdir) / "vllm-model", seed))
+    with engine_environment():  # the engine reads them once, as it starts
+        engine = start_engine(cfg, policy, Path(workdir) / "vllm-model", seed)
+    backend = VLLMBackend(engine)
     backend.sync(policy)
     return backend
 
@@ -215,6 +216,24 @@ def engine_env() -> dict[str, str]:
            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")}
     env["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(free_port())
     return env
+
+
+@contextmanager
+def engine_environment():
+    """:func:`engine_env` set while the engine starts. The torch.distributed world variables then get the caller's
+    values back: a one-process run must not look launched afterwards (a later run in this process, or a Ray worker
+    it starts, would open a process group on a stale port). The engine's own switch stays for its later calls."""
+    env = engine_env()
+    saved = {name: os.environ.get(name) for name in env if name != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def free_port() -> int:
