@@ -119,3 +119,30 @@ def test_training_arguments_and_lora_raise_no_deprecation_warnings(fast_config, 
         prepare_for_training(load_policy(config.model.backbone), config.model.lora, tmp_path)
     assert args.activation_checkpointing is True
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_a_diverged_step_is_logged_as_nan_and_the_flops_estimate_is_the_trainers(fast_config, tmp_path, monkeypatch):
+    """The Trainer by default logs a NaN loss as the running mean, which hides a divergence; ours logs it as it
+    is. PolicyTrainer's cached FLOPs estimate equals the Trainer's own (which recounts parameters every step)."""
+    import math
+
+    from transformers import Trainer
+
+    from biopost.stages.trainer import PolicyTrainer
+
+    real_loss, calls, flops = PolicyTrainer.compute_loss, [], []
+
+    def loss_nan_at_step_2(self, model, inputs, *args, **kwargs):
+        flops.append((self.floating_point_ops(inputs), Trainer.floating_point_ops(self, inputs)))
+        calls.append(1)
+        loss = real_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(PolicyTrainer, "compute_loss", loss_nan_at_step_2)
+    raw = fast_config()
+    raw["stages"][0].update(max_steps=3, eval_every_steps=3, eval_at_start=False)
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=2)
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    losses = {r["step"]: r["value"] for r in read_metrics(run_dir) if r["split"] == "train" and r["metric"] == "loss"}
+    assert math.isnan(losses[2]) and math.isfinite(losses[1])
+    assert flops and all(ours == theirs > 0 for ours, theirs in flops)
