@@ -146,3 +146,43 @@ def test_a_diverged_step_is_logged_as_nan_and_the_flops_estimate_is_the_trainers
     losses = {r["step"]: r["value"] for r in read_metrics(run_dir) if r["split"] == "train" and r["metric"] == "loss"}
     assert math.isnan(losses[2]) and math.isfinite(losses[1])
     assert flops and all(ours == theirs > 0 for ours, theirs in flops)
+
+
+def test_a_step_without_a_label_token_logs_nan_and_the_steps_after_it_their_own_loss(fast_config, tmp_path,
+                                                                                      monkeypatch):
+    """A batch whose labels are all masked (e.g. a prompt truncated at max_length) has a 0/0 loss and zero
+    gradients: that step logs NaN, and the later steps, which train on as before, log their own finite loss (the
+    Trainer resets its loss sum by subtracting it from itself, which keeps a NaN forever)."""
+    import math
+
+    from biopost.stages import sft
+    from biopost.stages.trainer import PolicyTrainer
+
+    real_tokenize, real_loss, seen = sft.tokenize_example, PolicyTrainer.compute_loss, []
+
+    def every_other_unlabelled(policy, task, example, max_length):
+        row = real_tokenize(policy, task, example, max_length)
+        if len(seen) % 2:
+            row["labels"] = [IGNORE] * len(row["labels"])
+        seen.append(example)
+        return row
+
+    true = []
+
+    def spy(self, model, inputs, *args, **kwargs):
+        loss = real_loss(self, model, inputs, *args, **kwargs)
+        true.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(sft, "tokenize_example", every_other_unlabelled)
+    monkeypatch.setattr(PolicyTrainer, "compute_loss", spy)
+    raw = fast_config()
+    raw["stages"][0].update(max_steps=8, eval_every_steps=8, eval_at_start=False, batch_size=1)
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=2)
+    run_dir = run(validate_config(raw), tmp_path / "run")
+    logged = [r["value"] for r in sorted(read_metrics(run_dir), key=lambda r: r["step"])
+              if r["split"] == "train" and r["metric"] == "loss"]
+    first_nan = next(i for i, v in enumerate(true) if math.isnan(v))
+    assert any(math.isfinite(v) for v in true[first_nan:])  # a step after the masked one trains on labels
+    assert len(logged) == len(true) == 8
+    assert logged == pytest.approx(true, nan_ok=True)  # NaN exactly where the step's own loss is

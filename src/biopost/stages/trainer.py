@@ -8,6 +8,7 @@ files match it (the two newest are kept), so a checkpoint cut short by a kill or
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -76,6 +77,13 @@ class PolicyTrainer(Trainer):
         if self.flops_params is None:
             self.flops_params = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self.flops_params
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """As the Trainer logs; a non-finite loss (a diverged step, or one with no label token: 0/0) also clears the
+        Trainer's loss sum, which it resets by subtracting it from itself: NaN - NaN would log NaN for every later step."""
+        if not math.isfinite(logs.get("loss", 0.0)):
+            self._tr_loss.zero_()
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         payloads = inputs.pop("payloads", None)
