@@ -35,8 +35,12 @@ def offline():
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
-            patch.delenv(name, raising=False)
+        # and what the trackers set themselves (W&B its service's address, MLflow's file-store switch): recorded,
+        # so an absent variable is absent again after this module (a later test's subprocesses would inherit it)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "WANDB_SERVICE",
+                     "MLFLOW_ALLOW_FILE_STORE"):
+            patch.setenv(name, "")
+            patch.delenv(name)
         yield
 
 
