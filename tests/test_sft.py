@@ -56,8 +56,8 @@ def test_labels_mask_the_prompt_and_end_with_end_of_turn(pbmc_task, pbmc_splits,
     assert labels[len(prompt):] == ids[len(prompt):]
     assert labels[-1] == policy.end_of_turn_id
     assert policy.tokenizer.decode(labels[len(prompt):-1]) == pbmc_task.target(example)
-    short = tokenize_example(policy, pbmc_task, example, max_length=16)
-    assert len(short["input_ids"]) == len(short["labels"]) == 16
+    short = tokenize_example(policy, pbmc_task, example, max_length=len(prompt) + 2)  # the answer's end is cut
+    assert len(short["input_ids"]) == len(short["labels"]) == len(prompt) + 2 and short["labels"][-1] != IGNORE
 
 
 def test_run_directory_holds_config_env_splits_metrics_predictions_checkpoints(sft_run, pbmc_splits):
@@ -186,3 +186,15 @@ def test_a_step_without_a_label_token_logs_nan_and_the_steps_after_it_their_own_
     assert any(math.isfinite(v) for v in true[first_nan:])  # a step after the masked one trains on labels
     assert len(logged) == len(true) == 8
     assert logged == pytest.approx(true, nan_ok=True)  # NaN exactly where the step's own loss is
+
+
+def test_an_example_whose_prompt_fills_max_length_is_an_error_naming_the_fix(pbmc_task, pbmc_splits, tiny_backbone):
+    """Truncation may cut an answer's end, never the whole answer: such a row would teach nothing (a 0/0 loss)."""
+    policy = load_policy(tiny_backbone)
+    example = pbmc_splits.train[0]
+    prompt = len(policy.tokenize([policy.render_prompt(pbmc_task.messages(example))])[0])
+    row = tokenize_example(policy, pbmc_task, example, prompt + 1)
+    assert sum(label != IGNORE for label in row["labels"]) == 1  # one answer token kept
+    with pytest.raises(ValueError, match=f"example {example.id}: its prompt has {prompt} tokens, so "
+                                         f"max_length={prompt} leaves no answer token to learn; raise the stage"):
+        tokenize_example(policy, pbmc_task, example, prompt)

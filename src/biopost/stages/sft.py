@@ -55,16 +55,18 @@ def sample_fraction(examples: list, fraction: float, seed: int) -> list:
 def tokenize_example(policy, task, example, max_length: int) -> dict:
     """Prompt tokens are masked out of the loss; target tokens and the end-of-turn token are learned.
 
-    A fused model's rows carry the payloads its encoders read; truncation must keep the whole prompt then.
+    A fused model's rows carry the payloads its encoders read. Truncation cuts the answer's end only: an example
+    whose prompt alone fills ``max_length`` is an error, not a row that teaches nothing.
     """
     payloads = collate_payloads([example], policy.modalities)
     prompt = policy.tokenize([policy.render_prompt(task.messages(example))], payloads)[0]
     target = policy.tokenize([task.target(example)])[0] + [policy.end_of_turn_id]
+    if len(prompt) >= max_length:  # nothing left to learn from it; a fused row would also lose encoder positions
+        fix = " or lower the encoder's num_tokens" if payloads else ""
+        raise ValueError(f"example {example.id}: its prompt has {len(prompt)} tokens, so max_length={max_length} leaves "
+                         f"no answer token to learn; raise the stage's max_length{fix}")
     ids = (prompt + target)[:max_length]
     labels = ([IGNORE] * len(prompt) + target)[:max_length]
     if not payloads:
         return {"input_ids": ids, "labels": labels}
-    if len(prompt) > max_length:
-        raise ValueError(f"example {example.id}: its prompt has {len(prompt)} tokens with encoder positions, over "
-                         f"max_length={max_length}; raise the stage's max_length or lower the encoder's num_tokens")
     return {"input_ids": ids, "labels": labels, "payloads": {m: v[0] for m, v in payloads.items()}}

@@ -72,8 +72,6 @@ class PolicyTrainer(Trainer):
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's estimate (6 x input tokens x non-embedding parameters) with the parameter count taken once:
         the Trainer counts them again every step by walking every module, milliseconds a step at small sizes."""
-        if "input_ids" not in inputs:  # a fused batch, its ids replaced by embeddings: the Trainer counts 0 too
-            return 0
         if self.flops_params is None:
             self.flops_params = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self.flops_params
