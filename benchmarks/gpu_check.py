@@ -24,12 +24,10 @@ as "model FLOPs".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,14 +79,7 @@ def part(emit, name: str, device: str, thunk, deadline: float) -> None:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSON lines only (TRL prints its metrics)
-            row = thunk()
-    except Exception as err:  # noqa: BLE001 - reported as data, the next part runs
-        traceback.print_exc(file=sys.stderr)
-        row = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
-    row = {"part": name, **row, "seconds": round(time.perf_counter() - start, 1)}
+    row = {"part": name, **run_all.timed_row(thunk)}
     if cuda:
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     emit(row)

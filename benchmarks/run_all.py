@@ -362,14 +362,20 @@ def benchmarks(args) -> list[tuple[str, object]]:
 
 def run_one(name: str, thunk, where: dict) -> dict:
     """The benchmark's line, or an error line naming it (one failure must not lose the rest)."""
+    return {**timed_row(thunk, name=name), "machine": where}
+
+
+def timed_row(thunk, **on_error) -> dict:
+    """``thunk()``'s row with its ``seconds``; if it raises, the traceback goes to stderr and the row is
+    ``on_error`` plus a one-line ``error``, so the next benchmark still runs."""
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries our JSON lines only (TRL prints its metrics)
             row = thunk()
     except Exception as err:  # noqa: BLE001 - reported as data, the next benchmark runs
         traceback.print_exc(file=sys.stderr)
-        row = {"name": name, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
-    return {**row, "seconds": round(time.perf_counter() - start, 1), "machine": where}
+        row = {**on_error, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500]}
+    return {**row, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from biopost.config import ConfigError, GenerationConfig
+from biopost.environ import temporary_environ
 from biopost.sampling import PerRowSampler
 
 VLLM_EXTRA = "pip install 'biopost[vllm]'"
@@ -224,16 +225,9 @@ def engine_environment():
     values back: a one-process run must not look launched afterwards (a later run in this process, or a Ray worker
     it starts, would open a process group on a stale port). The engine's own switch stays for its later calls."""
     env = engine_env()
-    saved = {name: os.environ.get(name) for name in env if name != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    os.environ.update(env)
-    try:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    with temporary_environ(env):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def free_port() -> int:

@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
-
 from biopost.models.cell_encoder import MEDIANS_FILE, SPECIAL, TOKENS_FILE, GeneTokenizer, gene_medians
-from biopost.models.tiny_encoders import publish_build
+from biopost.models.tiny_encoders import build_dir, build_times, pretrain_mlm, publish_build, start_clock
 
 TASK = "cell_type/pbmc68k"
 ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)
@@ -63,25 +58,15 @@ def pretraining_cells():
 
 def build_tiny_cell(target: Path, seed: int = 0, steps: int | None = None) -> dict:
     """Pretrain ``tiny-cell`` and save it to ``target`` (built aside, then renamed: concurrent builds are safe)."""
-    import torch
-
-    started, cpu_started = time.perf_counter(), time.process_time()
+    clock = start_clock()
     steps = steps or TRAINING["steps"]
-    target = Path(target)
-    work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = build_dir(target)
     train, heldout, splits = pretraining_cells()
     genes = sorted({g for c in train for g in c["genes"]})
     token_ids = {t: i for i, t in enumerate([*SPECIAL, *genes])}
     medians = gene_medians(train)
     tokenizer = GeneTokenizer(token_ids, medians, TRAINING["max_length"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small trains as fast on one thread, and the same on any machine
-    try:
-        model, losses = pretrain(token_ids, [tokenizer(c) for c in train], [tokenizer(c) for c in heldout], seed, steps)
-    finally:
-        torch.set_num_threads(threads)
+    model, losses = pretrain(token_ids, [tokenizer(c) for c in train], [tokenizer(c) for c in heldout], seed, steps)
     model.save_pretrained(work)
     (work / TOKENS_FILE).write_text(json.dumps(token_ids))
     (work / MEDIANS_FILE).write_text(json.dumps(medians))
@@ -90,9 +75,7 @@ def build_tiny_cell(target: Path, seed: int = 0, steps: int | None = None) -> di
         "split_fingerprints": splits.fingerprints()}))
     report = {
         "name": "tiny-cell", "seed": seed, "steps": steps, "source": f"{TASK} train cells (default split)",
-        "train_cells": len(train), "heldout_cells": len(heldout), "genes": len(genes), **losses,
-        "build_seconds": round(time.perf_counter() - started, 1),
-        "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "train_cells": len(train), "heldout_cells": len(heldout), "genes": len(genes), **losses, **build_times(clock),
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
     publish_build(work, target, report)
@@ -115,51 +98,11 @@ def word_level_tokenizer(token_ids: dict[str, int]):
 def pretrain(token_ids: dict[str, int], train: list[list[int]], heldout: list[list[int]], seed: int, steps: int):
     """A seeded BERT trained by masked-gene modelling (15% of gene tokens, 80/10/10 mask/random/keep);
     returns it with its held-out loss before and after training, on the same masks."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, get_scheduler
+    from transformers import BertConfig, BertForMaskedLM
 
-    tokenizer = word_level_tokenizer(token_ids)
-    p = TRAINING["mlm_probability"]
-    heldout_batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=p, seed=seed + 1)(
-        [{"input_ids": ids} for ids in heldout])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = BertConfig(vocab_size=len(token_ids), pad_token_id=token_ids["<pad>"],
-                            max_position_embeddings=TRAINING["max_length"], type_vocab_size=1,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE)
-        model = BertForMaskedLM(config)
-        untrained = heldout_loss(model, heldout_batch)
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=p, seed=seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=TRAINING["lr"], weight_decay=0.01)
-        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=TRAINING["warmup"], num_training_steps=steps)
-        rng = np.random.default_rng(seed)
-        model.train()
-        for _ in range(steps):
-            rows = rng.integers(0, len(train), TRAINING["batch_size"])
-            loss = model(**collator([{"input_ids": train[i]} for i in rows])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return model, {"heldout_mlm_loss": heldout_loss(model, heldout_batch), "untrained_heldout_mlm_loss": untrained,
-                   "gene_frequency_loss": frequency_loss(train, heldout_batch, len(token_ids))}
+    def bert():
+        return BertForMaskedLM(BertConfig(
+            vocab_size=len(token_ids), pad_token_id=token_ids["<pad>"], max_position_embeddings=TRAINING["max_length"],
+            type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE))
 
-
-def heldout_loss(model, batch) -> float:
-    import torch
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        loss = float(model(**batch).loss)
-    model.train(was_training)
-    return round(loss, 4)
-
-
-def frequency_loss(train: list[list[int]], heldout_batch, vocab_size: int) -> float:
-    """Cross-entropy of predicting each masked gene from training gene frequencies alone (no context)."""
-    counts = np.bincount([t for ids in train for t in ids[1:-1]], minlength=vocab_size) + 1.0
-    logp = np.log(counts / counts.sum())
-    labels = heldout_batch["labels"].numpy().ravel()
-    return round(float(-logp[labels[labels >= 0]].mean()), 4)
+    return pretrain_mlm(bert, word_level_tokenizer(token_ids), train, heldout, seed, steps, TRAINING, unit="gene")

@@ -13,7 +13,8 @@ loss of predicting letter frequencies alone, and the build time; ``sequences.jso
 sequence (read by the leakage check).
 
 ``tiny-cell`` (models/tiny_cell.py) is a small BERT over rank-value gene tokens, pretrained on the training
-cells of the embedded PBMC task; it is built, cached and leakage-checked through the same functions here.
+cells of the embedded PBMC task; it is pretrained (:func:`pretrain_mlm`), built, cached and leakage-checked through
+the same functions here.
 """
 
 from __future__ import annotations
@@ -107,37 +108,25 @@ def maybe_reverse_complement(seq: str, rng) -> str:
 
 def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None = None) -> dict:
     """Pretrain ``name`` by MLM and save it to ``target`` (built aside, then renamed: concurrent builds are safe)."""
-    import torch
-
     if TINY_ENCODERS[name]["modality"] == "cell":
         from biopost.models.tiny_cell import build_tiny_cell
 
         return build_tiny_cell(target, seed, steps)
     from transformers import EsmTokenizer
 
-    started, cpu_started = time.perf_counter(), time.process_time()
-    target = Path(target)
-    work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    clock = start_clock()
+    work = build_dir(target)
     (work / "vocab.txt").write_text("\n".join([*SPECIAL, *TINY_ENCODERS[name]["alphabet"], "<mask>"]) + "\n")
     tokenizer = EsmTokenizer(str(work / "vocab.txt"), model_max_length=1024)
     train, heldout = pretraining_sequences(name, seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small trains as fast on one thread, and the same on any machine
-    try:
-        model, losses = pretrain(tokenizer, train, heldout, seed, steps or TRAINING["steps"])
-    finally:
-        torch.set_num_threads(threads)
+    model, losses = pretrain(tokenizer, train, heldout, seed, steps or TRAINING["steps"])
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
     (work / "sequences.json").write_text(json.dumps({"train": train, "heldout": heldout}))
     report = {
         "name": name, "version": VERSION, "seed": seed, "steps": steps or TRAINING["steps"],
         "source": f"{TINY_ENCODERS[name]['package']}:{TINY_ENCODERS[name]['file']}",
-        "train_sequences": len(train), "heldout_sequences": len(heldout), **losses,
-        "build_seconds": round(time.perf_counter() - started, 1),
-        "build_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "train_sequences": len(train), "heldout_sequences": len(heldout), **losses, **build_times(clock),
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
     publish_build(work, target, report)
@@ -145,6 +134,26 @@ def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None
           f"{losses['heldout_mlm_loss']:.3f} (letter frequencies alone: {losses['letter_frequency_loss']:.3f}) "
           f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
     return report
+
+
+def start_clock() -> tuple[float, float]:
+    """Wall and CPU clocks at the start of a build, for :func:`build_times`."""
+    return time.perf_counter(), time.process_time()
+
+
+def build_times(clock: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since :func:`start_clock`, as a build's report records them."""
+    return {"build_seconds": round(time.perf_counter() - clock[0], 1),
+            "build_cpu_seconds": round(time.process_time() - clock[1], 1)}
+
+
+def build_dir(target: Path) -> Path:
+    """An empty directory beside ``target``, private to this process, to build in (see :func:`publish_build`)."""
+    target = Path(target)
+    work = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 
 
 def publish_build(work: Path, target: Path, report: dict) -> None:
@@ -159,35 +168,56 @@ def publish_build(work: Path, target: Path, report: dict) -> None:
 def pretrain(tokenizer, train: list[str], heldout: list[str], seed: int, steps: int):
     """A seeded ESM model trained by masked-language modelling (15% of letters, 80/10/10 mask/random/keep);
     returns it with its held-out loss before and after, on the same masks."""
-    import torch
-    from transformers import DataCollatorForLanguageModeling, EsmConfig, EsmForMaskedLM, get_scheduler
+    from transformers import EsmConfig, EsmForMaskedLM
 
-    train_ids = [letter_ids(tokenizer, s) for s in train]
-    heldout_batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed + 1)(
-        [{"input_ids": letter_ids(tokenizer, s)} for s in heldout])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = EsmConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           mask_token_id=tokenizer.mask_token_id, max_position_embeddings=1026,
-                           position_embedding_type="rotary", token_dropout=False, emb_layer_norm_before=False,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE)
-        model = EsmForMaskedLM(config)
-        untrained = heldout_loss(model, heldout_batch)
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAINING["mlm_probability"], seed=seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=TRAINING["lr"], weight_decay=0.01)
-        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=TRAINING["warmup"], num_training_steps=steps)
-        rng = np.random.default_rng(seed)
-        model.train()
-        for _ in range(steps):
-            rows = rng.integers(0, len(train_ids), TRAINING["batch_size"])
-            loss = model(**collator([{"input_ids": train_ids[i]} for i in rows])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return model, {"heldout_mlm_loss": heldout_loss(model, heldout_batch), "untrained_heldout_mlm_loss": untrained,
-                   "letter_frequency_loss": letter_frequency_loss(train_ids, heldout_batch, tokenizer)}
+    def esm():
+        return EsmForMaskedLM(EsmConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, mask_token_id=tokenizer.mask_token_id,
+            max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=False,
+            emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **ARCHITECTURE))
+
+    return pretrain_mlm(esm, tokenizer, [letter_ids(tokenizer, s) for s in train],
+                        [letter_ids(tokenizer, s) for s in heldout], seed, steps, TRAINING, unit="letter")
+
+
+def pretrain_mlm(make_model, tokenizer, train_ids: list[list[int]], heldout_ids: list[list[int]], seed: int,
+                 steps: int, training: dict, unit: str):
+    """The masked-language-modelling recipe every tiny encoder shares: ``make_model()`` initialised under
+    ``seed``, trained on random batches of ``train_ids`` with the transformers MLM collator (80/10/10
+    mask/random/keep), AdamW and a cosine schedule, on one thread (as fast for a model this small, and the same
+    on any machine). Returns it with its held-out loss before and after training, on the same masks, and the
+    loss of predicting each masked ``unit`` (letter, gene) from training frequencies alone."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, get_scheduler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = training["mlm_probability"]
+        heldout_batch = DataCollatorForLanguageModeling(tokenizer, mlm_probability=p, seed=seed + 1)(
+            [{"input_ids": ids} for ids in heldout_ids])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = make_model()
+            untrained = heldout_loss(model, heldout_batch)
+            collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=p, seed=seed)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=0.01)
+            scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=training["warmup"],
+                                      num_training_steps=steps)
+            rng = np.random.default_rng(seed)
+            model.train()
+            for _ in range(steps):
+                rows = rng.integers(0, len(train_ids), training["batch_size"])
+                loss = model(**collator([{"input_ids": train_ids[i]} for i in rows])).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        return model, {"heldout_mlm_loss": heldout_loss(model, heldout_batch), "untrained_heldout_mlm_loss": untrained,
+                       f"{unit}_frequency_loss": frequency_loss(train_ids, heldout_batch, model.config.vocab_size)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def letter_ids(tokenizer, seq: str) -> list[int]:
@@ -207,9 +237,10 @@ def heldout_loss(model, batch) -> float:
     return round(loss, 4)
 
 
-def letter_frequency_loss(train_ids: list[list[int]], heldout_batch, tokenizer) -> float:
-    """Cross-entropy of predicting each masked letter from training letter frequencies alone (no context)."""
-    counts = np.bincount([t for ids in train_ids for t in ids[1:-1]], minlength=len(tokenizer)) + 1.0
+def frequency_loss(train_ids: list[list[int]], heldout_batch, vocab_size: int) -> float:
+    """Cross-entropy of predicting each masked token from its frequency in training alone (no context);
+    the first and last token of each training row (``<cls>``, ``<eos>``) are not counted."""
+    counts = np.bincount([t for ids in train_ids for t in ids[1:-1]], minlength=vocab_size) + 1.0
     logp = np.log(counts / counts.sum())
     labels = heldout_batch["labels"].numpy().ravel()
     return round(float(-logp[labels[labels >= 0]].mean()), 4)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import shutil
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from biopost import durable
+from biopost.environ import temporary_environ
 from biopost.locks import DirectoryLock
 from biopost.runlog import DONE
 from biopost.study.plan import Plan, PlannedRun
@@ -117,20 +117,13 @@ def limited_threads(threads: int | None):
     import torch
     from threadpoolctl import threadpool_limits
 
-    saved_env = {name: os.environ.get(name) for name in thread_environment(threads)}
     saved_torch = torch.get_num_threads()
-    os.environ.update(thread_environment(threads))
     torch.set_num_threads(threads)
     try:
-        with threadpool_limits(limits=threads):
+        with temporary_environ(thread_environment(threads)), threadpool_limits(limits=threads):
             yield
     finally:
         torch.set_num_threads(saved_torch)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def cpu_seconds() -> float:

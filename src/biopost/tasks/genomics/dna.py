@@ -1,4 +1,5 @@
-"""Small DNA helpers shared by the genomics tasks: strands, variant windows and plain-language variant descriptions."""
+"""Small DNA helpers shared by the genomics tasks: strands, variant windows, users' variant records and plain-language
+variant descriptions."""
 
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def variant_windows(ref: str, alt: str, size: int | None) -> tuple[str, str]:
     start = max(0, first_difference(ref, alt) - size // 2)
     start = min(start, max(0, min(len(ref), len(alt)) - size))
     return ref[start : start + size], alt[start : start + size]
+
+
+def variant_example(record: dict, where: str, window: int | None, what: str):
+    """A user's variant record (``id``, ``question``, ``reference_sequence``, ``variant_sequence``, optional
+    ``answer``) as an Example: both sequences checked, then cut by :func:`variant_windows`. ``what`` names the
+    record kind in the error for a missing field."""
+    from biopost.data import Example
+    from biopost.data.sequences import check_sequence
+
+    missing = [k for k in ("question", "reference_sequence", "variant_sequence") if not record.get(k)]
+    if missing:
+        raise ValueError(f"{where}: a {what} record needs {missing}")
+    ref, alt = variant_windows(check_sequence(str(record["reference_sequence"]), "dna", f"{where}: reference_sequence"),
+                               check_sequence(str(record["variant_sequence"]), "dna", f"{where}: variant_sequence"),
+                               window)
+    return Example(id=str(record.get("id", where)), fields={"question": str(record["question"]).strip()},
+                   answer=str(record.get("answer", "")), dna=(ref, alt))
 
 
 def describe_variant(ref: str, alt: str) -> str:

@@ -50,10 +50,9 @@ from collections import Counter
 from pydantic import Field, StrictBool
 
 from biopost.data import Example
-from biopost.data.sequences import check_sequence
 from biopost.registry import register_task
 from biopost.tasks.base import LabelTask, TaskOptions
-from biopost.tasks.genomics.dna import variant_windows
+from biopost.tasks.genomics.dna import variant_example, variant_windows
 from biopost.tasks.genomics.tables import read_records, record_id, unique_inputs
 from biopost.tasks.parsing import normalize
 
@@ -161,11 +160,4 @@ class KeggDisease(LabelTask):
 
     def example_from_input(self, record: dict, where: str) -> Example:
         """A user's record: ``{"id", "question", "reference_sequence", "variant_sequence"}``."""
-        missing = [k for k in ("question", "reference_sequence", "variant_sequence") if not record.get(k)]
-        if missing:
-            raise ValueError(f"{where}: a KEGG record needs {missing}")
-        ref, alt = variant_windows(check_sequence(str(record["reference_sequence"]), "dna", f"{where}: reference_sequence"),
-                                   check_sequence(str(record["variant_sequence"]), "dna", f"{where}: variant_sequence"),
-                                   self.options.window)
-        return Example(id=str(record.get("id", where)), fields={"question": str(record["question"]).strip()},
-                       answer=str(record.get("answer", "")), dna=(ref, alt))
+        return variant_example(record, where, self.options.window, "KEGG")
