@@ -78,10 +78,7 @@ def build_tiny_cell(target: Path, seed: int = 0, steps: int | None = None) -> di
         "train_cells": len(train), "heldout_cells": len(heldout), "genes": len(genes), **losses, **build_times(clock),
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
-    publish_build(work, target, report)
-    print(f"built encoder tiny-cell: held-out (val cells) MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
-          f"{losses['heldout_mlm_loss']:.3f} (gene frequencies alone: {losses['gene_frequency_loss']:.3f}) "
-          f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
+    publish_build(work, target, report, heldout="held-out (val cells)")
     return report
 
 

@@ -130,9 +130,6 @@ def build_tiny_encoder(name: str, target: Path, seed: int = 0, steps: int | None
         "architecture": ARCHITECTURE, "training": TRAINING,
     }
     publish_build(work, target, report)
-    print(f"built encoder {name}: held-out MLM loss {losses['untrained_heldout_mlm_loss']:.3f} -> "
-          f"{losses['heldout_mlm_loss']:.3f} (letter frequencies alone: {losses['letter_frequency_loss']:.3f}) "
-          f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
     return report
 
 
@@ -156,13 +153,18 @@ def build_dir(target: Path) -> Path:
     return work
 
 
-def publish_build(work: Path, target: Path, report: dict) -> None:
-    """Write ``pretraining.json`` last (it marks a finished build) and move the build into place."""
+def publish_build(work: Path, target: Path, report: dict, heldout: str = "held-out") -> None:
+    """Write ``pretraining.json`` last (it marks a finished build), move the build into place, and print what
+    pretraining reached (``heldout`` names the held-out data in that line)."""
     (work / "pretraining.json").write_text(json.dumps(report, indent=2))
     try:
         os.rename(work, target)
     except OSError:  # another process finished the same (deterministic) build first
         shutil.rmtree(work, ignore_errors=True)
+    frequency = next(key for key in report if key.endswith("_frequency_loss"))  # letter_..., gene_...
+    print(f"built encoder {report['name']}: {heldout} MLM loss {report['untrained_heldout_mlm_loss']:.3f} -> "
+          f"{report['heldout_mlm_loss']:.3f} ({frequency.split('_')[0]} frequencies alone: {report[frequency]:.3f}) "
+          f"in {report['build_seconds']} s ({report['build_cpu_seconds']} s of CPU)")
 
 
 def pretrain(tokenizer, train: list[str], heldout: list[str], seed: int, steps: int):
