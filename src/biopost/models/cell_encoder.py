@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biopost.models.encoders import Encoder, _local_version
+from biopost.models.encoders import Encoder, _local_version, loading_errors
 
 TOKENS_FILE, MEDIANS_FILE = "gene_tokens.json", "gene_medians.json"
 SPECIAL = ("<pad>", "<mask>", "<cls>", "<eos>")
@@ -193,10 +193,8 @@ class CellEncoder(Encoder):
         from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
         source = str(source)
-        looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
-        if looks_local and not (Path(source).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"no cell encoder at {source}: expected a transformers model directory (config.json)")
-        try:
+        with loading_errors(source, "cell encoder", "tiny-cell", "set model.encoders.cell.trust_remote_code: true",
+                            trust_remote_code):
             config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
             if any(a.endswith("ForMaskedLM") for a in config.architectures or []):  # Geneformer, tiny-cell
                 model = AutoModelForMaskedLM.from_pretrained(source, config=config, revision=revision, dtype=dtype,
@@ -206,14 +204,6 @@ class CellEncoder(Encoder):
                 pooler = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta") else {}
                 self.model = AutoModel.from_pretrained(source, config=config, revision=revision, dtype=dtype,
                                                        trust_remote_code=trust_remote_code, **pooler)
-        except OSError as err:
-            raise FileNotFoundError(f"could not load cell encoder {source!r} ({err.__class__.__name__}): give a local "
-                                    "model directory, a reachable hub id, or tiny-cell") from None
-        except ValueError as err:
-            if "trust_remote_code" in str(err) and not trust_remote_code:
-                raise ValueError(f"cell encoder {source!r} runs its own code: set model.encoders.cell."
-                                 "trust_remote_code: true if you trust it") from None
-            raise
         self.model.requires_grad_(False).eval().to(device)
         positions = getattr(config, "max_position_embeddings", None)
         if positions is not None and tokenizer.max_length > positions:

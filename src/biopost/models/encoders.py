@@ -27,12 +27,14 @@ so concurrent runs share the cache without ever reading a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -128,25 +130,14 @@ class TransformersEncoder(Encoder):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         source = str(source)
-        looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
-        if looks_local and not (Path(source).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"no encoder at {source}: expected a transformers model directory (config.json)")
-        try:
+        with loading_errors(source, "encoder", "a built-in encoder (tiny-dna, tiny-protein)",
+                            "set trust_remote_code: true for it", trust_remote_code):
             self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
             # MaskedLM checkpoints load into their base model: the MLM head is dropped, no pooler is added
             pooler = {"add_pooling_layer": False} if config.model_type in ("esm", "bert", "roberta") else {}
             self.model = AutoModel.from_pretrained(source, config=config, revision=revision,
                                                    trust_remote_code=trust_remote_code, dtype=dtype, **pooler)
-        except OSError as err:
-            raise FileNotFoundError(
-                f"could not load encoder {source!r} ({err.__class__.__name__}): give a local model directory, a "
-                "reachable hub id, or a built-in encoder (tiny-dna, tiny-protein)") from None
-        except ValueError as err:
-            if "trust_remote_code" in str(err) and not trust_remote_code:
-                raise ValueError(f"encoder {source!r} runs its own code: set trust_remote_code: true for it "
-                                 "if you trust it") from None
-            raise
         self.model.requires_grad_(False).eval().to(device)
         self.modality, self.layer, self.max_length, self.batch_size = modality, layer, max_length, batch_size
         self.hidden_size = self.model.config.hidden_size
@@ -178,6 +169,25 @@ class TransformersEncoder(Encoder):
             lengths = batch["attention_mask"].sum(1).tolist()
             out += [states[i, :n].detach() for i, n in enumerate(lengths)]
         return out
+
+
+@contextlib.contextmanager
+def loading_errors(source: str, what: str, builtin: str, trust_fix: str, trust_remote_code: bool) -> Iterator[None]:
+    """Around the transformers calls that load encoder ``source``: a local path without ``config.json``, a source
+    that cannot be read, and a model running its own code untrusted each become a one-line error with its fix.
+    ``what`` names the kind of encoder, ``builtin`` the built-in alternative, ``trust_fix`` the setting to trust."""
+    looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
+    if looks_local and not (Path(source).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} at {source}: expected a transformers model directory (config.json)")
+    try:
+        yield
+    except OSError as err:
+        raise FileNotFoundError(f"could not load {what} {source!r} ({err.__class__.__name__}): give a local model "
+                                f"directory, a reachable hub id, or {builtin}") from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ValueError(f"{what} {source!r} runs its own code: {trust_fix} if you trust it") from None
+        raise
 
 
 def _local_version(source: str) -> str:
