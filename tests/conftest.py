@@ -13,8 +13,44 @@ import torch
 from biopost.config import validate_config
 from biopost.models.tiny import build_tiny_backbone
 from biopost.pipeline import load_task_and_splits, run
+from biopost.tasks.base import LabelTask
 
 PBMC = "cell_type/pbmc68k"
+
+
+class Interrupt(Exception):
+    """A run stopped as a kill would stop it (raised by :func:`interrupt_at`)."""
+
+
+def interrupt_at(monkeypatch, step: int, stage: str | None = None):
+    """Make the stage named ``stage`` (any stage when None) raise :class:`Interrupt` as it evaluates and saves
+    at ``step``; returns the function that puts the real method back, for the resumed run."""
+    from biopost.stages.context import StageContext
+
+    original = StageContext.evaluate_and_save
+
+    def crash(self, policy, at, *args, **kwargs):
+        if at == step and stage in (None, self.name):
+            raise Interrupt
+        return original(self, policy, at, *args, **kwargs)
+
+    monkeypatch.setattr(StageContext, "evaluate_and_save", crash)
+    return lambda: monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+class ColourLabels(LabelTask):
+    """A toy task over four colour words, learnable by a tiny model; a subclass says how its prompt shows the colour."""
+
+    domain = "toy"
+    default_ood_field = "colour"
+    default_ood_test_groups = []
+
+    def __init__(self):
+        super().__init__()
+        self.labels = list(COLOURS)
 
 
 def fast_config_dict(backbone: str | Path = "tiny-s") -> dict:

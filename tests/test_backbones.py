@@ -20,7 +20,7 @@ from biopost.pipeline import run
 from biopost.rewards import format_reward
 from biopost.stages.sft import tokenize_example
 from biopost.stages.trainer import collate
-from biopost.tasks.base import LabelTask
+from conftest import COLOURS, ColourLabels
 
 
 @pytest.fixture(scope="module")
@@ -129,20 +129,10 @@ def test_padded_vocabulary_gives_free_rows_to_new_tokens(plain_backbone, tmp_pat
 
 
 # ---------------------------------------------------------------- added <think> tokens are learnable with LoRA
-COLOURS = ["red", "green", "blue", "yellow"]
-
-
-class ColourFormat(LabelTask):
+class ColourFormat(ColourLabels):
     """The prompt repeats a colour; the target reasons in a <think> block, then answers with the colour."""
 
     name = "toy/colour-format"
-    domain = "toy"
-    default_ood_field = "colour"
-    default_ood_test_groups = []
-
-    def __init__(self):
-        super().__init__()
-        self.labels = list(COLOURS)
 
     def messages(self, example):
         return [{"role": "user", "content": "Colour: " + " ".join([example.answer] * 4)}]

@@ -20,7 +20,7 @@ from biopost.models.policy import PROJECTOR_FILE, load_policy
 from biopost.models.tiny_encoders import build_tiny_encoder, check_encoder_leakage, letter_ids
 from biopost.registry import TASKS, register_task
 from biopost.tasks.base import LabelTask
-from conftest import digest_dir
+from conftest import Interrupt, digest_dir, interrupt_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -296,7 +296,6 @@ def test_fused_pipeline_cpt_sft_rl(tmp_path, encoder_dir, monkeypatch):
 def test_interrupted_fused_sft_resumes_its_projector(tmp_path, encoder_dir, monkeypatch):
     """The Trainer's resumable checkpoints carry the projector: a resumed run ends with the same weights."""
     from biopost.pipeline import run
-    from biopost.stages.context import StageContext
 
     monkeypatch.setenv("BIOPOST_CACHE", str(tmp_path / "cache"))
     config = validate_config({
@@ -308,18 +307,11 @@ def test_interrupted_fused_sft_resumes_its_projector(tmp_path, encoder_dir, monk
                     "eval_at_start": False}],
     })
     whole = run(config, tmp_path / "whole")
-    original = StageContext.evaluate_and_save
-
-    def crash_at_step_4(self, policy, step, epoch):
-        if step == 4:
-            raise RuntimeError("interrupted")
-        return original(self, policy, step, epoch)
-
-    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="interrupted"):
+    resume = interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupt):
         run(config, tmp_path / "cut")
     assert (tmp_path / "cut" / "stages" / "0-sft" / "trainer" / "checkpoint-2" / PROJECTOR_FILE).is_file()
-    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resume()
     resumed = run(config, tmp_path / "cut")
     for file in (PROJECTOR_FILE, "adapter_model.safetensors"):
         a, b = (load_file(d / "stages" / "0-sft" / "final" / file) for d in (whole, resumed))

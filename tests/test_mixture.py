@@ -14,10 +14,9 @@ from biopost.mixture import draw, item_counts, mixed_train
 from biopost.models.policy import CHECKPOINT_FILE, load_policy
 from biopost.pipeline import load_task_and_splits, run
 from biopost.runlog import read_metrics
-from biopost.stages.context import StageContext
 from biopost.study.config import study_from_dict
 from biopost.study.plan import make_plan
-from conftest import same_cells_h5ad_options
+from conftest import Interrupt, interrupt_at, same_cells_h5ad_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,10 +29,6 @@ STAGES = {
            "num_generations": 2, "max_completion_length": 8, "lr": 1e-2, "mu": 2, "task_weight": 2.0,
            "mixture": [{"task": AMP_TASK, "weight": 2.0}]},
 }
-
-
-class Interrupt(Exception):
-    pass
 
 
 def mixed_config(fast_config, stage: dict):
@@ -69,17 +64,10 @@ def test_two_task_stage_scores_both_tasks_and_resumes_to_the_same_result(kind, f
     share = items[AMP] / (items[AMP] + items[PBMC])
     assert share == pytest.approx(1 / 3 if kind == "sft" else 1 / 2, abs=1 / items[PBMC])
 
-    original = StageContext.evaluate_and_save
-
-    def crash_at_step_4(self, policy, step, epoch, **kwargs):
-        if step == 4:
-            raise Interrupt
-        return original(self, policy, step, epoch, **kwargs)
-
-    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
+    resume = interrupt_at(monkeypatch, 4)
     with pytest.raises(Interrupt):
         run(config, tmp_path / "cut")
-    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resume()
     resumed = run(config, tmp_path / "cut")
     a = load_policy(whole / "stages" / f"0-{kind}" / "final").model.state_dict()
     b = load_policy(resumed / "stages" / f"0-{kind}" / "final").model.state_dict()

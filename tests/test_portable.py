@@ -12,14 +12,10 @@ from biopost.cli import main
 from biopost.config import validate_config
 from biopost.models.policy import CHECKPOINT_FILE
 from biopost.pipeline import run
-from biopost.stages.context import StageContext
+from conftest import Interrupt, interrupt_at
 
 PBMC = "cell_type/pbmc68k"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Interrupt(Exception):
-    pass
 
 
 def moved_run_config(fast_config):
@@ -38,17 +34,10 @@ def moved_run_config(fast_config):
 def test_moved_run_resumes_evaluates_and_predicts_from_every_checkpoint(fast_config, tmp_path, monkeypatch, capsys,
                                                                        pbmc_splits):
     config = moved_run_config(fast_config)
-    original = StageContext.evaluate_and_save
-
-    def crash_in_rl(self, policy, step, epoch):
-        if self.name == "rl" and step == 4:
-            raise Interrupt
-        return original(self, policy, step, epoch)
-
-    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_in_rl)
+    resume = interrupt_at(monkeypatch, 4, "rl")
     with pytest.raises(Interrupt):
         run(config, tmp_path / "a")
-    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resume()
     shutil.move(tmp_path / "a", tmp_path / "b")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -115,17 +104,10 @@ def test_moved_study_resumes_shares_merged_bases_and_every_checkpoint_loads(fast
     from biopost.study.plan import prepare
 
     study = study_from_dict(moved_study(fast_config))
-    original = StageContext.evaluate_and_save
-
-    def crash_at_rl_step_4(self, policy, step, epoch):
-        if self.name == "rl" and step == 4:
-            raise Interrupt
-        return original(self, policy, step, epoch)
-
-    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_rl_step_4)
+    resume = interrupt_at(monkeypatch, 4, "rl")
     plan = prepare(study, tmp_path / "a")
     assert len(execute(plan, tmp_path / "a")) == 2  # the trunk died in RL; its branch waited
-    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resume()
     shutil.move(tmp_path / "a", tmp_path / "b")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -8,14 +8,10 @@ from biopost.config import validate_config
 from biopost.models.policy import load_policy
 from biopost.pipeline import run
 from biopost.runlog import read_metrics
-from biopost.stages.context import StageContext
+from conftest import Interrupt, interrupt_at
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Interrupt(Exception):
-    pass
 
 
 def config_for(stage: dict, fast_config):
@@ -38,18 +34,11 @@ def test_interrupted_stage_resumes_to_the_same_weights(kind, fast_config, tmp_pa
     name = f"0-{kind}"
     reference = run(config, tmp_path / "whole")
 
-    original = StageContext.evaluate_and_save
-
-    def crash_at_step_4(self, policy, step, epoch):
-        if step == 4:
-            raise Interrupt
-        return original(self, policy, step, epoch)
-
-    monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
+    resume = interrupt_at(monkeypatch, 4)
     with pytest.raises(Interrupt):
         run(config, tmp_path / "cut")
     assert not (tmp_path / "cut" / "stages" / name / "DONE").exists()
-    monkeypatch.setattr(StageContext, "evaluate_and_save", original)
+    resume()
     resumed = run(config, tmp_path / "cut")
 
     steps = lambda d: sorted({r["step"] for r in read_metrics(d) if r["split"] == "val" and r["metric"] == "accuracy"})  # noqa: E731

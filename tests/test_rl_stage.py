@@ -20,7 +20,7 @@ from biopost.rewards import correctness_reward, format_reward
 from biopost.runlog import read_metrics
 from biopost.stages import rl
 from biopost.stages.grpo import group_advantages
-from biopost.tasks.base import LabelTask
+from conftest import COLOURS, ColourLabels
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,20 +68,10 @@ def test_format_reward_multiline_reasoning():
 
 
 # ---------------------------------------------------------------- reward rises on a learnable toy task
-COLOURS = ["red", "green", "blue", "yellow"]
-
-
-class ColourTask(LabelTask):
+class ColourTask(ColourLabels):
     """The prompt repeats one colour word; the answer is that word. Learnable by a 2-layer model."""
 
     name = "toy/colour"
-    domain = "toy"
-    default_ood_field = "colour"
-    default_ood_test_groups = []
-
-    def __init__(self):
-        super().__init__()
-        self.labels = list(COLOURS)
 
     def messages(self, example):
         return [{"role": "user", "content": self.user_prompt(example)}]

@@ -37,11 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["val", "id_test", "ood_test"], choices=TEST_SPLITS)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--output", type=Path, default=None, help="JSONL of summary rows (default: print)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
-    p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
+    add_checkpoint_options(p)
     add_memory_options(p, "default: the checkpoint's eval.batch_size")
     add_backend_option(p)
     p.set_defaults(func=cmd_eval)
@@ -52,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", type=Path, default=None, help="JSONL out (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
-    p.add_argument("--base", type=Path, default=None, help="base model of an adapter checkpoint, if moved from where it records")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the backbone's own code (only if you trust it)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
+    add_checkpoint_options(p)
     add_memory_options(p, f"default {EvalConfig.model_fields['batch_size'].default}")
     add_backend_option(p)
     p.set_defaults(func=cmd_predict)
@@ -237,6 +229,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def add_checkpoint_options(parser) -> None:
+    """How eval / predict load a checkpoint: its device, a moved base model, remote code, changed task options."""
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA when available")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="base model of an adapter checkpoint, if moved from where it records")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the backbone's own code (only if you trust it)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a saved task option, e.g. source=NEW_PATH for a table moved since training")
+
+
+def inference_options(args) -> dict:
+    """The keyword arguments eval and predict both pass on (from :func:`add_checkpoint_options`,
+    :func:`add_memory_options` and :func:`add_backend_option`)."""
+    return dict(base=args.base, trust_remote_code=args.trust_remote_code, options=args.option,
+                batch_size=args.batch_size, dtype=args.dtype, backend=args.backend)
+
+
 def add_memory_options(parser, batch_default: str) -> None:
     """The options an out-of-GPU-memory error tells the user to lower (see :func:`biopost.resources.inference_oom_advice`)."""
     parser.add_argument("--batch-size", type=int, default=None, help=f"examples generated together ({batch_default})")
@@ -256,11 +266,7 @@ def cmd_eval(args) -> int:
     from biopost.inference import evaluate_checkpoint
 
     rows = evaluate_checkpoint(args.checkpoint, args.task, args.splits, args.max_examples, args.device,
-                               base=args.base, trust_remote_code=args.trust_remote_code,
-                               options=args.option, batch_size=args.batch_size, dtype=args.dtype,
-                               backend=args.backend)
-    if not distributed.is_main():  # under a launcher every process holds the gathered rows; one writes them
-        return 0
+                               **inference_options(args))
     return write_jsonl(rows, args.output, "rows")
 
 
@@ -269,17 +275,16 @@ def cmd_predict(args) -> int:
     from biopost.inference import predict_file
 
     records = predict_file(args.checkpoint, args.task, args.input, args.max_new_tokens, args.device,
-                           base=args.base, trust_remote_code=args.trust_remote_code,
-                           options=args.option, batch_size=args.batch_size, dtype=args.dtype,
-                           backend=args.backend)
-    if not distributed.is_main():
-        return 0
+                           **inference_options(args))
     return write_jsonl(records, args.output, "predictions")
 
 
 def write_jsonl(records: list[dict], output: Path | None, what: str) -> int:
     """JSON lines to ``output``, or to stdout when no file is given. The file appears whole or not at all (written
-    beside it, then renamed), so an interrupted command never leaves a short file that looks complete."""
+    beside it, then renamed), so an interrupted command never leaves a short file that looks complete. Under a
+    launcher every process holds the gathered records; the main one writes them."""
+    if not distributed.is_main():
+        return 0
     lines = "\n".join(json.dumps(r) for r in records)
     if output:
         partial = output.with_name(output.name + ".partial")
