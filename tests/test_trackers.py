@@ -99,6 +99,7 @@ def wandb_records(run_dir: Path) -> list:
 
 
 def wandb_scalars(run_dir: Path) -> dict[tuple[str, str, int], float]:
+    """Every point of the run's W&B history; a point sent twice, or a step going back, fails (a zig-zag chart)."""
     out = {}
     for record in wandb_records(run_dir):
         if record.WhichOneof("record_type") != "history":
@@ -108,7 +109,13 @@ def wandb_scalars(run_dir: Path) -> dict[tuple[str, str, int], float]:
         stage = keys[0].split("/")[0]
         assert all(k.startswith(f"{stage}/") for k in keys), keys  # one stage per call, no Trainer keys
         step = logged.pop(f"{stage}/step")
-        out.update({(stage, k.split("/", 1)[1], step): v for k, v in logged.items() if k in keys and k != f"{stage}/step"})
+        for key in keys:
+            point = (stage, key.split("/", 1)[1], step)
+            if key == f"{stage}/step":
+                continue
+            earlier = [s for (g, t, s) in out if (g, t) == point[:2]]
+            assert step > max(earlier, default=-1), f"{point}: sent again or out of order after steps {earlier}"
+            out[point] = logged[key]
     return out
 
 
@@ -123,13 +130,17 @@ def mlflow_client(run_dir: Path):
 
 
 def mlflow_scalars(run_dir: Path) -> tuple[object, dict[tuple[str, str, int], float]]:
+    """The run's one MLflow run and its points; a step logged twice fails."""
     client = mlflow_client(run_dir)
     [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
     [found] = client.search_runs([experiment.experiment_id])
     out = {}
     for key in found.data.metrics:
         stage, tag = key.split("/", 1)
-        out.update({(stage, tag, m.step): m.value for m in client.get_metric_history(found.info.run_id, key)})
+        history = client.get_metric_history(found.info.run_id, key)
+        steps = [m.step for m in history]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice: {steps}"
+        out.update({(stage, tag, m.step): m.value for m in history})
     return SimpleNamespace(experiment=experiment, run=found), out
 
 
@@ -219,12 +230,13 @@ class Interrupt(Exception):
     pass
 
 
-@needs["tensorboard"]
-def test_a_resumed_stage_leaves_tensorboard_equal_to_metrics(fast_config, tmp_path, monkeypatch):
+def test_a_resumed_stage_leaves_every_tracker_equal_to_metrics(fast_config, tmp_path, monkeypatch):
+    """Steps 3 and 4 were sent before the crash and are redone by the resume from step 2: TensorBoard purges
+    them, W&B and MLflow (which cannot delete) still hold each point once, in order, in the same tracker run."""
     raw = fast_config()
-    raw["report_to"] = ["tensorboard"]
+    raw["report_to"] = INSTALLED
     raw["eval"]["splits"] = ["val"]
-    raw["stages"][0].update(max_steps=4, eval_every_steps=2)
+    raw["stages"][0].update(max_steps=6, eval_every_steps=2)
     config = validate_config(raw)
     original = StageContext.evaluate_and_save
 
@@ -236,12 +248,77 @@ def test_a_resumed_stage_leaves_tensorboard_equal_to_metrics(fast_config, tmp_pa
     monkeypatch.setattr(StageContext, "evaluate_and_save", crash_at_step_4)
     with pytest.raises(Interrupt):
         run(config, tmp_path / "run")
-    logged = tensorboard_scalars(tmp_path / "run")
-    assert ("sft", "train/loss", 3) in logged  # steps 3 and 4 were logged, then dropped by the resume from 2
+    ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
+    if "tensorboard" in INSTALLED:
+        assert ("sft", "train/loss", 3) in tensorboard_scalars(tmp_path / "run")  # then dropped by the resume
     monkeypatch.setattr(StageContext, "evaluate_and_save", original)
     run(config, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
-    same(tensorboard_scalars(tmp_path / "run"), expected(rows, rows[0]["task"]))  # each step once
+    want = expected(rows, rows[0]["task"])
+    assert {step for _, tag, step in want if tag == "train/loss"} == {1, 2, 3, 4, 5, 6}
+    assert json.loads((tmp_path / "run" / "trackers.json").read_text()).items() >= {
+        k: v for k, v in ids.items() if k != "sent"}.items()  # the same tracker runs, continued
+    if "tensorboard" in INSTALLED:
+        same(tensorboard_scalars(tmp_path / "run"), want)
+    if "wandb" in INSTALLED:
+        same(wandb_scalars(tmp_path / "run"), want)
+        runs = {r.run.run_id for r in wandb_records(tmp_path / "run") if r.WhichOneof("record_type") == "run"}
+        assert runs == {ids["wandb"]}
+    if "mlflow" in INSTALLED:
+        found, values = mlflow_scalars(tmp_path / "run")
+        same(values, want)
+        assert found.run.info.run_id == ids["mlflow"] and found.run.info.status == "FINISHED"
+
+
+class Recorder(biopost.trackers.AppendOnlyTracker):
+    """An append-only tracker that records what it is sent, continuing its run when trackers.json names it."""
+
+    key = "recorder"
+
+    def __init__(self, run_dir, identity):
+        super().__init__(run_dir, identity)
+        self.points, self.failed = [], None
+        self.continue_or_start("recorded", continued=self.saved_id(self.key) is not None)
+
+    def send(self, points):
+        self.points += [(stage, step, values["train/loss"]) for stage, step, values in points]
+
+    def finish(self, failed):
+        self.failed = failed
+
+
+def test_an_append_only_tracker_is_sent_settled_rows_once_in_order(tmp_path):
+    """Killed after step 5 (saves at 2 and 4), then resumed from 2 (the save at 4 found damaged): the rows past
+    the last save wait, none is sent twice, and a redone step not sent before carries the kept run's value."""
+    identity = Identity(name="r", run_id="abc", task="t")
+
+    def loss(*steps):
+        return [{"stage": "sft", "step": s, "split": "train", "metric": "loss", "value": v} for s, v in steps]
+
+    killed = RunLog(tmp_path, {"task": "t"}, [Recorder(tmp_path, identity)])
+    killed.write(loss((1, 1.0), (2, 0.9)))
+    killed.settle("sft", 2)
+    killed.write(loss((3, 0.8), (4, 0.7)))
+    killed.settle("sft", 4)
+    killed.write(loss((5, 0.6)))  # then SIGKILL: never closed
+    assert killed.trackers[0].points == [("sft", 1, 1.0), ("sft", 2, 0.9), ("sft", 3, 0.8), ("sft", 4, 0.7)]
+
+    with RunLog(tmp_path, {"task": "t"}, [Recorder(tmp_path, identity)]) as resumed:
+        assert [r["value"] for r in resumed.drop_rows("sft", after_step=2)] == [1.0, 0.9]
+        resumed.write(loss((3, 0.8), (4, 0.7), (5, 0.55)))
+        resumed.settle("sft", 4)
+        resumed.write(loss((6, 0.5)))
+        resumed.settle("sft")
+        recorder = resumed.trackers[0]
+    assert recorder.points == [("sft", 5, 0.55), ("sft", 6, 0.5)] and recorder.failed is False
+    assert [r["value"] for r in read_metrics(tmp_path)] == [1.0, 0.9, 0.8, 0.7, 0.55, 0.5]
+
+    recorder = Recorder(tmp_path, identity)
+    with pytest.raises(Interrupt), RunLog(tmp_path, {"task": "t"}, [recorder]) as failing:
+        failing.write(loss((7, 0.4)))
+        raise Interrupt  # a failed run may never be resumed: its last rows are sent as it closes
+    assert recorder.points == [("sft", 7, 0.4)] and recorder.failed is True
+    assert json.loads((tmp_path / "trackers.json").read_text())["sent"]["recorder"] == {"sft/train/loss": 7}
 
 
 def test_rows_written_before_a_tracker_existed_reach_it_once(tmp_path):

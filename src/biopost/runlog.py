@@ -1,13 +1,15 @@
 """The run directory's data files: ``metrics.jsonl`` (one JSON object per line) and ``predictions/``.
 
 Every number a report compares is written here as data, never scraped from logs. Experiment trackers
-(``report_to``) get each row as it is written here, the one place every stage writes through. Rows are appended whole
-and fsynced; a line torn by a kill is dropped on the next read or append (see biopost.durable).
+(``report_to``) get each row as it is written here, the one place every stage writes through (those that cannot
+delete a point once a resume can no longer drop it: see :meth:`RunLog.settle`). Rows are appended whole and
+fsynced; a line torn by a kill is dropped on the next read or append (see biopost.durable).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +59,17 @@ class RunLog:
         if not self.writer:  # the writer's rewrite is atomic: before or after it, these are the rows kept
             return [r for r in kept if r.get("stage") == stage]
         durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
-        if len(kept) < len(rows):
-            for tracker in self.trackers:
+        for tracker in self.trackers:
+            if len(kept) < len(rows):
                 tracker.purge(stage, after_step)
+            tracker.settle(stage, after_step)  # the attempt goes on from there: the rows kept stay
         return [r for r in kept if r.get("stage") == stage]
+
+    def settle(self, stage: str, step: float = math.inf) -> None:
+        """Rows of ``stage`` up to ``step`` stay whatever happens next (a resumable state at ``step`` is saved;
+        no ``step``: the stage is done): trackers that cannot delete points are sent them now."""
+        for tracker in self.trackers:
+            tracker.settle(stage, step)
 
     def close(self, failed: bool = False) -> None:
         for tracker in self.trackers:

@@ -12,11 +12,16 @@ knows about them and a tracker shows exactly what the run directory holds. A row
 - MLflow: keys ``<stage>/<split>/<metric>`` (characters MLflow refuses, such as ``@``, become ``_``); a file
   store in ``mlruns/`` unless ``MLFLOW_TRACKING_URI`` names another.
 
-W&B and MLflow cannot delete points: after a resume they keep an interrupted attempt's points past the
-resume step next to the new ones. Each tracker's run id is kept in ``trackers.json`` so a resumed run (or a
-baseline written into the run directory) continues the same tracker run; a tracker whose store starts empty
-is first sent the rows metrics.jsonl already holds (a study run's copied prefix). In a study a run is named
-by its run id and grouped by the study's name (W&B group, MLflow experiment).
+W&B and MLflow cannot delete points, so they are sent a stage's rows only once a resume can no longer drop them:
+at each resumable save point of the stage (:meth:`biopost.runlog.RunLog.settle`), when a resume keeps them, at
+the stage's end, and when the run closes (a failed run's last rows too: it may never be resumed). Each tracker
+run's id, and per ``<stage>/<tag>`` the last step it was sent, are kept in ``trackers.json``: a resumed run (or
+a baseline written into the run directory) continues the same tracker run and sends each point once, in the
+order of metrics.jsonl; a tracker run that starts empty is sent every row metrics.jsonl holds (a study run's
+copied prefix). A point a resume redoes after it was sent (a failed attempt's last rows, or the rows after a
+damaged newest checkpoint) keeps its first value there; an exact resume recomputes the same value. A SIGKILL
+can still lose what W&B had not written out yet (its offline files are written by a background process). In a
+study a run is named by its run id and grouped by the study's name (W&B group, MLflow experiment).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from biopost import durable
 from biopost.config import ConfigError
 
 IDS_FILE = "trackers.json"
@@ -100,8 +106,8 @@ def open_trackers(names: Iterable[str], run_dir: Path, identity: Identity) -> li
 
 
 class Tracker:
-    """Receives metrics rows as the run writes them (see :class:`biopost.runlog.RunLog`). ``fresh``: its
-    store started empty, so it is also sent the rows the run directory held before."""
+    """Receives metrics rows as the run writes them (see :class:`biopost.runlog.RunLog`). ``fresh``: it is also
+    sent the rows the run directory held before it was opened."""
 
     fresh = True
 
@@ -114,17 +120,72 @@ class Tracker:
     def purge(self, stage: str, after_step: int) -> None:
         """Rows of ``stage`` past ``after_step`` were dropped from metrics.jsonl (a resumed stage)."""
 
+    def settle(self, stage: str, step: float) -> None:
+        """Rows of ``stage`` up to ``step`` are kept for good: a resume of the stage starts after them."""
+
     def close(self, failed: bool = False) -> None:
         raise NotImplementedError
 
-    def saved_id(self, key: str) -> str | None:
+    def saved(self) -> dict[str, Any]:
         path = self.run_dir / IDS_FILE
-        return json.loads(path.read_text()).get(key) if path.is_file() else None
+        return json.loads(path.read_text()) if path.is_file() else {}
 
-    def save_id(self, key: str, value: str) -> None:
-        path = self.run_dir / IDS_FILE
-        ids = json.loads(path.read_text()) if path.is_file() else {}
-        path.write_text(json.dumps({**ids, key: value}, indent=2))
+    def saved_id(self, key: str) -> str | None:
+        return self.saved().get(key)
+
+    def save(self, **entries: Any) -> None:
+        durable.write_json(self.run_dir / IDS_FILE, {**self.saved(), **entries})
+
+
+class AppendOnlyTracker(Tracker):
+    """A tracker that cannot delete points (W&B, MLflow): rows wait until settled, and each ``<stage>/<tag>`` is
+    sent each step once, in order, whatever resumes happen between (see the module docstring)."""
+
+    key = ""  # its name in trackers.json
+
+    def __init__(self, run_dir: Path, identity: Identity):
+        super().__init__(run_dir, identity)
+        self.pending: list[dict[str, Any]] = []
+        self.sent: dict[str, int] = {}  # "<stage>/<tag>" -> the last step the tracker run holds
+
+    def continue_or_start(self, run_id: str, continued: bool) -> None:
+        """Record the tracker run now fed; a new one has been sent nothing yet."""
+        sent = self.saved().get("sent", {})
+        self.sent = dict(sent.get(self.key, {})) if continued else {}
+        self.save(**{self.key: run_id, "sent": {**sent, self.key: self.sent}})
+
+    def write(self, rows):
+        self.pending.extend(rows)
+
+    def purge(self, stage, after_step):
+        self.pending = [r for r in self.pending if r.get("stage") != stage or (r.get("step") or 0) <= after_step]
+
+    def settle(self, stage, step):
+        ready = [r for r in self.pending if r.get("stage") == stage and (r.get("step") or 0) <= step]
+        self.pending = [r for r in self.pending if not (r.get("stage") == stage and (r.get("step") or 0) <= step)]
+        self.flush(ready)
+
+    def flush(self, rows: list[dict[str, Any]]) -> None:
+        points = []
+        for stage, step, values in by_point(rows, self.identity.task):
+            new = {tag: v for tag, v in values.items() if step > self.sent.get(f"{stage}/{tag}", -1)}
+            if new:
+                points.append((stage, step, new))
+                self.sent.update({f"{stage}/{tag}": step for tag in new})
+        if points:
+            self.send(points)
+            self.save(sent={**self.saved().get("sent", {}), self.key: self.sent})
+
+    def send(self, points: list[tuple[str, int, dict[str, float]]]) -> None:
+        raise NotImplementedError
+
+    def close(self, failed=False):
+        rows, self.pending = self.pending, []
+        self.flush(rows)
+        self.finish(failed)
+
+    def finish(self, failed: bool) -> None:
+        raise NotImplementedError
 
 
 class TensorBoardTracker(Tracker):
@@ -161,39 +222,41 @@ class TensorBoardTracker(Tracker):
         self.writers = {}
 
 
-class WandbTracker(Tracker):
+class WandbTracker(AppendOnlyTracker):
     """A W&B run in ``wandb/``, resumed by its saved id; each stage plotted against its own step."""
+
+    key = "wandb"
 
     def __init__(self, run_dir: Path, identity: Identity):
         super().__init__(run_dir, identity)
         import wandb
 
-        saved = self.saved_id("wandb")
-        self.fresh = saved is None
+        saved = self.saved_id(self.key)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "biopost"), name=identity.name, group=identity.group,
             id=saved, resume="allow", dir=str(run_dir), config={**identity.config, "run_id": identity.run_id},
             tags=[identity.task], reinit="create_new",
             settings=wandb.Settings(console="off"),  # the run's output already goes to its log; leave stdout be
         )
-        self.save_id("wandb", self.run.id)
+        self.continue_or_start(self.run.id, continued=saved == self.run.id)
         self.stages: set[str] = set()
 
-    def write(self, rows):
-        for stage, step, values in by_point(rows, self.identity.task):
+    def send(self, points):
+        for stage, step, values in points:
             if stage not in self.stages:
                 self.run.define_metric(f"{stage}/step", hidden=True)
                 self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
                 self.stages.add(stage)
             self.run.log({**{f"{stage}/{tag}": v for tag, v in values.items()}, f"{stage}/step": step})
 
-    def close(self, failed=False):
+    def finish(self, failed):
         self.run.finish(exit_code=1 if failed else 0)
 
 
-class MlflowTracker(Tracker):
+class MlflowTracker(AppendOnlyTracker):
     """An MLflow run (a file store in ``mlruns/`` unless MLFLOW_TRACKING_URI says otherwise)."""
 
+    key = "mlflow"
     BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
     def __init__(self, run_dir: Path, identity: Identity):
@@ -209,11 +272,12 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        run_id = self.saved_id("mlflow")
+        run_id = self.saved_id(self.key)
         if run_id:
             try:
                 self.run_id = self.client.get_run(run_id).info.run_id
-                self.fresh = False
+                self.client.update_run(self.run_id, status="RUNNING")  # a failed or killed attempt's run goes on
+                self.continue_or_start(self.run_id, continued=True)
                 return
             except MlflowException:  # the store was moved or cleared: start a new tracker run
                 pass
@@ -227,18 +291,18 @@ class MlflowTracker(Tracker):
         params = [Param(k, v) for k, v in flatten(identity.config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             self.client.log_batch(self.run_id, params=params[start : start + 100])
-        self.save_id("mlflow", self.run_id)
+        self.continue_or_start(self.run_id, continued=False)
 
-    def write(self, rows):
+    def send(self, points):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_key(f"{stage}/{tag}"), value, now, step)
-                   for stage, step, values in by_point(rows, self.identity.task) for tag, value in values.items()]
+                   for stage, step, values in points for tag, value in values.items()]
         for start in range(0, len(metrics), self.BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + self.BATCH])
 
-    def close(self, failed=False):
+    def finish(self, failed):
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 

@@ -98,6 +98,7 @@ def run_rl(ctx: StageContext):
             ctx.evaluate_and_save(policy, step + 1, epoch=round((step + 1) / per_epoch, 4))
         if ((step + 1) % save_every == 0 and step + 1 < total) or step + 1 in ctx.snapshot_steps:
             ResumeState.save(ctx, policy, optimizer, scheduler, step + 1)
+            ctx.log.settle(ctx.name, step + 1)  # a resume starts here: the rows up to it stay
         if step + 1 in ctx.snapshot_steps:  # kept for the study runs that branch off here
             ctx.save_snapshot(step + 1, ResumeState.path(ctx), "resume")
     if total not in ctx.evaluated:  # a run resumed at its last step (e.g. branched off a longer one)

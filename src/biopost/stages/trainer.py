@@ -51,6 +51,7 @@ def stage_trainer(ctx: StageContext, policy, dataset: list[dict], total: int, ev
         callbacks.append(ProjectorCallback(policy))
     callbacks.append(NoPickledArguments())
     callbacks.append(ManifestCallback())  # after every callback that writes into (or deletes from) a checkpoint
+    callbacks.append(SettleCallback(ctx))  # once the checkpoint is sealed, a resume keeps the rows up to it
     callbacks.append(SnapshotCallback(ctx))  # last: copies checkpoints once they are complete
     trainer = PolicyTrainer(policy, model=policy.model, args=args, train_dataset=TrainRows(dataset),
                             data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id), callbacks=callbacks)
@@ -260,6 +261,16 @@ class ManifestCallback(TrainerCallback):
         distributed.barrier()  # every process has written its part (its RNG state) of the checkpoint
         if args.should_save:
             durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+class SettleCallback(TrainerCallback):
+    """A sealed checkpoint is where a resume starts: the stage's rows up to it are settled (see RunLog.settle)."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    def on_save(self, args, state, control, **kwargs):
+        self.ctx.log.settle(self.ctx.name, state.global_step)
+
+
 class NoPickledArguments(TrainerCallback):
     """Delete the pickled ``TrainingArguments`` the Trainer writes into each checkpoint. Nothing reads it back
     (resume reads trainer_state.json), and it is the one file there that only an unsafe ``torch.load`` opens:
