@@ -133,6 +133,18 @@ def test_cli_baseline_and_its_errors(tmp_path, capsys):
     assert "need cell payloads" in capsys.readouterr().err
 
 
+def test_a_baseline_scored_on_one_example_prints_and_writes_no_interval(tmp_path, capsys):
+    """One example per split: the CLI says n/a where the interval would be, and metrics.jsonl holds null, not NaN."""
+    assert main(["baseline", str(TEXT_DEMO), "--output-dir", str(tmp_path), "eval.splits=[val,ood_test]",
+                 "eval.max_examples=1"]) == 0
+    out = capsys.readouterr().out
+    assert "(n=1, 95% CI n/a)" in out and "nan" not in out
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["n"], r["ci_low"], r["ci_high"]) for r in rows] == [("val", 1, None, None),
+                                                                              ("ood_test", 1, None, None)]
+
+
 def test_a_baseline_stage_comes_last_and_selects_on_val():
     stages = {"task": {"name": "cell_type/pbmc68k"}}
     with pytest.raises(ConfigError, match="put it last"):

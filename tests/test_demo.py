@@ -141,3 +141,13 @@ def test_closing_line_says_what_the_cpu_time_covers(monkeypatch, capsys, tmp_pat
     out = capsys.readouterr().out
     # a resumed demo's runs include ones an earlier invocation ran: the two numbers are labelled apart
     assert "this invocation took 1.0 min" in out and "earlier invocations): 10.0 CPU-min" in out
+
+
+def test_the_summary_says_n_a_where_an_arm_has_no_spread():
+    """One seed scored on one example has no interval: ``± n/a``, never ``±nan``."""
+    summary = pd.DataFrame({"task": ["t", "t"], "arm": ["base model", "SFT 1 ep"], "ID mean": [0.5, 1.0],
+                            "ID spread": [0.125, float("nan")], "ID seeds": [1, 1], "OOD mean": [0.25, 0.0],
+                            "OOD seeds": [1, 1]})  # no OOD spread at all: pivot_table drops an all-NaN column
+    lines = format_summary(summary).splitlines()
+    assert "nan" not in "\n".join(lines)
+    assert lines[-2].endswith("0.50 ±0.12   0.25 ± n/a") and lines[-1].endswith("1.00 ± n/a   0.00 ± n/a")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import json
 
 import numpy as np
 import pytest
@@ -65,9 +65,23 @@ def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
     assert bootstrap_ci(values, 500, seed=1) != (lo, hi)
 
 
-def test_bootstrap_is_undefined_without_resamples_or_data():
-    assert all(math.isnan(x) for x in bootstrap_ci(np.array([0.0, 1.0]), 0, seed=0))
-    assert all(math.isnan(x) for x in bootstrap_ci(np.array([1.0]), 100, seed=0))
+def test_no_interval_without_resamples_or_from_one_example():
+    assert bootstrap_ci(np.array([0.0, 1.0]), 0, seed=0) == (None, None)
+    assert bootstrap_ci(np.array([1.0]), 100, seed=0) == (None, None)  # not the zero-width [1, 1] resampling gives
+    assert bootstrap_ci(np.array([1.0, 1.0]), 100, seed=0) == (1.0, 1.0)
+
+
+def test_one_example_evaluated_gives_rows_without_an_interval_and_valid_json(tiny_backbone, pbmc_task, pbmc_splits):
+    """``eval.max_examples: 1``: the value and n=1, the interval empty (JSON null), never NaN."""
+    policy = load_policy(tiny_backbone)
+    example = pbmc_splits.val[0]
+    policy.generate = lambda *args, **kwargs: torch.tensor([policy.tokenizer(f"Answer: {example.answer}",
+                                                                             add_special_tokens=False)["input_ids"]])
+    cfg = EvalConfig(max_examples=1, batch_size=1, max_new_tokens=4, bootstrap=50)
+    rows, _ = evaluate(policy, pbmc_task, {"val": list(pbmc_splits.val)}, cfg)
+    accuracy = next(r for r in rows if r["metric"] == "accuracy")
+    assert (accuracy["n"], accuracy["ci_low"], accuracy["ci_high"]) == (1, None, None)
+    json.dumps(rows, allow_nan=False)  # metrics.jsonl stays JSON: no NaN in any row
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])

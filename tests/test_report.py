@@ -261,6 +261,21 @@ def test_without_predictions_the_table_intervals_are_compared(tmp_path):
     assert finding.verdict == HOLDS and "interval overlap" in finding.text and "paired" not in finding.text
 
 
+def test_points_scored_on_one_example_show_no_interval_and_no_nan(tmp_path):
+    """``eval.max_examples: 1``: tables say ``n/a: n=1`` where the interval goes, comparisons have no sign, and
+    no NaN reaches the report, the table or the findings."""
+    points = [{"stage": "sft", "step": s, "epoch": float(s), "splits": {"val": [v], "id_test": [v], "ood_test": [o]}}
+              for s, v, o in ((0, 0, 0), (1, 1, 1), (2, 1, 0))]
+    run = write_run(tmp_path / "r", points)
+    table = run_table(run)
+    assert table["ci_low"].dtype == float and table["ci_low"].isna().all()  # empty, not None objects
+    write_report(run, tmp_path / "out" / "report.html")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "1.000 [n/a: n=1]" in md and not re.search(r"\bnan\b", md, re.I)
+    finding = findings_of(run)["SFT"]
+    assert finding.verdict != HOLDS and "CI n/a" in finding.text and "nan" not in finding.text.lower()
+
+
 def test_html_is_self_contained_and_escapes_completions(tmp_path):
     points = [{"stage": "sft", "step": s, "epoch": float(s), "splits": {"val": v, "id_test": v, "ood_test": o}}
               for s, v, o in ((0, [0, 0, 0, 0], [0, 0, 0, 0]), (1, [1, 1, 0, 0], [1, 1, 1, 0]),

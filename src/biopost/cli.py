@@ -148,7 +148,8 @@ def cmd_baseline(args) -> int:
 
     rows = run_baseline(load_config(args.config, args.overrides), args.output_dir, args.features)
     for row in rows:
-        print(f"{row['split']:9s} accuracy {row['value']:.3f} (n={row['n']}, 95% CI {row['ci_low']:.3f}-{row['ci_high']:.3f})")
+        interval = "n/a" if row["ci_low"] is None else f"{row['ci_low']:.3f}-{row['ci_high']:.3f}"
+        print(f"{row['split']:9s} accuracy {row['value']:.3f} (n={row['n']}, 95% CI {interval})")
     print(f"features {rows[0]['features']}, C={rows[0]['C']}; rows appended to {args.output_dir / 'metrics.jsonl'}")
     return 0
 

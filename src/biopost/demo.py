@@ -135,6 +135,11 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     return wide.reset_index().sort_values(["task", "order", "arm"]).drop(columns="order").reset_index(drop=True)
 
 
+def spread_text(spread) -> str:
+    """``0.05``, or `` n/a`` where there is none (one seed scored on one example: no interval)."""
+    return " n/a" if spread is None or pd.isna(spread) else f"{spread:4.2f}"
+
+
 def order_of(run_rows: pd.DataFrame, stage_index: int) -> tuple:
     """Lines within a task: references first, then text arms by SFT length and depth, then CPT, then fused."""
     kinds = run_rows.drop_duplicates("stage_index").sort_values("stage_index")
@@ -154,8 +159,8 @@ def format_summary(summary: pd.DataFrame) -> str:
     for task, rows in summary.groupby("task", sort=False):
         lines.append(f"\n{task:<{width + 2}}{'ID':>13}{'OOD':>13}")
         for _, row in rows.iterrows():
-            cells = "".join(f"{row[f'{s} mean']:>7.2f} ±{row[f'{s} spread']:4.2f}" if pd.notna(row.get(f"{s} mean"))
-                            else f"{'':>13}" for s in SPLITS.values())
+            cells = "".join(f"{row[f'{s} mean']:>7.2f} ±{spread_text(row.get(f'{s} spread'))}"
+                            if pd.notna(row.get(f"{s} mean")) else f"{'':>13}" for s in SPLITS.values())
             lines.append(f"  {row['arm']:<{width}}{cells}")
     return "\n".join(lines)
 

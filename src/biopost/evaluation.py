@@ -111,15 +111,19 @@ def score_split(task, examples: list[Example], completions: list[list[str]]) -> 
     return records, {m: np.asarray(v) for m, v in per_metric.items()}
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
-    """Percentile 95% interval of the mean.
+def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float | None, float | None]:
+    """Percentile 95% interval of the mean; ``(None, None)`` (no interval, ``n/a`` in reports) when intervals are
+    off (``resamples`` 0) or there are fewer than 2 values: every resample of one value is that value, a
+    zero-width interval that would claim a certainty one example cannot give.
 
     >>> lo, hi = bootstrap_ci(np.array([0.0, 1.0] * 50), 2000, 0)
     >>> 0.38 < lo < 0.5 < hi < 0.62
     True
+    >>> bootstrap_ci(np.array([1.0]), 2000, 0)
+    (None, None)
     """
     if resamples == 0 or len(values) < 2:
-        return float("nan"), float("nan")
+        return None, None
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

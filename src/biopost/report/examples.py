@@ -60,8 +60,10 @@ class Difference:
         return 1 if self.low > 0 else -1 if self.high < 0 else 0
 
     def text(self) -> str:
-        return (f"{self.value:+.3f} ({100 * self.level:.3g}% CI {self.low:+.3f} to {self.high:+.3f}, {self.method}, "
-                f"n={self.n})")
+        """The difference with its interval; ``CI n/a`` where a point had none (one example): then no sign."""
+        level = f"{100 * self.level:.3g}% CI"
+        interval = f"{level} n/a" if np.isnan([self.low, self.high]).any() else f"{level} {self.low:+.3f} to {self.high:+.3f}"
+        return f"{self.value:+.3f} ({interval}, {self.method}, n={self.n})"
 
 
 def paired_bootstrap(a: pd.Series, b: pd.Series, resamples: int = RESAMPLES, seed: int = SEED,

@@ -30,10 +30,11 @@ class Finding:
 
 
 def value(point, split: str) -> str:
-    """``0.812 [0.750, 0.870]``: a point's value with its bootstrap 95% interval."""
-    v, lo, hi = point[split], point.get(f"{split}_lo"), point.get(f"{split}_hi")
+    """``0.812 [0.750, 0.870]``: a point's value with its bootstrap 95% interval; ``1.000 [n/a: n=1]`` where one
+    example gives no interval (see ``biopost.evaluation.bootstrap_ci``); the bare value for a metric without one."""
+    v, lo, hi, n = point[split], point.get(f"{split}_lo"), point.get(f"{split}_hi"), point.get(f"{split}_n")
     if lo is None or pd.isna(lo):
-        return f"{v:.3f}"
+        return f"{v:.3f} [n/a: n={int(n)}]" if n is not None and not pd.isna(n) and n < 2 else f"{v:.3f}"
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from biopost.report import data as d
 from biopost.report import figures
 from biopost.report.examples import broken_and_fixed, flips, origin
-from biopost.report.findings import Finding, all_findings
+from biopost.report.findings import Finding, all_findings, value
 
 
 @dataclass
@@ -32,11 +32,9 @@ class TaskReport:
 
 
 def ci(point, split: str) -> str:
+    """A table cell: the point's value with its interval (see ``findings.value``), empty where it has none."""
     v = point.get(split)
-    if v is None or pd.isna(v):
-        return ""
-    lo = point.get(f"{split}_lo")
-    return f"{v:.3f}" if lo is None or pd.isna(lo) else f"{v:.3f} [{lo:.3f}, {point[f'{split}_hi']:.3f}]"
+    return "" if v is None or pd.isna(v) else value(point, split)
 
 
 def task_report(data: d.ReportData, task: str) -> TaskReport:

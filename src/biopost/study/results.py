@@ -66,7 +66,7 @@ def collect(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         records += [{**labels, **r} for r in run_records(rows, [s.kind for s in run.config.stages])]
     columns = ["run_id", *plan.runs[0].axes, "pipeline", "blocks", "budget", *[f"budget.{s}" for s in budget_stages],
                "shared_from", *ROW_FIELDS] if plan.runs else ["run_id", *ROW_FIELDS]
-    return pd.DataFrame.from_records(records, columns=columns), unfinished
+    return as_table(records, columns), unfinished
 
 
 def check_fingerprints(run: PlannedRun, run_dir: Path, expected: dict | None, rows: list[dict]) -> None:
@@ -85,6 +85,13 @@ def run_labels(run: PlannedRun, budget_stages: list[str]) -> dict:
     axes = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in run.axes.items()}
     return {"run_id": run.id, **axes, "pipeline": run.pipeline, "blocks": ";".join(run.blocks), "budget": run.budget,
             **{f"budget.{s}": run.budget_amounts.get(s) for s in budget_stages}, "shared_from": run.donor}
+
+
+def as_table(records: list[dict], columns: list[str]) -> pd.DataFrame:
+    """Records as a table whose intervals are numbers, empty (NaN) where a row has none, even in a column
+    with no interval at all (every point scored on one example, or ``eval.bootstrap: 0``)."""
+    table = pd.DataFrame.from_records(records, columns=columns)
+    return table.astype({"ci_low": float, "ci_high": float})
 
 
 def run_records(rows: list[dict], kinds: list[str]) -> list[dict]:
@@ -106,8 +113,7 @@ def run_table(run_dir: Path) -> pd.DataFrame:
     config = yaml12().load((run_dir / "config.yaml").read_text())
     kinds = [s["kind"] for s in config["stages"]]
     run_id = next((r["run_id"] for r in rows if r.get("run_id")), run_dir.name)
-    table = pd.DataFrame.from_records([{"run_id": run_id, **r} for r in run_records(rows, kinds)],
-                                      columns=["run_id", *ROW_FIELDS])
+    table = as_table([{"run_id": run_id, **r} for r in run_records(rows, kinds)], ["run_id", *ROW_FIELDS])
     table.attrs["own_task"] = config["task"]["name"]
     return table
 
