@@ -179,10 +179,10 @@ def stages_in_order(config: RunConfig, run_dir: Path, task, splits, forgetting, 
             set_seed(stage.seed)  # adapter init and sampling are reproducible, and identical on resume
             with explained(config, run_dir, index):
                 stage_runners()[stage.kind](ctx)
-            log.settle(name)  # a finished stage is never redone: all its rows stay
             with distributed.main_writes() as main:  # the next stage starts from what the main process saved
                 if main:
                     durable.write_text(stage_dir / DONE, "")
+        log.settle(name)  # a finished stage is never redone: all its rows stay
         finals[name] = stage_dir / "final"
         previous = finals[name]
     if distributed.is_main():

@@ -139,7 +139,8 @@ class Tracker:
 
 class AppendOnlyTracker(Tracker):
     """A tracker that cannot delete points (W&B, MLflow): rows wait until settled, and each ``<stage>/<tag>`` is
-    sent each step once, in order, whatever resumes happen between (see the module docstring)."""
+    sent each step once, in order, whatever resumes happen between (see the module docstring). Always ``fresh``:
+    it is given every row metrics.jsonl holds and sends the ones its tracker run lacks."""
 
     key = ""  # its name in trackers.json
 
@@ -161,9 +162,9 @@ class AppendOnlyTracker(Tracker):
         self.pending = [r for r in self.pending if r.get("stage") != stage or (r.get("step") or 0) <= after_step]
 
     def settle(self, stage, step):
-        ready = [r for r in self.pending if r.get("stage") == stage and (r.get("step") or 0) <= step]
-        self.pending = [r for r in self.pending if not (r.get("stage") == stage and (r.get("step") or 0) <= step)]
-        self.flush(ready)
+        settled = [r.get("stage") == stage and (r.get("step") or 0) <= step for r in self.pending]
+        self.flush([r for r, done in zip(self.pending, settled) if done])
+        self.pending = [r for r, done in zip(self.pending, settled) if not done]
 
     def flush(self, rows: list[dict[str, Any]]) -> None:
         points = []
