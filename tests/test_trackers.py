@@ -321,6 +321,35 @@ def test_an_append_only_tracker_is_sent_settled_rows_once_in_order(tmp_path):
     assert json.loads((tmp_path / "trackers.json").read_text())["sent"]["recorder"] == {"sft/train/loss": 7}
 
 
+@needs["mlflow"]
+def test_a_baseline_measured_again_reaches_the_tracker_and_one_measured_alike_does_not(tmp_path):
+    """`biopost baseline` run again replaces its rows at step 0: another value (other features) is sent, so the
+    tracker's latest value is the one metrics.jsonl holds; the same value is not sent twice."""
+    identity = Identity(name="r", run_id="abc", task="t")
+    for value in (0.25, 0.75, 0.75):
+        with RunLog(tmp_path, {"task": "t"}, open_trackers(["mlflow"], tmp_path, identity)) as log:
+            log.drop_rows("baseline")
+            log.write([{"stage": "baseline", "step": 0, "split": "val", "metric": "accuracy", "value": value}])
+    assert [r["value"] for r in read_metrics(tmp_path)] == [0.75]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    history = mlflow_client(tmp_path).get_metric_history(run_id, "baseline/val/accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.25), (0, 0.75)]
+
+
+def test_a_tracker_run_fed_before_sent_steps_were_recorded_is_not_sent_its_rows_again(tmp_path):
+    """trackers.json from before it kept the steps sent ({"wandb": id}): that tracker run was sent every row as
+    written, so continuing it sends only the rows written since."""
+    identity = Identity(name="r", run_id="abc", task="t")
+    rows = [{"stage": "sft", "step": s, "split": "train", "metric": "loss", "value": 1 / s} for s in (1, 2, 3)]
+    RunLog(tmp_path, {"task": "t"}).write(rows)
+    (tmp_path / "trackers.json").write_text(json.dumps({"recorder": "recorded"}))
+    with RunLog(tmp_path, {"task": "t"}, [Recorder(tmp_path, identity)]) as log:
+        log.write([{"stage": "sft", "step": 4, "split": "train", "metric": "loss", "value": 0.2}])
+        recorder = log.trackers[0]
+    assert recorder.points == [("sft", 4, 0.2)]
+    assert json.loads((tmp_path / "trackers.json").read_text())["sent"]["recorder"] == {"sft/train/loss": 4}
+
+
 def test_rows_written_before_a_tracker_existed_reach_it_once(tmp_path):
     """A study run whose prefix was copied from a donor, or trackers turned on for an interrupted run."""
     names = INSTALLED

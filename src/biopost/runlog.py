@@ -59,9 +59,10 @@ class RunLog:
         if not self.writer:  # the writer's rewrite is atomic: before or after it, these are the rows kept
             return [r for r in kept if r.get("stage") == stage]
         durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
+        dropped = [r for r in rows if r.get("stage") == stage and r.get("step", 0) > after_step]
         for tracker in self.trackers:
-            if len(kept) < len(rows):
-                tracker.purge(stage, after_step)
+            if dropped:
+                tracker.purge(stage, after_step, dropped)
             tracker.settle(stage, after_step)  # the attempt goes on from there: the rows kept stay
         return [r for r in kept if r.get("stage") == stage]
 

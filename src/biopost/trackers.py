@@ -18,8 +18,9 @@ the stage's end, and when the run closes (a failed run's last rows too: it may n
 run's id, and per ``<stage>/<tag>`` the last step it was sent, are kept in ``trackers.json``: a resumed run (or
 a baseline written into the run directory) continues the same tracker run and sends each point once, in the
 order of metrics.jsonl; a tracker run that starts empty is sent every row metrics.jsonl holds (a study run's
-copied prefix). A point a resume redoes after it was sent (a failed attempt's last rows, or the rows after a
-damaged newest checkpoint) keeps its first value there; an exact resume recomputes the same value. A SIGKILL
+copied prefix). A point metrics.jsonl replaces after it was sent (a resume redoing a failed attempt's last rows
+or the rows after a damaged newest checkpoint, ``biopost baseline`` run again) is sent again only when its value
+changed: an exact resume recomputes the same value, a baseline with other features does not. A SIGKILL
 can still lose what W&B had not written out yet (its offline files are written by a background process). In a
 study a run is named by its run id and grouped by the study's name (W&B group, MLflow experiment).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import time
@@ -37,6 +39,7 @@ from typing import Any, Iterable
 
 from biopost import durable
 from biopost.config import ConfigError
+from biopost.runlog import read_metrics
 
 IDS_FILE = "trackers.json"
 STORES = ("tensorboard", "wandb", "mlruns", IDS_FILE)  # what trackers keep in a run directory
@@ -97,6 +100,19 @@ def by_point(rows: list[dict[str, Any]], task: str) -> list[tuple[str, int, dict
     return [(stage, step, values) for (stage, step), values in points.items()]
 
 
+def last_steps(rows: list[dict[str, Any]], task: str) -> dict[str, int]:
+    """``<stage>/<tag>`` -> the last step ``rows`` hold of it.
+
+    >>> last_steps([{"stage": "sft", "step": 2, "split": "val", "metric": "accuracy", "value": 0.5},
+    ...             {"stage": "sft", "step": 1, "split": "val", "metric": "accuracy", "value": 0.25}], "t")
+    {'sft/val/accuracy': 2}
+    """
+    out: dict[str, int] = {}
+    for stage, step, values in by_point(rows, task):
+        out.update({f"{stage}/{tag}": max(step, out.get(f"{stage}/{tag}", -1)) for tag in values})
+    return out
+
+
 def open_trackers(names: Iterable[str], run_dir: Path, identity: Identity) -> list["Tracker"]:
     kinds = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
     names = list(names)
@@ -117,8 +133,8 @@ class Tracker:
     def write(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
-    def purge(self, stage: str, after_step: int) -> None:
-        """Rows of ``stage`` past ``after_step`` were dropped from metrics.jsonl (a resumed stage)."""
+    def purge(self, stage: str, after_step: int, dropped: list[dict[str, Any]]) -> None:
+        """Rows of ``stage`` past ``after_step`` (``dropped``) were dropped from metrics.jsonl (a resumed stage)."""
 
     def settle(self, stage: str, step: float) -> None:
         """Rows of ``stage`` up to ``step`` are kept for good: a resume of the stage starts after them."""
@@ -148,18 +164,28 @@ class AppendOnlyTracker(Tracker):
         super().__init__(run_dir, identity)
         self.pending: list[dict[str, Any]] = []
         self.sent: dict[str, int] = {}  # "<stage>/<tag>" -> the last step the tracker run holds
+        self.replaced: dict[tuple[str, int], float] = {}  # ("<stage>/<tag>", step) -> value: sent, then dropped
 
     def continue_or_start(self, run_id: str, continued: bool) -> None:
-        """Record the tracker run now fed; a new one has been sent nothing yet."""
+        """Record the tracker run now fed; a new one has been sent nothing yet. One continued from before
+        trackers.json recorded what it was sent was sent every row as it was written: all metrics.jsonl holds."""
         sent = self.saved().get("sent", {})
-        self.sent = dict(sent.get(self.key, {})) if continued else {}
+        if not continued:
+            self.sent = {}
+        elif self.key in sent:
+            self.sent = dict(sent[self.key])
+        else:
+            self.sent = last_steps(read_metrics(self.run_dir), self.identity.task)
         self.save(**{self.key: run_id, "sent": {**sent, self.key: self.sent}})
 
     def write(self, rows):
         self.pending.extend(rows)
 
-    def purge(self, stage, after_step):
+    def purge(self, stage, after_step, dropped):
         self.pending = [r for r in self.pending if r.get("stage") != stage or (r.get("step") or 0) <= after_step]
+        for name, step, values in by_point(dropped, self.identity.task):  # a new value there is sent again
+            self.replaced.update({(f"{name}/{tag}", step): v for tag, v in values.items()
+                                  if step <= self.sent.get(f"{name}/{tag}", -1)})
 
     def settle(self, stage, step):
         settled = [r.get("stage") == stage and (r.get("step") or 0) <= step for r in self.pending]
@@ -169,13 +195,22 @@ class AppendOnlyTracker(Tracker):
     def flush(self, rows: list[dict[str, Any]]) -> None:
         points = []
         for stage, step, values in by_point(rows, self.identity.task):
-            new = {tag: v for tag, v in values.items() if step > self.sent.get(f"{stage}/{tag}", -1)}
+            new = {tag: v for tag, v in values.items() if self.unsent(f"{stage}/{tag}", step, v)}
             if new:
                 points.append((stage, step, new))
-                self.sent.update({f"{stage}/{tag}": step for tag in new})
+                for tag in new:
+                    self.sent[f"{stage}/{tag}"] = max(step, self.sent.get(f"{stage}/{tag}", -1))
+                    self.replaced.pop((f"{stage}/{tag}", step), None)
         if points:
             self.send(points)
             self.save(sent={**self.saved().get("sent", {}), self.key: self.sent})
+
+    def unsent(self, key: str, step: int, value: float) -> bool:
+        """The tracker run lacks this point: a later step, or one sent, dropped and now measured otherwise."""
+        if step > self.sent.get(key, -1):
+            return True
+        old = self.replaced.get((key, step))
+        return old is not None and old != value and not (math.isnan(old) and math.isnan(value))
 
     def send(self, points: list[tuple[str, int, dict[str, float]]]) -> None:
         raise NotImplementedError
@@ -214,7 +249,7 @@ class TensorBoardTracker(Tracker):
         for writer in self.writers.values():
             writer.flush()  # the event files stay as current as metrics.jsonl, even if the process dies
 
-    def purge(self, stage, after_step):
+    def purge(self, stage, after_step, dropped):
         self.writer(stage, purge_step=after_step + 1)  # TensorBoard drops this stage's points from there on
 
     def close(self, failed=False):

@@ -261,6 +261,8 @@ class ManifestCallback(TrainerCallback):
         distributed.barrier()  # every process has written its part (its RNG state) of the checkpoint
         if args.should_save:
             durable.write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
 class SettleCallback(TrainerCallback):
     """A sealed checkpoint is where a resume starts: the stage's rows up to it are settled (see RunLog.settle)."""
 
