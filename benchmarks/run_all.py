@@ -214,7 +214,10 @@ def bench_sft(size: str, args, task, splits, lora: dict | None = LORA, batch_siz
               steps: int | None = None, warmup: int = 2, bare: bool = True) -> dict:
     device = resolve(args.device)
     steps = steps or (3 if args.quick else 10)
-    batch_size = batch_size or 4
+    if batch_size is None:
+        from biopost.config import SFTStage
+
+        batch_size = SFTStage().batch_size  # the stage's default, as a user runs it
     with tempfile.TemporaryDirectory() as tmp:
         path = build_backbone(size, task.training_texts(splits.train), Path(tmp) / "backbone", seed=args.seed)
         config = sft_config(path, device, args.dtype, lora, batch_size, warmup + steps + 1)
