@@ -198,3 +198,24 @@ def test_an_example_whose_prompt_fills_max_length_is_an_error_naming_the_fix(pbm
     with pytest.raises(ValueError, match=f"example {example.id}: its prompt has {prompt} tokens, so "
                                          f"max_length={prompt} leaves no answer token to learn; raise the stage"):
         tokenize_example(policy, pbmc_task, example, prompt)
+
+
+def test_answers_cut_by_max_length_are_counted_once(fast_config, tmp_path, capsys):
+    """A row whose answer max_length cut still trains, without its end-of-turn token: the stage says how many."""
+    from biopost.models.policy import load_policy
+    from biopost.pipeline import load_task_and_splits
+
+    raw = fast_config()
+    config = validate_config(raw)
+    task, splits = load_task_and_splits(config)
+    policy = load_policy(config.model.backbone)
+    rows = [(len(policy.tokenize([policy.render_prompt(task.messages(e))])[0]), len(policy.tokenize([task.target(e)])[0]))
+            for e in splits.train]
+    max_length = max(prompt for prompt, _ in rows) + 2
+    cut = sum(prompt + answer + 1 > max_length for prompt, answer in rows)  # + 1: the end-of-turn token
+    assert 0 < cut
+    raw["stages"][0].update(max_steps=1, eval_every_steps=1, eval_at_start=False, max_length=max_length)
+    raw["eval"].update(splits=["val"], max_examples=2, max_new_tokens=2)
+    run(validate_config(raw), tmp_path / "run")
+    line = f"stages.0 (sft): {cut} of {len(rows)} training answers are cut at max_length={max_length} and lose"
+    assert capsys.readouterr().err.count(line) == 1

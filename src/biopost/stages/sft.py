@@ -7,8 +7,11 @@ evaluator and the RL stage see.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
+from biopost import distributed
 from biopost.evaluation import collate_payloads
 from biopost.mixture import item_shares, mixed_train
 from biopost.models.adapters import prepare_for_training
@@ -27,12 +30,23 @@ def run_sft(ctx: StageContext):
     ctx.task_state["sft_train_examples"] = len(items)
     ctx.task_state["train_items"] = item_shares(items)
     dataset = [tokenize_example(policy, item.task, item.example, stage.max_length) for item in items]
+    report_cut_answers(ctx, dataset, policy.end_of_turn_id)
     total, per_epoch, every = plan_steps(stage, len(dataset))
     # ---- loop: evaluate with the shared evaluator on schedule (resumes if interrupted)
     train_with_trainer(ctx, policy, dataset, total, every, per_epoch,
                        evaluate=lambda step, epoch: ctx.evaluate_and_save(policy, step, epoch))
     # ---- save
     return ctx.save_final(policy, scratch="trainer")
+
+
+def report_cut_answers(ctx: StageContext, dataset: list[dict], end_of_turn_id: int) -> None:
+    """Say how many answers ``max_length`` cut: such a row still trains, on an answer without its end-of-turn
+    token (a model trained on many learns not to stop)."""
+    cut = sum(row["labels"][-1] != end_of_turn_id for row in dataset)
+    if cut and distributed.is_main():
+        print(f"stages.{ctx.index} ({ctx.name}): {cut} of {len(dataset)} training answers are cut at "
+              f"max_length={ctx.stage.max_length} and lose their end-of-turn token; raise max_length to keep them "
+              f"whole", file=sys.stderr)
 
 
 def sample_fraction(examples: list, fraction: float, seed: int) -> list:
