@@ -126,13 +126,19 @@ def average_gradients(params: list) -> None:
             param.grad.copy_(reduce(param.grad, reduction="mean"))
 
 
-def shard_bounds(n: int, what: str) -> slice:
-    """This process's contiguous share of ``n`` items, which must split evenly (so every process does the same
-    number of forwards and backwards, and a share is the same rows one process would hold in its place)."""
+def share_size(n: int, what: str) -> int:
+    """How many of ``n`` items (a step's global batch, named ``what``) each process takes; they must split
+    evenly, so that every process does the same number of forwards and backwards."""
     world = world_size()
     if n % world:
         raise ValueError(f"{what}={n} does not split evenly over {world} processes; make it a multiple of {world}")
-    size = n // world
+    return n // world
+
+
+def shard_bounds(n: int, what: str) -> slice:
+    """This process's contiguous share of ``n`` items (:func:`share_size` of them): the same rows one process
+    would hold in its place."""
+    size = share_size(n, what)
     return slice(rank() * size, (rank() + 1) * size)
 
 

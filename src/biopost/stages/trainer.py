@@ -164,22 +164,13 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def per_process_batch(batch_size: int) -> int:
-    """Each process's share of a step's batch: the config gives the global batch, so the same config trains
-    on the same examples per step under any number of processes."""
-    world = distributed.world_size()
-    if batch_size % world:
-        raise ValueError(f"batch_size={batch_size} does not split evenly over {world} processes; make it a "
-                         f"multiple of {world}")
-    return batch_size // world
-
-
 def training_arguments(ctx: StageContext, total: int, every: int) -> TrainingArguments:
     stage = ctx.stage
     scheduler, kwargs, warmup = schedule_settings(stage.schedule, total)
     return TrainingArguments(
         output_dir=str(ctx.stage_dir / "trainer"),
-        per_device_train_batch_size=per_process_batch(stage.batch_size),  # the config's batch is global
+        # the config's batch is global: one config trains on the same examples per step under any number of processes
+        per_device_train_batch_size=distributed.share_size(stage.batch_size, "batch_size"),
         gradient_accumulation_steps=stage.grad_accum,
         activation_checkpointing=ctx.config.model.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, projectors)
