@@ -99,31 +99,20 @@ def gather_tensor(values):
     return torch.tensor(gather(values.tolist()), dtype=values.dtype)
 
 
-def sum_gradients(params: list) -> None:
-    """Add up each parameter's gradient over processes (each process holds its share of the batch's loss).
+def reduce_gradients(params: list, reduction: str) -> None:
+    """Each parameter's gradient replaced by its ``reduction`` ("sum", "mean") over processes.
 
-    The RL loop runs its forwards through ``Policy.logits``/``embed`` (a fused model's projectors live beside
-    the LM), so it cannot hand one module to DDP: it does DDP's all-reduce itself, once per optimiser step.
-    """
+    "sum": the RL loop, whose forwards go through ``Policy.logits``/``embed`` (a fused model's projectors live
+    beside the LM), so it cannot hand one module to DDP: it does DDP's all-reduce itself, once per optimiser
+    step (each process holds its share of the batch's loss). "mean": what DDP does for the Trainer's own model,
+    for the parameters it does not wrap (a fused model's projectors)."""
     if world_size() == 1:
         return
     from accelerate.utils import reduce
 
     for param in params:
         if param.grad is not None:
-            param.grad.copy_(reduce(param.grad, reduction="sum"))
-
-
-def average_gradients(params: list) -> None:
-    """Mean of each parameter's gradient over processes: what DDP does for the Trainer's own model, for the
-    parameters it does not wrap (a fused model's projectors)."""
-    if world_size() == 1:
-        return
-    from accelerate.utils import reduce
-
-    for param in params:
-        if param.grad is not None:
-            param.grad.copy_(reduce(param.grad, reduction="mean"))
+            param.grad.copy_(reduce(param.grad, reduction=reduction))
 
 
 def share_size(n: int, what: str) -> int:

@@ -248,7 +248,7 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
         stats["loss"].append(sum(distributed.gather([batch_loss])))
-        distributed.sum_gradients(params + policy.projector_parameters())
+        distributed.reduce_gradients(params + policy.projector_parameters(), "sum")
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
         if policy.projector_parameters():  # clipped on their own, as the Trainer stages do
             torch.nn.utils.clip_grad_norm_(policy.projector_parameters(), stage.max_grad_norm)

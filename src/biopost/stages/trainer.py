@@ -232,7 +232,7 @@ class ProjectorCallback(TrainerCallback):
         self.policy = policy
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        distributed.average_gradients(self.policy.projector_parameters())  # outside the module DDP wraps
+        distributed.reduce_gradients(self.policy.projector_parameters(), "mean")  # outside the module DDP wraps
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.policy.projector_parameters(), args.max_grad_norm)
 
