@@ -50,11 +50,10 @@ def run_rl(ctx: StageContext):
     policy = prepare_for_training(policy, stage.resolved_lora(ctx.config.model), ctx.stage_dir, mode=stage.adapter,
                                   source=ctx.init_path, freeze_projector=stage.freeze_projector)
     reference = Reference.of(policy, ctx.init_path, stage.adapter, stage.reference)
-    if ctx.config.model.gradient_checkpointing:
-        enable_gradient_checkpointing(policy.model)
     policy.model.eval()  # no dropout: old, new and reference log-probs must come from the same function
     if ctx.config.model.gradient_checkpointing:
-        checkpoint_in_eval_mode(policy.model)
+        enable_gradient_checkpointing(policy.model)
+        checkpoint_in_eval_mode(policy.model)  # after eval(), which clears the flag it sets
     rewards = reward_functions(ctx.task, stage, [ctx.mixed[m.task.name][0] for m in stage.mixture])
     train = sample_fraction(list(ctx.splits.train), stage.data_fraction, stage.seed)
     items = mixed_train(ctx.task, train, stage, ctx.mixed)  # the run's task, plus the tasks mixed in by weight
