@@ -226,7 +226,8 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
     micro = stage.micro_batch_size or n
     advantages = advantages.to(policy.device)
     tokens = float(distributed.gather_tensor(batch.mask.sum(1)).sum())  # dapo: by the whole batch's tokens
-    stats: dict[str, list[float]] = {"loss": []}
+    losses: list[float] = []  # this process's share of each pass's loss
+    stats: dict[str, list[float]] = {}
     for _ in range(stage.mu):
         optimizer.zero_grad(set_to_none=True)
         batch_loss = 0.0
@@ -246,17 +247,21 @@ def optimise(policy, optimizer, scheduler, params, batch: Rollouts, advantages, 
             s.update(entropy=float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)))
             for k, v in s.items():
                 stats.setdefault(k, []).append(v)
-        stats["loss"].append(sum(distributed.gather([batch_loss])))
+        losses.append(batch_loss)
         distributed.reduce_gradients(params + policy.projector_parameters(), "sum")
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
         if policy.projector_parameters():  # clipped on their own, as the Trainer stages do
             torch.nn.utils.clip_grad_norm_(policy.projector_parameters(), stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
-    # per-micro-batch statistics of every process, in row order (the loss is already the whole batch's); a
-    # statistic nothing measured (kl without a reference) stays None
-    return {k: None if None in v else float(np.mean(v if k == "loss" else distributed.gather(v)))
-            for k, v in stats.items()}
+    # one exchange a step: each pass's loss summed over processes, and every process's per-micro-batch statistics
+    # in row order; a statistic nothing measured (kl without a reference) stays None
+    shares = distributed.gather([(losses, stats)])  # every process's, in process order
+    out = {"loss": float(np.mean([sum(by_process) for by_process in zip(*(own for own, _ in shares))]))}
+    for k in stats:
+        values = [v for _, theirs in shares for v in theirs[k]]
+        out[k] = None if None in values else float(np.mean(values))
+    return out
 
 
 class Reference:
