@@ -149,9 +149,6 @@ class Tracker:
     def saved_id(self, key: str) -> str | None:
         return self.saved().get(key)
 
-    def save(self, **entries: Any) -> None:
-        durable.write_json(self.run_dir / IDS_FILE, {**self.saved(), **entries})
-
 
 class AppendOnlyTracker(Tracker):
     """A tracker that cannot delete points (W&B, MLflow): rows wait until settled, and each ``<stage>/<tag>`` is
@@ -176,7 +173,7 @@ class AppendOnlyTracker(Tracker):
             self.sent = dict(sent[self.key])
         else:
             self.sent = last_steps(read_metrics(self.run_dir), self.identity.task)
-        self.save(**{self.key: run_id, "sent": {**sent, self.key: self.sent}})
+        self.save_sent(**{self.key: run_id})
 
     def write(self, rows):
         self.pending.extend(rows)
@@ -203,7 +200,13 @@ class AppendOnlyTracker(Tracker):
                     self.replaced.pop((f"{stage}/{tag}", step), None)
         if points:
             self.send(points)
-            self.save(sent={**self.saved().get("sent", {}), self.key: self.sent})
+            self.save_sent()
+
+    def save_sent(self, **entries: Any) -> None:
+        """trackers.json with this tracker's ``sent`` steps (and ``entries``), read once and written once."""
+        saved = self.saved()
+        durable.write_json(self.run_dir / IDS_FILE,
+                           {**saved, **entries, "sent": {**saved.get("sent", {}), self.key: self.sent}})
 
     def unsent(self, key: str, step: int, value: float) -> bool:
         """The tracker run lacks this point: a later step, or one sent, dropped and now measured otherwise."""
