@@ -60,10 +60,10 @@ class RunLog:
             return [r for r in kept if r.get("stage") == stage]
         durable.write_lines(self.metrics_path, [json.dumps(row) for row in kept])
         dropped = [r for r in rows if r.get("stage") == stage and r.get("step", 0) > after_step]
-        for tracker in self.trackers:
-            if dropped:
+        if dropped:
+            for tracker in self.trackers:
                 tracker.purge(stage, after_step, dropped)
-            tracker.settle(stage, after_step)  # the attempt goes on from there: the rows kept stay
+        self.settle(stage, after_step)  # the attempt goes on from there: the rows kept stay
         return [r for r in kept if r.get("stage") == stage]
 
     def settle(self, stage: str, step: float = math.inf) -> None:
