@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,10 +91,7 @@ def task_seed(name: str) -> int:
 
 def item_shares(items: list[TrainItem]) -> dict[str, int]:
     """Training items per task name (kept in the stage's checkpoints, ``train_items``)."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.task.name] = counts.get(item.task.name, 0) + 1
-    return counts
+    return dict(Counter(item.task.name for item in items))
 
 
 def load_mixed_tasks(config: RunConfig) -> dict[str, tuple[object, Splits]]:
