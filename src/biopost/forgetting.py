@@ -98,18 +98,17 @@ def load_forgetting(config: RunConfig, task, splits, mixed: dict | None = None) 
     mixed_configs = config.mixed_tasks()
     trained = [Side(task, list(splits.train), False, "the run's task")]
     trained += [Side(t, list(s.train), False, "mixed task") for t, s in mixed.values()]
-    scored = [Side(task, {name: list(splits[name]) for name in config.eval.splits if splits[name]},
-                   config.task.split.allow_overlap, "the run's task")]
+    scored = [Side(task, nonempty(splits, config.eval.splits), config.task.split.allow_overlap, "the run's task")]
     tasks = []
     for other in cfg.tasks:
         if other.name == task.name:
             raise ConfigError(f"eval.forgetting.tasks: {other.name} is the run's own task, evaluated already")
         other_task, other_splits = load_task_and_splits(config.model_copy(update={"task": other}))
-        chosen = {name: list(other_splits[name]) for name in other.splits if other_splits[name]}
+        chosen = nonempty(other_splits, other.splits)
         scored.append(Side(other_task, chosen, other.split.allow_overlap, "forgetting task"))
         tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
     for name, (other_task, other_splits) in mixed.items():
-        chosen = {split: list(other_splits[split]) for split in config.eval.splits if other_splits[split]}
+        chosen = nonempty(other_splits, config.eval.splits)
         scored.append(Side(other_task, chosen, mixed_configs[name].split.allow_overlap, "mixed task"))
         tasks.append(CrossTask(other_task, chosen, other_splits.fingerprints()))
     for test in scored:
@@ -117,6 +116,11 @@ def load_forgetting(config: RunConfig, task, splits, mixed: dict | None = None) 
             if test.task is not train.task and not test.allow_overlap:
                 check_unseen(test, train)
     return ForgettingChecks(config.eval, corpora, tasks)
+
+
+def nonempty(splits, names) -> dict[str, list[Example]]:
+    """The examples of each split named in ``names`` that holds any (what a task is scored on)."""
+    return {name: list(splits[name]) for name in names if splits[name]}
 
 
 def check_unseen(test: Side, train: Side) -> None:
