@@ -185,12 +185,10 @@ class EncoderFeatures:
     def prepared(cfg, modality: str, train: list[Example], tmp: Path):
         """A cell encoder without a median dictionary takes the training cells' medians, as training does."""
         from biopost.models.cell_encoder import gene_medians, has_medians
-        from biopost.models.encoders import ENCODER_BUILDERS
-        from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
+        from biopost.models.encoders import cell_encoder_source
 
-        if modality != "cell" or cfg.name.partition(":")[0] in ENCODER_BUILDERS:
-            return cfg
-        if has_medians(cfg, tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name):
+        source = cell_encoder_source(cfg) if modality == "cell" else None
+        if source is None or has_medians(cfg, source):
             return cfg
         durable.write_json(tmp / "gene_medians.json", gene_medians(e.cell for e in train if e.cell is not None))
         return cfg.model_copy(update={"gene_medians": str(tmp / "gene_medians.json")})

@@ -275,13 +275,12 @@ def prepare_cell_encoder(config: RunConfig, splits, run_dir: Path) -> dict:
     many of the cells' genes the encoder cannot read."""
     from biopost.data.splits import SPLIT_NAMES
     from biopost.models.cell_encoder import MAX_UNMATCHED, gene_medians, gene_tokenizer_for, has_medians
-    from biopost.models.encoders import ENCODER_BUILDERS
-    from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
+    from biopost.models.encoders import cell_encoder_source
 
     cfg = config.model.encoders.get("cell")
-    if cfg is None or cfg.name.partition(":")[0] in ENCODER_BUILDERS:
+    source = None if cfg is None else cell_encoder_source(cfg)
+    if source is None:
         return {}
-    source = tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name
     medians = "encoder"
     if not has_medians(cfg, source):
         path = run_dir / "gene_medians.json"

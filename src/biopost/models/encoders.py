@@ -94,6 +94,16 @@ def register_encoder(scheme: str):
     return wrap
 
 
+def cell_encoder_source(cfg) -> str | Path | None:
+    """Where a rank-value cell encoder loads from (a built tiny encoder's directory, else its configured path or hub
+    id), the median dictionary there too; None for an encoder built by name (``ENCODER_BUILDERS``), which reads none."""
+    from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
+
+    if cfg.name.partition(":")[0] in ENCODER_BUILDERS:
+        return None
+    return tiny_encoder_path(cfg.name) if cfg.name in TINY_ENCODERS else cfg.name
+
+
 def load_encoder(cfg, modality: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
     """The encoder a ``model.encoders.<modality>`` config names, frozen, on ``device`` in ``dtype``."""
     from biopost.models.tiny_encoders import TINY_ENCODERS, tiny_encoder_path
