@@ -335,11 +335,6 @@ class TaskStage(StageBase):
             raise ValueError(f"each task is mixed in once, repeated: {repeated}")
         return mixture
 
-    @property
-    def weights(self) -> dict[str | None, float]:
-        """Task name -> weight; ``None`` is the run's own task."""
-        return {None: self.task_weight, **{m.task.name: m.weight for m in self.mixture}}
-
 
 class SFTStage(TaskStage):
     kind: Literal["sft"] = "sft"
