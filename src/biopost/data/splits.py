@@ -141,8 +141,8 @@ def cut_splits(examples: list[Example], rule: SplitRule) -> Splits:
         if clash:
             raise ValueError(f"ood_val_groups and ood_test_groups share {sorted(clash)}; they must be disjoint")
     by_group = lambda names: tuple(e for e in examples if str(e.meta[rule.ood_field]) in names)  # noqa: E731
-    in_domain = sorted((e for e in examples if str(e.meta[rule.ood_field]) not in set(test_groups) | set(val_groups)),
-                       key=lambda e: e.id)
+    held_out = set(test_groups) | set(val_groups)
+    in_domain = [e for e in examples if str(e.meta[rule.ood_field]) not in held_out]  # deal_blocks orders them by id
     val, id_test, train = deal_blocks(in_domain, rule)
     splits = Splits(
         val=tuple(val),
